@@ -1,0 +1,232 @@
+"""Canonical depth handling shared by data preparation, pretraining and detection.
+
+Conventions (``../shared/spec/data_formats.md`` §1, §9, §10):
+
+* depth arrays are float32 (H, W) with **NaN = invalid**, in raw source units (metric ``z``) or raw
+  model output (relative disparity);
+* :func:`normalize_depth` maps every map to "nearness": invalid pixels exactly 0, valid pixels in
+  ``[eps, 1]`` with near = 1, invariant to units and to any positive affine change of the input;
+* :func:`downsample_depth` shrinks large maps without mixing foreground and background across depth
+  edges (no bilinear/bicubic resampling of depth, which spreads NaNs and blurs edges).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+DepthKind = Literal["metric_z", "rel_disparity"]
+NormMode = Literal["nearness", "max"]
+DownsampleMethod = Literal["nan_median", "nan_mean", "nearest"]
+
+DEPTH_KINDS: tuple[str, ...] = ("metric_z", "rel_disparity")
+MIN_VALID_PIXELS = 16  # fewer valid pixels than this: the percentiles say nothing, map is degenerate
+
+
+@dataclass(frozen=True)
+class DepthNormConfig:
+    """Parameters of the canonical normalisation; written into exported encoders (``input_norm``)."""
+
+    mode: NormMode = "nearness"
+    eps: float = 0.1
+    pct: tuple[float, float] = (0.5, 99.5)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "eps": float(self.eps), "pct": [float(p) for p in self.pct]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DepthNormConfig":
+        return cls(mode=d.get("mode", "nearness"), eps=float(d.get("eps", 0.1)),
+                   pct=tuple(float(p) for p in d.get("pct", (0.5, 99.5))))
+
+
+def valid_mask(depth: np.ndarray, kind: DepthKind = "metric_z") -> np.ndarray:
+    """Boolean validity of a raw depth map: finite, and strictly positive for metric z."""
+    _check_kind(kind)
+    valid = np.isfinite(depth)
+    if kind == "metric_z":
+        with np.errstate(invalid="ignore"):
+            valid &= depth > 0
+    return valid
+
+
+def normalize_depth(
+    depth: np.ndarray,
+    kind: DepthKind = "metric_z",
+    mode: NormMode = "nearness",
+    eps: float = 0.1,
+    pct: tuple[float, float] = (0.5, 99.5),
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Per-image depth normalisation.
+
+    Returns ``(x, valid, degenerate)``: ``x`` float32 (H, W) with invalid pixels exactly 0,
+    ``valid`` the boolean mask, ``degenerate`` True when the map has fewer than 16 valid pixels or a
+    (numerically) constant valid range, in which case every valid pixel is 1.0 (pretraining skips
+    such samples).
+
+    ``mode="nearness"``: robust affine map of the valid values to ``[eps, 1]`` with near = 1, using
+    the ``pct`` percentiles (linear interpolation) as the range. For ``metric_z`` near = small z, for
+    ``rel_disparity`` near = large value; the affine min-max removes the unknown scale and shift of
+    disparity exactly.
+
+    ``mode="max"``: the authors' parity convention, ``x = v / max(v)`` over valid pixels (metric z:
+    far = 1). ``detect`` applies it after padding/resizing to reproduce their order exactly.
+    """
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"depth map must be 2-D (H, W), got shape {depth.shape}")
+    if mode not in ("nearness", "max"):
+        raise ValueError(f"unknown depth normalisation mode {mode!r}; expected 'nearness' or 'max'")
+    if not 0.0 <= eps < 1.0:
+        raise ValueError(f"eps must be in [0, 1), got {eps}")
+    depth = depth.astype(np.float32, copy=False)
+    valid = valid_mask(depth, kind)
+    x = np.zeros(depth.shape, dtype=np.float32)
+    values = depth[valid].astype(np.float64)
+
+    if mode == "max":
+        vmax = values.max() if values.size else 0.0
+        if values.size < MIN_VALID_PIXELS or not vmax > 0:
+            x[valid] = 1.0
+            return x, valid, True
+        x[valid] = (values / vmax).astype(np.float32)
+        return x, valid, False
+
+    if values.size < MIN_VALID_PIXELS:
+        x[valid] = 1.0
+        return x, valid, True
+    lo, hi = np.percentile(values, pct)
+    if hi - lo <= 1e-12 * max(1.0, abs(hi)):
+        x[valid] = 1.0
+        return x, valid, True
+    if kind == "metric_z":
+        t = (hi - values) / (hi - lo)
+    else:
+        t = (values - lo) / (hi - lo)
+    x[valid] = (eps + (1.0 - eps) * np.clip(t, 0.0, 1.0)).astype(np.float32)
+    return x, valid, False
+
+
+def max_normalize(depth_zero_invalid: np.ndarray) -> np.ndarray:
+    """The authors' "max" convention on an already padded/resized map with invalid = 0."""
+    vmax = float(np.max(depth_zero_invalid)) if depth_zero_invalid.size else 0.0
+    if vmax <= 0:
+        return np.zeros_like(depth_zero_invalid, dtype=np.float32)
+    return (depth_zero_invalid / vmax).astype(np.float32)
+
+
+def target_size(height: int, width: int, max_side: int) -> tuple[int, int]:
+    """Output (h, w) of :func:`downsample_depth`: longest side = ``max_side``, aspect kept."""
+    if max(height, width) <= max_side:
+        return height, width
+    r = max_side / max(height, width)
+    return max(1, round(height * r)), max(1, round(width * r))
+
+
+def downsample_depth(
+    depth: np.ndarray,
+    max_side: int = 1024,
+    method: DownsampleMethod = "nan_median",
+    valid_frac_min: float = 0.5,
+) -> np.ndarray:
+    """NaN-aware downsampling of a depth map so that its longest side is at most ``max_side``.
+
+    Output pixel (i, j) covers source rows ``[floor(i*H/h), ceil((i+1)*H/h))`` and the matching
+    columns. ``nan_median`` takes the (lower) median of the finite values, always an actual sample, so
+    it picks one side of a depth edge instead of averaging foreground with background, ``nan_mean`` their float64 mean; either is NaN
+    when the finite fraction of the footprint is below ``valid_frac_min``. ``nearest`` samples the
+    source pixel at ``floor((i + 1/2) * H / h)``. Maps already small enough are returned unchanged
+    (as float32).
+    """
+    depth = np.asarray(depth, dtype=np.float32)
+    if depth.ndim != 2:
+        raise ValueError(f"depth map must be 2-D (H, W), got shape {depth.shape}")
+    if method not in ("nan_median", "nan_mean", "nearest"):
+        raise ValueError(f"unknown downsampling method {method!r}")
+    H, W = depth.shape
+    h, w = target_size(H, W, max_side)
+    if (h, w) == (H, W):
+        return depth
+    if method == "nearest":
+        rows = np.floor((np.arange(h) + 0.5) * H / h).astype(np.int64)
+        cols = np.floor((np.arange(w) + 0.5) * W / w).astype(np.int64)
+        return depth[np.ix_(rows, cols)]
+
+    r0 = (np.arange(h) * H) // h
+    r1 = -((-(np.arange(1, h + 1)) * H) // h)  # ceil((i+1)*H/h) in exact integer arithmetic
+    c0 = (np.arange(w) * W) // w
+    c1 = -((-(np.arange(1, w + 1)) * W) // w)
+    if method == "nan_mean":
+        return _footprint_mean(depth, r0, r1, c0, c1, valid_frac_min)
+    return _footprint_median(depth, r0, r1, c0, c1, valid_frac_min)
+
+
+def _footprint_mean(depth, r0, r1, c0, c1, valid_frac_min) -> np.ndarray:
+    # Summed-area tables give every (overlapping, variable-size) footprint in O(1).
+    finite = np.isfinite(depth)
+    vals = np.where(finite, depth, 0.0).astype(np.float64)
+    sat_v = np.zeros((vals.shape[0] + 1, vals.shape[1] + 1))
+    sat_n = np.zeros_like(sat_v)
+    sat_v[1:, 1:] = vals.cumsum(0).cumsum(1)
+    sat_n[1:, 1:] = finite.astype(np.float64).cumsum(0).cumsum(1)
+
+    def box(sat):
+        return (sat[np.ix_(r1, c1)] - sat[np.ix_(r0, c1)] - sat[np.ix_(r1, c0)] + sat[np.ix_(r0, c0)])
+
+    total = np.outer(r1 - r0, c1 - c0).astype(np.float64)
+    count = box(sat_n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = box(sat_v) / count
+    ok = (count > 0) & (count / total >= valid_frac_min)
+    return np.where(ok, mean, np.nan).astype(np.float32)
+
+
+def _footprint_median(depth, r0, r1, c0, c1, valid_frac_min) -> np.ndarray:
+    # Footprints come in at most two heights and two widths; each (height, width) group is gathered
+    # into one (rows, cols, fh*fw) array and sorted once (NaN sorts last), then the lower median of
+    # the finite values is picked per footprint: an actual sample, never the average of a foreground
+    # and a background value.
+    h, w = len(r0), len(c0)
+    out = np.full((h, w), np.nan, dtype=np.float32)
+    heights, widths = r1 - r0, c1 - c0
+    for fh in np.unique(heights):
+        rows = np.nonzero(heights == fh)[0]
+        row_idx = r0[rows][:, None] + np.arange(fh)[None, :]  # (nr, fh)
+        for fw in np.unique(widths):
+            cols = np.nonzero(widths == fw)[0]
+            col_idx = c0[cols][:, None] + np.arange(fw)[None, :]  # (nc, fw)
+            blocks = depth[row_idx[:, None, :, None], col_idx[None, :, None, :]]  # (nr, nc, fh, fw)
+            blocks = np.sort(blocks.reshape(len(rows), len(cols), fh * fw), axis=-1)
+            n_finite = np.isfinite(blocks).sum(-1)
+            pick = np.maximum(n_finite - 1, 0) // 2
+            med = np.take_along_axis(blocks, pick[..., None], axis=-1)[..., 0]
+            ok = (n_finite > 0) & (n_finite / (fh * fw) >= valid_frac_min)
+            out[np.ix_(rows, cols)] = np.where(ok, med, np.nan)
+    return out
+
+
+def rescale_intrinsics(K: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
+    """Intrinsics of a resized image, OpenCV integer-centre convention: f' = f s, c' = (c + ½) s − ½."""
+    K2 = np.array(K, dtype=np.float64, copy=True)
+    K2[0, 0] *= scale_x
+    K2[1, 1] *= scale_y
+    K2[0, 1] *= scale_x
+    K2[0, 2] = (K2[0, 2] + 0.5) * scale_x - 0.5
+    K2[1, 2] = (K2[1, 2] + 0.5) * scale_y - 0.5
+    return K2
+
+
+def depth_stats(depth: np.ndarray) -> dict:
+    """Summary of the valid (finite) values, for shard metadata and range checks."""
+    finite = depth[np.isfinite(depth)]
+    if finite.size == 0:
+        return {"p0_5": None, "p99_5": None, "min": None, "max": None}
+    p_lo, p_hi = np.percentile(finite, (0.5, 99.5))
+    return {"p0_5": float(p_lo), "p99_5": float(p_hi), "min": float(finite.min()), "max": float(finite.max())}
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in DEPTH_KINDS:
+        raise ValueError(f"unknown depth kind {kind!r}; expected one of {DEPTH_KINDS}")

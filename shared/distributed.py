@@ -1,0 +1,228 @@
+"""Process-group discovery and set-up, one code path from a laptop to many SLURM nodes.
+
+Detection order (``../shared/spec/dino_depth.md`` §10): SLURM (``srun`` / submitit) variables →
+torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) →
+a single process without any process group. Every collective in the toolkit goes through
+:func:`all_reduce`, which is the identity unless a process group with more than one rank exists
+(upstream DINOv2 calls ``all_reduce`` unguarded and crashes in a single process).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MASTER_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    source: str = "single"  # "slurm", "torchrun" or "single"
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand SLURM's compressed host list: ``"gpu[01-03,07],cpu5"`` → ``[gpu01, gpu02, gpu03, gpu07, cpu5]``.
+
+    Zero padding of ranges is kept. (Equivalent to ``scontrol show hostnames``, which may not be
+    available inside containers.)
+    """
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        part = part.strip()
+        if not part:
+            continue
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for rng in ranges.split(","):
+            if "-" in rng:
+                lo, hi = rng.split("-", 1)
+                width = len(lo)
+                for i in range(int(lo), int(hi) + 1):
+                    hosts.append(f"{prefix}{i:0{width}d}{suffix}")
+            else:
+                hosts.append(f"{prefix}{rng}{suffix}")
+    return hosts
+
+
+def _slurm_port(job_id: str | None) -> int:
+    # A job-dependent port avoids collisions between jobs sharing a node (all ranks agree on it).
+    if job_id and job_id.isdigit():
+        return 20000 + int(job_id) % 20000
+    return DEFAULT_MASTER_PORT
+
+
+def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
+    """Discover rank and world size from SLURM, then torchrun variables, else a single process.
+
+    SLURM is used only when the job step was launched with one task per rank (``SLURM_NTASKS`` and
+    ``SLURM_PROCID`` set, as under ``srun`` or submitit); a bare ``sbatch`` shell with torchrun
+    inside is recognised by torchrun's own variables taking precedence when both are present.
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env and "LOCAL_RANK" in env:
+        # torchrun (also when torchrun itself is started inside a SLURM allocation).
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env["LOCAL_RANK"]),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
+            source="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) >= 1:
+        world = int(env["SLURM_NTASKS"])
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        master = env.get("MASTER_ADDR") or (expand_slurm_nodelist(nodelist)[0] if nodelist else "127.0.0.1")
+        port = int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID")))
+        tasks_per_node = _slurm_tasks_per_node(env, world)
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=tasks_per_node,
+            master_addr=master,
+            master_port=port,
+            source="slurm",
+        )
+    return DistEnv()
+
+
+def _slurm_tasks_per_node(env: Mapping[str, str], world: int) -> int:
+    raw = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    m = re.match(r"(\d+)", raw)
+    if m:
+        return int(m.group(1))
+    nnodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", 1)) or 1)
+    return max(1, world // max(1, nnodes))
+
+
+def init(backend: str | None = None, environ: Mapping[str, str] | None = None, timeout_s: int = 1800) -> DistEnv:
+    """Initialise ``torch.distributed`` when the job has more than one rank; return the environment.
+
+    ``backend`` defaults to NCCL when CUDA is available, else gloo. A single process gets no process
+    group at all (every collective helper is then the identity). On CUDA the process is bound to
+    its local GPU.
+    """
+    denv = detect_env(environ)
+    if torch.cuda.is_available() and denv.local_rank < torch.cuda.device_count():
+        torch.cuda.set_device(denv.local_rank)
+    if not denv.is_distributed or (dist.is_available() and dist.is_initialized()):
+        return denv
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    os.environ.setdefault("MASTER_ADDR", denv.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+    import datetime
+
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+        rank=denv.rank,
+        world_size=denv.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    log.info("process group up: rank %d/%d via %s (%s)", denv.rank, denv.world_size, denv.source, backend)
+    return denv
+
+
+def cleanup() -> None:
+    """Destroy the process group if one exists."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_enabled() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce if a multi-rank process group exists; identity otherwise.
+
+    ``op``: ``"sum"``, ``"max"``, ``"min"`` or ``"mean"``. Returns the tensor for chaining.
+    """
+    if not is_enabled():
+        return tensor
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN, "mean": dist.ReduceOp.SUM}
+    if op not in ops:
+        raise ValueError(f"unknown reduction {op!r}")
+    dist.all_reduce(tensor, op=ops[op])
+    if op == "mean":
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def barrier() -> None:
+    if is_enabled():
+        dist.barrier()
+
+
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Copy parameters and buffers of rank ``src`` to every rank (start-up synchronisation)."""
+    if not is_enabled():
+        return
+    with torch.no_grad():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=src)
+
+
+def print_main(*args, **kwargs) -> None:
+    """``print`` on global rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+class _MainRankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API name
+        return is_main_process()
+
+
+def setup_logging(level: int = logging.INFO, all_ranks: bool = False) -> None:
+    """Configure root logging; non-zero ranks are silenced unless ``all_ranks``."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler()
+    rank = get_rank()
+    prefix = f"[rank {rank}] " if get_world_size() > 1 else ""
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    if not all_ranks:
+        handler.addFilter(_MainRankFilter())
+    root.handlers[:] = [handler]
+    root.setLevel(level)
