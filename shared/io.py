@@ -11,11 +11,21 @@ from pathlib import Path
 from typing import IO, Iterator
 
 
+def _default_file_mode() -> int:
+    # What open() would give a new file: 0o666 minus the umask (mkstemp alone gives 0o600, which
+    # hides shared outputs from the other users of a cluster project folder).
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Open a temp file beside ``path``; on success fsync and rename it onto ``path``.
+def atomic_open(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
+    """Open a temp file beside ``path``; on success (fsync and) rename it onto ``path``.
 
     On any exception (disk full, interrupt) the temp file is removed and ``path`` is untouched.
+    ``fsync=False`` skips the flush to disk for many small, re-creatable files (the rename still
+    makes the file appear complete or not at all to readers).
     """
     if mode not in ("w", "wb"):
         raise ValueError("atomic_open supports modes 'w' and 'wb'")
@@ -23,16 +33,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _default_file_mode())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
-            os.fsync(handle.fileno())
+            if fsync:
+                os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
-    _fsync_dir(path.parent)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -5,7 +5,8 @@ One class serves both encoders of the toolkit (``../shared/spec/dino_depth.md`` 
 
 * DINO-Depth: ViT-S/14 with ``in_chans=1``, trained from scratch by ``pretrain/``;
 * the image encoder: DINOv2 ViT-B/14 (optionally with 4 registers), loaded from the official
-  ``.pth`` state dict, a timm checkpoint, or (see :mod:`shared.hf_dinov2`) a Hugging Face folder.
+  ``.pth`` state dict or a timm checkpoint (:func:`convert_state_dict`); ``detect/encoders.py`` adds
+  Hugging Face ``Dinov2Model`` folders.
 
 The state-dict layout is flat and DINOv2-compatible (``cls_token``, ``pos_embed``, ``mask_token``,
 ``register_tokens``, ``patch_embed.proj.*``, ``blocks.{i}.{norm1,attn.qkv,attn.proj,ls1.gamma,norm2,

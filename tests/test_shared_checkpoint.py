@@ -102,3 +102,13 @@ def test_sha256_sidecar(tmp_path: Path):
     assert verify_sha256_sidecar(path) is True
     save_checkpoint({"v": torch.tensor(2)}, path)
     assert verify_sha256_sidecar(path) is False
+
+
+def test_atomic_files_get_normal_permissions(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        with atomic_open(tmp_path / "f.bin", "wb", fsync=False) as fh:
+            fh.write(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
