@@ -43,8 +43,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from detect.data.exr import encode_exr
 from detect.data.geometry import VoxelGrid, look_at_c2w, project_points, rays_to_pixels
+from shared.exr import encode_exr
 
 FORMAT = "synthetic-sim3d"
 FORMAT_VERSION = 1

@@ -166,10 +166,10 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
         if value is None:
             raise ConfigError(f"{path}: expected a mapping for {hint.__name__}, got null")
         return from_dict(hint, value, path)
-    if origin in (list, typing.List, tuple, typing.Tuple):
+    if origin in (list, list, tuple, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        if origin in (tuple, typing.Tuple):
+        if origin in (tuple, tuple):
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
             if args and len(args) != len(value):
@@ -177,7 +177,7 @@ def _coerce(value: Any, hint: Any, path: str) -> Any:
             return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
         item = args[0] if args else Any
         return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin in (dict, typing.Dict):
+    if origin in (dict, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         vt = args[1] if args else Any

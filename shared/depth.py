@@ -37,7 +37,7 @@ class DepthNormConfig:
         return {"mode": self.mode, "eps": float(self.eps), "pct": [float(p) for p in self.pct]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DepthNormConfig":
+    def from_dict(cls, d: dict) -> DepthNormConfig:
         return cls(mode=d.get("mode", "nearness"), eps=float(d.get("eps", 0.1)),
                    pct=tuple(float(p) for p in d.get("pct", (0.5, 99.5))))
 
@@ -84,29 +84,46 @@ def normalize_depth(
     depth = depth.astype(np.float32, copy=False)
     valid = valid_mask(depth, kind)
     x = np.zeros(depth.shape, dtype=np.float32)
-    values = depth[valid].astype(np.float64)
+    values = depth[valid]
+    n_valid = values.size
 
     if mode == "max":
-        vmax = values.max() if values.size else 0.0
-        if values.size < MIN_VALID_PIXELS or not vmax > 0:
+        vmax = float(values.max()) if n_valid else 0.0
+        if n_valid < MIN_VALID_PIXELS or not vmax > 0:
             x[valid] = 1.0
             return x, valid, True
-        x[valid] = (values / vmax).astype(np.float32)
+        x[valid] = (values.astype(np.float64) / vmax).astype(np.float32)
         return x, valid, False
 
-    if values.size < MIN_VALID_PIXELS:
+    if n_valid < MIN_VALID_PIXELS:
         x[valid] = 1.0
         return x, valid, True
-    lo, hi = np.percentile(values, pct)
+    lo, hi = percentiles(values, pct)
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
         x[valid] = 1.0
         return x, valid, True
+    # float32 arithmetic over the valid values only: the map is already float32 and the affine map
+    # needs no more precision than its input has.
+    scale = np.float32(1.0 / (hi - lo))
     if kind == "metric_z":
-        t = (hi - values) / (hi - lo)
+        t = (np.float32(hi) - values) * scale
     else:
-        t = (values - lo) / (hi - lo)
-    x[valid] = (eps + (1.0 - eps) * np.clip(t, 0.0, 1.0)).astype(np.float32)
+        t = (values - np.float32(lo)) * scale
+    np.clip(t, 0.0, 1.0, out=t)
+    x[valid] = np.float32(eps) + np.float32(1.0 - eps) * t
     return x, valid, False
+
+
+def percentiles(values: np.ndarray, pct: tuple[float, float]) -> tuple[float, float]:
+    """Percentiles with linear interpolation (``np.percentile``'s default), via one partition."""
+    n = values.size
+    pos = np.asarray(pct, dtype=np.float64) / 100.0 * (n - 1)
+    below = np.floor(pos).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    part = np.partition(values, np.unique(np.concatenate([below, above])))
+    frac = pos - below
+    res = part[below].astype(np.float64) * (1.0 - frac) + part[above].astype(np.float64) * frac
+    return float(res[0]), float(res[1])
 
 
 def max_normalize(depth_zero_invalid: np.ndarray) -> np.ndarray:

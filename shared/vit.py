@@ -26,10 +26,9 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models import register_model
+from torch import nn
 
 AttnImpl = Literal["auto", "sdpa", "xformers", "naive"]
 
@@ -75,14 +74,14 @@ class ViTConfig:
     attn_impl: str = "auto"
 
     @classmethod
-    def from_arch(cls, arch: str, **overrides) -> "ViTConfig":
+    def from_arch(cls, arch: str, **overrides) -> ViTConfig:
         if arch not in ARCHS:
             raise ValueError(f"unknown ViT architecture {arch!r}; known: {', '.join(ARCHS)}")
         embed_dim, depth, heads, mlp_ratio = ARCHS[arch]
         cfg = cls(arch=arch, embed_dim=embed_dim, depth=depth, num_heads=heads, mlp_ratio=mlp_ratio)
         return cfg.replace(**overrides)
 
-    def replace(self, **overrides) -> "ViTConfig":
+    def replace(self, **overrides) -> ViTConfig:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
@@ -95,7 +94,7 @@ class ViTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ViTConfig":
+    def from_dict(cls, data: dict) -> ViTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

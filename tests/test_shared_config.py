@@ -2,7 +2,7 @@
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
@@ -20,7 +20,7 @@ class OptimCfg:
 @dataclass
 class DataCfg:
     shards: list[str] = field(default_factory=list)
-    preset: Optional[str] = None
+    preset: str | None = None
     mode: Literal["indexed", "streaming"] = "indexed"
 
 

@@ -7,6 +7,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from shared.checkpoint import CheckpointError
 from shared.vit import (
     XFORMERS_AVAILABLE,
     ViTConfig,
@@ -16,7 +17,6 @@ from shared.vit import (
     load_backbone_weights,
     vit_from_config,
 )
-from shared.checkpoint import CheckpointError
 
 
 def tiny(**kw):

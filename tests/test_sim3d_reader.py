@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detect.data import exr
 from detect.data.geometry import (
     VoxelGrid,
     backproject_depth,
@@ -33,6 +32,7 @@ from detect.data.sim3d import (
     register_calib_reader,
     sort_stems,
 )
+from shared import exr
 
 # ---------------------------------------------------------------------------------------------------
 # A hand-made SiM3D-style class (no generator needed): known arrays, known cameras
