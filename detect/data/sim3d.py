@@ -65,8 +65,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from detect.data.exr import ExrError, read_exr_channel0
 from detect.data.geometry import DEPTH_TYPES, VoxelGrid, invert_rigid
+from shared.exr import ExrError, read_exr_channel0
 
 VIEW_ORDERS = ("auto", "natural", "lexicographic")
 SETUP_TO_ROLE = {"real2real": "train_real", "synth2real": "train_synth"}
