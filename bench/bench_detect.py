@@ -14,7 +14,7 @@ Parts:
   should grow linearly in N (the 2N cached maps), time quadratically (N² pairs). The achieved FLOP/s of
   the mapping networks is compared with the machine's dense matmul FLOP/s (``torch.mm`` of 4096² fp32).
 * ``voxel``: points/s of the streaming voxel max (:class:`detect.volume.VolumeAccumulator.add_view`)
-  vs the straightforward baseline (``detect.data.geometry.backproject_depth`` + ``np.maximum.at``) on
+  vs the straightforward baseline (``shared.geometry.backproject_depth`` + ``np.maximum.at``) on
   one synthetic full-resolution view.
 * ``aupro``: exact V-AUPRO (all four limits + V-AUROC from one sort) vs one ``np.argsort`` of the same
   pooled scores.
@@ -134,7 +134,7 @@ def bench_mapping(args) -> dict:
 
 # -- voxel aggregation -------------------------------------------------------------------------------
 def bench_voxel(args) -> dict:
-    from detect.data.geometry import VoxelGrid, backproject_depth, look_at_c2w
+    from shared.geometry import VoxelGrid, backproject_depth, look_at_c2w
     from detect.volume import ViewCalibration, VolumeAccumulator
 
     h, w = args.height, args.width

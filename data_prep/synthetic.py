@@ -13,10 +13,12 @@ Usage::
 
     python data_prep/synthetic.py --out data/synthetic            # default benchmark (< 1 min)
     python data_prep/synthetic.py --out /tmp/s --classes vase stool --views 36 --size 448
-    python data_prep/synthetic.py --out data/synthetic --preview docs/images/synthetic_views.png
 
-Library: ``generate_benchmark(out_dir, SynthConfig(...)) -> summary dict``;
-``render_preview(root, png)``. The on-disk format is documented in docs/synthetic_benchmark.md.
+Library: ``generate_benchmark(out_dir, SynthConfig(...)) -> summary dict``. The on-disk format is
+documented in docs/synthetic_benchmark.md. The preview picture of a generated benchmark is drawn by the
+detection side, which reads it back through the SiM3D reader (data flows one way)::
+
+    python detect/data/preview.py --root data/synthetic --out docs/images/synthetic_views.png
 """
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable instead of the script dir
@@ -43,8 +45,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from detect.data.geometry import VoxelGrid, look_at_c2w, project_points, rays_to_pixels
 from shared.exr import encode_exr
+from shared.geometry import VoxelGrid, look_at_c2w, project_points, rays_to_pixels
 
 FORMAT = "synthetic-sim3d"
 FORMAT_VERSION = 1
@@ -1386,102 +1388,6 @@ def _run_jobs(jobs: list[InstanceJob], workers: int, progress: bool) -> list[dic
 
 
 # ---------------------------------------------------------------------------------------------------
-# Preview figure (README picture)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _read_gray(path: Path) -> np.ndarray:
-    import cv2  # lazy
-
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise SynthError(f"cannot read {path}")
-    return img
-
-
-def render_preview(root: str | os.PathLike, out_png: str | os.PathLike, class_name: str | None = None,
-                   instance: str | None = None, n_views: int = 4, dpi: int = 110) -> Path:
-    """Figure of a few views (image with the GT mask outline, depth) of one anomalous instance — by default
-    the one whose geometric anomaly covers the most mask pixels — and a 3D scatter of its GT volume
-    (occupancy in grey, anomalous voxels in red).
-
-    Reads the benchmark through the SiM3D reader, so it also checks what was written. The PNG must not
-    be written inside ``root`` (readers never write into their input).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from detect.data.sim3d import SiM3DClass, list_classes
-
-    root, out_png = Path(root).resolve(), Path(out_png).resolve()
-    if root == out_png.parent or root in out_png.parents:
-        raise SynthError(f"refusing to write the preview {out_png} inside the dataset root {root}")
-    classes = list_classes(root)
-    class_name = class_name or ("stool" if "stool" in classes else classes[0])
-    ds = SiM3DClass(root, class_name)
-    records = [r for r in ds.test_records if (instance is None and r.label == 1) or r.name == instance]
-    if not records:
-        raise SynthError(f"no {'instance ' + instance if instance else 'anomalous test instance'} in {ds.path}")
-
-    def most_visible_geometric(rec) -> tuple:
-        kinds = [a["type"] for a in ds.load_meta(rec).get("anomalies", [])]
-        pixels = sum(int((_read_gray(v.mask_path) > 0).sum()) for v in rec.views if v.mask_path is not None)
-        return (not any(k in GEOMETRIC_TYPES for k in kinds), -pixels, rec.name)
-
-    rec = min(records, key=most_visible_geometric)
-    inst = ds.load_instance(rec)
-    by_pixels = sorted(inst.views, key=lambda v: -(0 if v.mask is None else int(v.mask.sum())))
-    views = sorted(by_pixels[:n_views], key=lambda v: v.view_id)
-    fig = plt.figure(figsize=(3.0 * n_views + 4.6, 5.6))
-    grid = fig.add_gridspec(2, n_views + 1, width_ratios=[1.0] * n_views + [1.5], wspace=0.05, hspace=0.08)
-    for col, view in enumerate(views):
-        ax = fig.add_subplot(grid[0, col])
-        ax.imshow(view.image, cmap="gray", vmin=0, vmax=255)
-        if view.mask is not None and view.mask.any():
-            ax.contour(view.mask.astype(float), levels=[0.5], colors="red", linewidths=1.2)
-        ax.set_title(f"view {view.stem} (C{view.view_id + 1})", fontsize=9)
-        ax.axis("off")
-        ax = fig.add_subplot(grid[1, col])
-        depth = np.ma.masked_invalid(view.depth)
-        cmap = plt.get_cmap("viridis_r").with_extremes(bad="white")
-        ax.imshow(depth, cmap=cmap)
-        ax.set_title("depth (white: no measurement)", fontsize=8)
-        ax.axis("off")
-    ax3 = fig.add_subplot(grid[:, n_views], projection="3d")
-    gt = inst.gt
-    if gt is not None:
-        occ = np.argwhere(gt.occupancy & ~gt.labels) if gt.occupancy is not None else np.zeros((0, 3), int)
-        rng = np.random.default_rng(0)
-        if len(occ) > 40000:
-            occ = occ[rng.choice(len(occ), 40000, replace=False)]
-        occ_c, lab_c = gt.grid.centers(occ), gt.grid.centers(np.argwhere(gt.labels))
-        ax3.computed_zorder = False  # anomalous voxels always drawn on top
-        ax3.scatter(*occ_c.T, s=0.4, c="0.45", alpha=0.45, linewidths=0)
-        ax3.scatter(*lab_c.T, s=5.0, c="red", alpha=1.0, linewidths=0)
-        lo, hi = occ_c.min(0), occ_c.max(0)
-        mid, half = (lo + hi) / 2, (hi - lo).max() / 2
-        ax3.set_xlim(mid[0] - half, mid[0] + half)
-        ax3.set_ylim(mid[1] - half, mid[1] + half)
-        ax3.set_zlim(mid[2] - half, mid[2] + half)
-        ax3.set_box_aspect((1, 1, 1))
-        ax3.view_init(elev=22, azim=-60)
-        ax3.set_title(f"GT volume {gt.shape[0]}×{gt.shape[1]}×{gt.shape[2]} @ {gt.voxel_size * 1000:.1f} mm\n"
-                      f"occupancy (grey), {int(gt.labels.sum())} anomalous voxels (red)", fontsize=9)
-    ax3.set_axis_off()
-    kinds = ", ".join(a["type"] for a in inst.meta.get("anomalies", []))
-    fig.suptitle(f"synthetic benchmark — class '{class_name}', instance '{rec.name}' ({kinds}); "
-                 f"{ds.n_views} views, red outline = 2D GT mask", fontsize=11)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    write_atomic(out_png, buf.getvalue())
-    return out_png
-
-
-# ---------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------
 
@@ -1527,11 +1433,6 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes (the output does not depend on it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a benchmark previously written to --out")
-    parser.add_argument("--preview", metavar="PNG", default=None,
-                        help="also write a preview figure (views + GT volume) to this PNG")
-    parser.add_argument("--preview-class", default=None, help="class shown in the preview")
-    parser.add_argument("--preview-only", action="store_true",
-                        help="do not generate: render --preview from the existing benchmark in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -1552,19 +1453,12 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_arg_parser().parse_args(argv)
     try:
-        if args.preview_only:
-            if not args.preview:
-                raise SynthError("--preview-only needs --preview PNG")
-        else:
-            cfg = config_from_args(args)
-            summary = generate_benchmark(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
-            n_test = sum(len(c["test"]) for c in summary["classes"].values())
-            print(f"wrote {summary['n_instances']} instances ({n_test} test) of {len(summary['classes'])} "
-                  f"classes × {cfg.n_views} views ({cfg.width}×{cfg.height}) to {args.out} in "
-                  f"{summary['elapsed_s']:.1f} s")
-        if args.preview:
-            png = render_preview(args.out, args.preview, class_name=args.preview_class)
-            print(f"preview: {png}")
+        cfg = config_from_args(args)
+        summary = generate_benchmark(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
+        n_test = sum(len(c["test"]) for c in summary["classes"].values())
+        print(f"wrote {summary['n_instances']} instances ({n_test} test) of {len(summary['classes'])} "
+              f"classes × {cfg.n_views} views ({cfg.width}×{cfg.height}) to {args.out} in "
+              f"{summary['elapsed_s']:.1f} s")
     except SynthError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

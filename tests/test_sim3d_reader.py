@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detect.data.geometry import (
+from shared.geometry import (
     VoxelGrid,
     backproject_depth,
     invert_rigid,

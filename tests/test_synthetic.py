@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("open3d")  # the generator ray-casts with open3d (needs libusb-1.0, see shared/sysdeps)
 
 from data_prep import synthetic as syn
-from detect.data.geometry import backproject_depth, dilate_volume, project_points
 from detect.data.sim3d import SiM3DClass, load_depth
+from shared.geometry import backproject_depth, dilate_volume, project_points
 
 TINY = {"classes": ("stool", "bin"), "n_views": 6, "width": 192, "height": 144, "n_test": 4, "seed": 3,
         "depth_noise_m": 0.0, "voxels_across": 96}
@@ -323,11 +323,3 @@ def test_npy_synth_layout(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "vase").iterdir()) == ["cameras.json", "vase_synth"]
     assert (tmp_path / "b" / "vase" / "vase_synth" / "depth" / "1.npy").is_file()
 
-
-def test_preview_png(bench, tmp_path):
-    pytest.importorskip("matplotlib")
-    png = syn.render_preview(bench, tmp_path / "preview.png", class_name="bin")
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-    with pytest.raises(syn.SynthError, match="inside the dataset root"):
-        syn.render_preview(bench, bench / "preview.png")

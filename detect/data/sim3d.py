@@ -65,8 +65,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from detect.data.geometry import DEPTH_TYPES, VoxelGrid, invert_rigid
 from shared.exr import ExrError, read_exr_channel0
+from shared.geometry import DEPTH_TYPES, VoxelGrid, invert_rigid
 
 VIEW_ORDERS = ("auto", "natural", "lexicographic")
 SETUP_TO_ROLE = {"real2real": "train_real", "synth2real": "train_synth"}
@@ -141,7 +141,7 @@ class ViewCalib:
 
 @dataclass(frozen=True)
 class GTVolume:
-    """Ground-truth anomaly volume of one instance on a regular grid (``detect.data.geometry``).
+    """Ground-truth anomaly volume of one instance on a regular grid (``shared.geometry``).
 
     ``labels`` bool (X, Y, Z): anomalous surface voxels; ``occupancy`` optional bool (X, Y, Z): object
     surface voxels (the evaluation domain of metrics.md §7); ``origin`` (3,) metres = minimum corner of

@@ -1,0 +1,411 @@
+"""Frozen encoders for ModMap (``../shared/spec/modmap.md`` §3): DINOv2 image encoder and DINO-Depth.
+
+Image encoder (``--image-encoder``):
+
+* ``dinov2_vitb14_reg4`` (default) / ``dinov2_vitb14``: DINOv2 ViT-B/14 with / without 4 registers;
+* ``auto``: any DINOv2-layout ViT, architecture inferred from the weights (tests, other sizes);
+* ``random``: randomly initialised (tests and demos only; every output is marked as such).
+
+Weights (``--image-encoder-weights``) are read from a local file or folder, never downloaded, in any of
+the common forms: the official DINOv2 ``.pth`` state dict, a timm checkpoint (``.pth``/``.bin``/
+``.safetensors``, ``reg_token`` layout), or a Hugging Face ``Dinov2Model`` /
+``Dinov2WithRegistersModel`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``,
+sharded or not). All of them are converted to the flat DINOv2 layout of :mod:`shared.vit`.
+Positional embeddings are interpolated bicubically with offset 0 + antialias for register models and
+offset 0.1 without antialias for plain models (the official DINOv2 hub behaviour).
+
+Depth encoder: the DINO-Depth export given by ``--ckpt`` (:func:`pretrain.export.load_dinodepth`), or
+``dinov2_on_depth`` (the image encoder applied to the normalised depth replicated to 3 channels).
+
+Both run frozen (eval mode, no grad). :func:`check_token_grids` refuses encoders whose token grids
+differ at the configured input sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from shared.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from shared.vit import (
+    DinoVisionTransformer,
+    ViTConfig,
+    convert_state_dict,
+    create_vit,
+    infer_config_from_state_dict,
+    load_backbone_weights,
+    vit_from_config,
+)
+
+IMAGE_ENCODERS: tuple[str, ...] = ("dinov2_vitb14_reg4", "dinov2_vitb14", "auto", "random")
+DEPTH_ENCODERS: tuple[str, ...] = ("dino_depth", "dinov2_on_depth")
+# Expected architecture of the named image encoders: (embed_dim, depth, patch, registers).
+_NAMED_IMAGE_ENCODERS = {"dinov2_vitb14_reg4": (768, 12, 14, 4), "dinov2_vitb14": (768, 12, 14, 0)}
+EXPECTED_DEPTH_ARCH = "DINO-Depth ViT-S/14 export (vit_small_patch14, in_chans=1, embed 384, 12 blocks)"
+
+
+class EncoderError(ValueError):
+    """Missing, malformed or mismatched encoder weights, or incompatible encoders."""
+
+
+@dataclass
+class EncoderInfo:
+    """What an encoder is, for checkpoints, caches and reports."""
+
+    name: str
+    weights: str  # path, or "random"
+    sha256: str  # of the weights file(s); of the initial tensors for random encoders
+    arch: dict = field(default_factory=dict)
+    input_norm: dict = field(default_factory=dict)
+    random: bool = False
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "sha256": self.sha256, "arch": self.arch,
+                "input_norm": self.input_norm, "random": self.random}
+
+
+class FrozenEncoder(nn.Module):
+    """A :class:`DinoVisionTransformer` in eval mode without gradients, returning patch tokens."""
+
+    def __init__(self, backbone: DinoVisionTransformer, info: EncoderInfo, dtype: str = "fp32") -> None:
+        super().__init__()
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.info = info
+        if dtype not in ("fp32", "bf16"):
+            raise EncoderError(f"encoder dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        self.dtype_name = dtype
+        self.train(False)
+
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    @property
+    def embed_dim(self) -> int:
+        return self.backbone.embed_dim
+
+    @property
+    def in_chans(self) -> int:
+        return self.backbone.cfg.in_chans
+
+    def grid(self, input_size: int) -> tuple[int, int]:
+        if input_size % self.patch_size:
+            raise EncoderError(f"input size {input_size} is not a multiple of the patch size {self.patch_size} "
+                               f"of {self.info.name}")
+        return (input_size // self.patch_size, input_size // self.patch_size)
+
+    def train(self, mode: bool = True) -> FrozenEncoder:  # frozen: stays in eval mode
+        return super().train(False)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch tokens (B, h·w, D) float32 (``x_norm_patchtokens``) and the grid (h, w)."""
+        device = next(self.backbone.parameters()).device
+        x = x.to(device, non_blocking=True)
+        if self.dtype_name == "bf16":
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+                tokens, grid = self.backbone.get_patch_tokens(x)
+        else:
+            tokens, grid = self.backbone.get_patch_tokens(x.float())
+        return tokens.float(), grid
+
+
+# -- weight files ----------------------------------------------------------------------------------
+def _sha256_of(paths: list[Path]) -> str:
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(file_sha256(p).encode())
+    return digest.hexdigest()
+
+
+def tensors_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """Hash of tensor names, shapes and values (for encoders without a weights file)."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        t = state_dict[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.float().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _unwrap_state_dict(obj: dict, source: str) -> dict[str, torch.Tensor]:
+    """The tensor dict inside a loaded checkpoint (``model``/``state_dict``/``teacher``… wrappers)."""
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in ("model", "state_dict", "model_state_dict", "teacher", "module", "model_ema", "state_dict_ema"):
+        inner = obj.get(key)
+        if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+            return inner
+    raise EncoderError(f"{source} holds no state dict of tensors (keys: {sorted(obj)[:10]})")
+
+
+_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
+_HF_LAYER_MAP = {
+    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
+    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
+    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
+    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
+    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
+    # attention output projection: transformers ≥ 5 (o_proj) and older releases (output.dense)
+    "attention.o_proj.weight": "attn.proj.weight", "attention.o_proj.bias": "attn.proj.bias",
+    "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
+}
+_HF_QKV = {  # (new name, old name) per projection
+    "q": ("attention.q_proj", "attention.attention.query"),
+    "k": ("attention.k_proj", "attention.attention.key"),
+    "v": ("attention.v_proj", "attention.attention.value"),
+}
+
+
+def is_hf_dinov2_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("embeddings.patch_embeddings.", "dinov2.embeddings.")) for k in state_dict)
+
+
+def hf_dinov2_to_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` state dict → flat DINOv2 layout.
+
+    Handles the transformers ≥ 5 attention names (``q_proj``…``o_proj``) and the older ones
+    (``attention.attention.query``…``attention.output.dense``), the ``dinov2.`` prefix of task models
+    (heads are dropped), and refuses SwiGLU models (ViT-g), which the ViT of :mod:`shared.vit` lacks.
+    """
+    sd = dict(state_dict)
+    if any(k.startswith("dinov2.") for k in sd):
+        sd = {k[len("dinov2."):]: v for k, v in sd.items() if k.startswith("dinov2.")}
+    if any(".mlp.weights_in." in k or ".mlp.w12." in k for k in sd):
+        raise EncoderError("SwiGLU DINOv2 (ViT-g) checkpoints are not supported; use ViT-S/B/L weights")
+    out: dict[str, torch.Tensor] = {}
+    direct = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.mask_token": "mask_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.register_tokens": "register_tokens",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in sd.items():
+        if key in direct:
+            out[direct[key]] = value
+            continue
+        m = _HF_LAYER.match(key)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    for i, layer in sorted(layers.items()):
+        for hf_name, ours in _HF_LAYER_MAP.items():
+            if hf_name in layer:
+                out[f"blocks.{i}.{ours}"] = layer[hf_name]
+        for suffix in ("weight", "bias"):
+            parts = []
+            for new, old in _HF_QKV.values():
+                t = layer.get(f"{new}.{suffix}", layer.get(f"{old}.{suffix}"))
+                if t is not None:
+                    parts.append(t)
+            if len(parts) == 3:
+                out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
+            elif parts:
+                raise EncoderError(f"layer {i}: incomplete q/k/v {suffix} tensors in the Hugging Face state dict")
+    if "pos_embed" not in out or "patch_embed.proj.weight" not in out:
+        raise EncoderError("not a Hugging Face DINOv2 state dict (no embeddings found)")
+    return out
+
+
+def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise EncoderError(f"{folder} is a folder without config.json: not a Hugging Face model folder")
+    hf_cfg = json.loads(cfg_path.read_text())
+    if hf_cfg.get("model_type") not in ("dinov2", "dinov2_with_registers"):
+        raise EncoderError(f"{cfg_path}: model_type {hf_cfg.get('model_type')!r} is not a DINOv2 model")
+    files: list[Path] = []
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+            break
+    if not files:
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (folder / name).is_file():
+                files = [folder / name]
+                break
+    if not files:
+        raise EncoderError(f"{folder} holds no model.safetensors or pytorch_model.bin")
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(_unwrap_state_dict(load_checkpoint(f), str(f)))
+    return sd, hf_cfg
+
+
+def read_encoder_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, list[Path]]:
+    """Read encoder weights from a file or a Hugging Face folder → (flat DINOv2 state dict, overrides
+    for :class:`shared.vit.ViTConfig`, files read)."""
+    path = Path(path)
+    if not path.exists():
+        raise EncoderError(f"image encoder weights {path} do not exist")
+    overrides: dict = {}
+    if path.is_dir():
+        raw, hf_cfg = _read_hf_folder(path)
+        files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+        if hf_cfg.get("num_attention_heads"):  # head count is not visible in the tensor shapes
+            overrides["num_heads"] = int(hf_cfg["num_attention_heads"])
+        if abs(float(hf_cfg.get("layer_norm_eps", 1e-6)) - 1e-6) > 1e-12:
+            raise EncoderError(f"{path}: layer_norm_eps {hf_cfg['layer_norm_eps']} differs from DINOv2's 1e-6")
+        if hf_cfg.get("hidden_act", "gelu") != "gelu":
+            raise EncoderError(f"{path}: activation {hf_cfg['hidden_act']!r} is not supported (DINOv2 uses gelu)")
+    else:
+        try:
+            raw = _unwrap_state_dict(load_checkpoint(path), str(path))
+        except CheckpointError as exc:
+            raise EncoderError(str(exc)) from None
+        files = [path]
+    if is_hf_dinov2_state_dict(raw):
+        raw = hf_dinov2_to_dinov2(raw)
+    sd = convert_state_dict(raw)
+    if "patch_embed.proj.weight" not in sd:
+        raise EncoderError(f"{path} holds no ViT backbone (no patch embedding): not DINOv2 weights")
+    return sd, overrides, files
+
+
+def _interp_settings(num_registers: int) -> dict:
+    # modmap §3: register models interpolate with offset 0 + antialias, plain models with offset 0.1.
+    if num_registers:
+        return {"interpolate_offset": 0.0, "interpolate_antialias": True}
+    return {"interpolate_offset": 0.1, "interpolate_antialias": False}
+
+
+def load_image_encoder(name: str = "dinov2_vitb14_reg4", weights: str | os.PathLike | None = None,
+                       dtype: str = "fp32", device: str | torch.device = "cpu",
+                       random_arch: str = "vit_base_patch14", random_overrides: dict | None = None,
+                       seed: int = 0) -> FrozenEncoder:
+    """Build the frozen image encoder; see the module docstring for ``name`` and ``weights``."""
+    if name not in IMAGE_ENCODERS:
+        raise EncoderError(f"unknown image encoder {name!r}; expected one of {IMAGE_ENCODERS}")
+    if name == "random":
+        overrides = {"in_chans": 3, "num_register_tokens": 4, "img_size": 518, "layerscale": 1.0,
+                     **(random_overrides or {})}
+        overrides.update(_interp_settings(overrides["num_register_tokens"]))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = create_vit(random_arch, **overrides)
+        info = EncoderInfo("random", "random", tensors_sha256(backbone.state_dict()), backbone.cfg.to_dict(),
+                           random=True)
+        return FrozenEncoder(backbone, info, dtype).to(device)
+    if not weights:
+        raise EncoderError(
+            f"the image encoder {name} needs local weights: pass --image-encoder-weights PATH with the "
+            "official DINOv2 state dict (e.g. dinov2_vitb14_reg4_pretrain.pth from the DINOv2 release), a timm "
+            "checkpoint, or a Hugging Face folder saved from facebook/dinov2-with-registers-base "
+            "(Dinov2WithRegistersModel.from_pretrained(...).save_pretrained(DIR)). Nothing is downloaded. "
+            "For tests and demos only: --image-encoder random.")
+    sd, overrides, files = read_encoder_weights(weights)
+    try:
+        cfg = infer_config_from_state_dict(sd, **overrides)
+    except ValueError as exc:
+        raise EncoderError(f"{weights}: {exc}") from None
+    cfg = cfg.replace(**_interp_settings(cfg.num_register_tokens), drop_path_rate=0.0)
+    if name in _NAMED_IMAGE_ENCODERS:
+        dim, depth, patch, regs = _NAMED_IMAGE_ENCODERS[name]
+        got = (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.num_register_tokens)
+        if got != (dim, depth, patch, regs):
+            raise EncoderError(
+                f"{weights} does not hold {name} (expected ViT-B/14: embed {dim}, {depth} blocks, patch {patch}, "
+                f"{regs} registers; found embed {got[0]}, {got[1]} blocks, patch {got[2]}, {got[3]} registers). "
+                "Pass the matching --image-encoder (dinov2_vitb14_reg4 / dinov2_vitb14 / auto).")
+    if cfg.in_chans != 3:
+        raise EncoderError(f"{weights}: the image encoder must take 3 input channels, found {cfg.in_chans}")
+    backbone = vit_from_config(cfg)
+    try:
+        load_backbone_weights(backbone, sd, source=str(weights))
+    except (CheckpointError, ValueError) as exc:
+        raise EncoderError(str(exc)) from None
+    info = EncoderInfo(name, str(weights), _sha256_of(files), cfg.to_dict())
+    return FrozenEncoder(backbone, info, dtype).to(device)
+
+
+def load_depth_encoder(ckpt: str | os.PathLike | None, dtype: str = "fp32",
+                       device: str | torch.device = "cpu") -> FrozenEncoder:
+    """The DINO-Depth encoder exported by ``pretrain.export`` (``--ckpt``), frozen; ``info.input_norm``
+    carries the stored depth normalisation (mode, eps, pct)."""
+    if not ckpt:
+        raise EncoderError(f"--ckpt is required: the {EXPECTED_DEPTH_ARCH} written by "
+                           "`python -m pretrain.export --ckpt RUN --out dinodepth.pth`")
+    path = Path(ckpt)
+    if not path.is_file():
+        raise EncoderError(f"DINO-Depth checkpoint {path} does not exist (expected the {EXPECTED_DEPTH_ARCH})")
+    from pretrain.export import load_dinodepth
+
+    try:
+        backbone, input_norm = load_dinodepth(path)
+    except (CheckpointError, ValueError, KeyError, TypeError) as exc:
+        raise EncoderError(f"cannot load the depth encoder from {path}: {exc}\n"
+                           f"expected the {EXPECTED_DEPTH_ARCH} with keys model/config/input_norm") from None
+    if backbone.cfg.in_chans != 1:
+        raise EncoderError(f"{path}: the depth encoder takes {backbone.cfg.in_chans} input channels; DINO-Depth "
+                           f"has 1 (expected the {EXPECTED_DEPTH_ARCH})")
+    if input_norm.get("modality", "depth") != "depth":
+        raise EncoderError(f"{path}: input_norm says modality {input_norm.get('modality')!r}, not a depth encoder")
+    info = EncoderInfo("dino_depth", str(path), file_sha256(path), backbone.cfg.to_dict(), dict(input_norm))
+    return FrozenEncoder(backbone, info, dtype).to(device)
+
+
+TokenResample = Literal["none", "bilinear"]
+
+
+def check_token_grids(image_encoder: FrozenEncoder, depth_encoder: FrozenEncoder, image_size: int,
+                      depth_input_size: int, resample: TokenResample = "none") -> tuple[int, int]:
+    """Token grid shared by both encoders; a clear error when they differ and no resampling is allowed.
+
+    Token k of the image must describe the same image location as token k of the depth map (§3).
+    """
+    g_img = image_encoder.grid(image_size)
+    g_dep = depth_encoder.grid(depth_input_size)
+    if g_img != g_dep and resample == "none":
+        raise EncoderError(
+            f"token grids differ: the image encoder ({image_encoder.info.name}, patch {image_encoder.patch_size}) "
+            f"gives {g_img[0]}×{g_img[1]} tokens at {image_size} px, the depth encoder "
+            f"({depth_encoder.info.name}, patch {depth_encoder.patch_size}) gives {g_dep[0]}×{g_dep[1]} at "
+            f"{depth_input_size} px. ModMap compares token k of one modality with token k of the other, so the "
+            f"grids must match: set --depth-input-size {g_img[0] * depth_encoder.patch_size} (so that the depth "
+            f"grid is {g_img[0]}×{g_img[1]}) or --depth-token-resample bilinear.")
+    if resample not in ("none", "bilinear"):
+        raise EncoderError(f"unknown token resampling {resample!r}")
+    return g_img
+
+
+def resample_tokens(tokens: torch.Tensor, grid_from: tuple[int, int], grid_to: tuple[int, int]) -> torch.Tensor:
+    """(B, h·w, D) tokens bilinearly resampled to another grid (``--depth-token-resample bilinear``)."""
+    if tuple(grid_from) == tuple(grid_to):
+        return tokens
+    B, _, D = tokens.shape
+    x = tokens.transpose(1, 2).reshape(B, D, *grid_from)
+    x = torch.nn.functional.interpolate(x, size=tuple(grid_to), mode="bilinear", align_corners=False)
+    return x.reshape(B, D, -1).transpose(1, 2).contiguous()
+
+
+__all__ = [
+    "DEPTH_ENCODERS",
+    "IMAGE_ENCODERS",
+    "EncoderError",
+    "EncoderInfo",
+    "FrozenEncoder",
+    "ViTConfig",
+    "check_token_grids",
+    "hf_dinov2_to_dinov2",
+    "load_depth_encoder",
+    "load_image_encoder",
+    "read_encoder_weights",
+    "resample_tokens",
+    "tensors_sha256",
+]

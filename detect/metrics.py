@@ -1,0 +1,409 @@
+"""Detection and segmentation metrics: I-AUROC, pixel/voxel AUROC and exact PRO / AUPRO in 2D and 3D.
+
+Definitions follow ``../shared/spec/metrics.md``:
+
+* higher score = more anomalous; NaN/inf scores raise;
+* I-AUROC = ``sklearn.metrics.roc_auc_score`` over one score per instance (NaN + warning when only one
+  label is present);
+* pixel/voxel AUROC pools every element of the evaluation domain of every sample;
+* the PRO curve is **exact**: every distinct score is a threshold (§4). GT regions are connected
+  components with 8-connectivity in 2D and 26-connectivity in 3D (``ones((3,)*ndim)``), labelled on the
+  full GT before domain restriction. AUPRO@α integrates PRO over FPR ∈ [0, α] (trapezoid, linear
+  interpolation at α) and divides by α.
+
+Everything is vectorised: one ``argsort`` of the pooled scores gives both the ROC and the PRO curve
+(:func:`segmentation_metrics`), per-region weights come from ``np.bincount``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_PRO_LIMITS: tuple[float, ...] = (0.3, 0.1, 0.05, 0.01)
+
+ArrayList = Sequence[np.ndarray] | np.ndarray
+
+
+# -- input handling --------------------------------------------------------------------------------
+def _as_list(arrays: ArrayList | None, what: str) -> list[np.ndarray] | None:
+    """A list of per-sample arrays from a list/tuple or a stacked (M, ...) array."""
+    if arrays is None:
+        return None
+    if isinstance(arrays, np.ndarray):
+        if arrays.ndim < 2:
+            raise ValueError(f"{what}: expected a list of maps/volumes or a stacked (M, ...) array, "
+                             f"got shape {arrays.shape}")
+        return list(arrays)
+    out = [np.asarray(a) for a in arrays]
+    if not out:
+        raise ValueError(f"{what}: empty input")
+    return out
+
+
+def _check_finite(scores: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(scores)):
+        bad = int(np.size(scores) - np.count_nonzero(np.isfinite(scores)))
+        raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN/inf); scores must be finite")
+
+
+def structure_for(ndim: int, connectivity: int | None = None) -> np.ndarray:
+    """Neighbourhood structure for GT labelling: full connectivity by default (8 in 2D, 26 in 3D).
+
+    ``connectivity`` may name the neighbour count (4/8 in 2D, 6/18/26 in 3D) to override it.
+    """
+    from scipy import ndimage
+
+    if connectivity is None:
+        return np.ones((3,) * ndim, dtype=bool)
+    by_count = {(2, 4): 1, (2, 8): 2, (3, 6): 1, (3, 18): 2, (3, 26): 3}
+    rank = by_count.get((ndim, int(connectivity)))
+    if rank is None:
+        raise ValueError(f"connectivity {connectivity} is not valid for {ndim}-D data "
+                         f"(2-D: 4 or 8; 3-D: 6, 18 or 26)")
+    return ndimage.generate_binary_structure(ndim, rank)
+
+
+def default_connectivity(ndim: int) -> int:
+    return 3 ** ndim - 1
+
+
+@dataclass
+class _Pooled:
+    """Scores and per-element weights of every sample's evaluation domain, concatenated."""
+
+    scores: np.ndarray  # float64 (E,)
+    nominal: np.ndarray  # bool (E,): GT == 0
+    anom_weight: np.ndarray  # float64 (A,): 1/|region| of each anomalous element, in element order
+    n_ok: int
+    n_regions: int
+    n_anomalous: int
+    connectivity: int
+
+
+def _sample_elements(s: np.ndarray, g: np.ndarray, d: np.ndarray | None, connectivity: int | None,
+                     need_regions: bool, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Domain-restricted (scores float64, nominal, PRO weights of the anomalous elements, n_regions,
+    connectivity) of one sample."""
+    from scipy import ndimage
+
+    s = np.asarray(s)
+    g = np.asarray(g) != 0
+    if s.shape != g.shape:
+        raise ValueError(f"{where}: score shape {s.shape} != GT shape {g.shape}")
+    _check_finite(s, f"scores of {where}")
+    structure = structure_for(g.ndim, connectivity)
+    conn = int(structure.sum()) - 1
+    if need_regions and g.any():
+        # Regions are labelled on the full GT, before any domain restriction (metrics.md §7).
+        labels, n = ndimage.label(g, structure=structure)
+    else:
+        labels, n = g.astype(np.int32), 0
+    if d is not None:
+        d = np.asarray(d).astype(bool, copy=False)
+        if d.shape != g.shape:
+            raise ValueError(f"{where}: domain shape {d.shape} != GT shape {g.shape}")
+        s_flat, lab_flat = s[d], labels[d]
+    else:
+        s_flat, lab_flat = s.reshape(-1), labels.reshape(-1)
+    nominal = lab_flat == 0
+    n_regions = 0
+    if need_regions and n:
+        sizes = np.bincount(lab_flat, minlength=n + 1).astype(np.float64)
+        present = sizes[1:] > 0  # a region entirely outside the domain does not count
+        inv = np.zeros(n + 1)
+        inv[1:][present] = 1.0 / sizes[1:][present]
+        weights = inv[lab_flat[~nominal]]
+        n_regions = int(present.sum())
+    else:
+        weights = np.zeros(int(nominal.size - np.count_nonzero(nominal)), dtype=np.float64)
+    return s_flat.astype(np.float64, copy=False).reshape(-1), nominal.reshape(-1), weights, n_regions, conn
+
+
+class SegmentationAccumulator:
+    """Collects samples one at a time (only their domain-restricted elements are kept) and computes
+    AUROC + exact AUPRO of the pooled set — for volumes that should not all be in memory at once."""
+
+    def __init__(self, connectivity: int | None = None) -> None:
+        self.connectivity = connectivity
+        self._s: list[np.ndarray] = []
+        self._n: list[np.ndarray] = []
+        self._w: list[np.ndarray] = []
+        self.n_regions = 0
+        self.n_samples = 0
+        self._conn = -1
+
+    def add(self, scores: np.ndarray, gt: np.ndarray, domain: np.ndarray | None = None) -> None:
+        s, n, w, regions, conn = _sample_elements(scores, gt, domain, self.connectivity, True,
+                                                  f"sample {self.n_samples}")
+        self._s.append(s)
+        self._n.append(n)
+        self._w.append(w)
+        self.n_regions += regions
+        self._conn = conn
+        self.n_samples += 1
+
+    def pooled(self) -> _Pooled:
+        if not self._s:
+            raise ValueError("no samples added")
+        nominal = np.concatenate(self._n)
+        n_ok = int(nominal.sum())
+        return _Pooled(np.concatenate(self._s), nominal, np.concatenate(self._w), n_ok, self.n_regions,
+                       int(nominal.size - n_ok), self._conn)
+
+    def compute(self, limits: Iterable[float] = DEFAULT_PRO_LIMITS, prefix: str = "voxel") -> dict:
+        return _segmentation_from_pooled(self.pooled(), limits, prefix)
+
+
+def _pool(scores: ArrayList, gts: ArrayList, domains: ArrayList | None, connectivity: int | None,
+          need_regions: bool = True) -> _Pooled:
+    score_list = _as_list(scores, "scores")
+    gt_list = _as_list(gts, "gts")
+    domain_list = _as_list(domains, "domains")
+    if len(score_list) != len(gt_list):
+        raise ValueError(f"got {len(score_list)} score maps but {len(gt_list)} GT maps")
+    if domain_list is not None and len(domain_list) != len(gt_list):
+        raise ValueError(f"got {len(domain_list)} domain masks for {len(gt_list)} samples")
+    parts_s, parts_n, parts_w = [], [], []
+    n_regions = 0
+    conn = -1
+    for i, (s, g) in enumerate(zip(score_list, gt_list)):
+        d = domain_list[i] if domain_list is not None else None
+        s_flat, nominal, weights, regions, conn = _sample_elements(s, g, d, connectivity, need_regions,
+                                                                   f"sample {i}")
+        parts_s.append(s_flat)
+        parts_n.append(nominal)
+        parts_w.append(weights)
+        n_regions += regions
+    nominal = np.concatenate(parts_n)
+    n_ok = int(nominal.sum())
+    return _Pooled(np.concatenate(parts_s), nominal, np.concatenate(parts_w), n_ok, n_regions,
+                   int(nominal.size - n_ok), conn)
+
+
+def _sorted_curves(pooled: _Pooled) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative nominal count, anomalous count and PRO mass at the last index of every distinct
+    score, scores descending.
+
+    Instead of one ``argsort`` of all scores (slow for tens of millions of voxels), the nominal scores
+    are sorted with the (much faster) value sort and the few anomalous ones with a small argsort; a
+    stable argsort of the two concatenated sorted runs is then a linear-time timsort merge.
+    """
+    scores = pooled.scores
+    nominal_sorted = np.sort(scores[pooled.nominal])  # ascending
+    anom_idx = np.flatnonzero(~pooled.nominal)
+    anom_scores = scores[anom_idx]
+    anom_order = np.argsort(anom_scores, kind="stable")
+    anom_sorted = anom_scores[anom_order]
+    anom_weight = pooled.anom_weight[anom_order]
+    n_nom = nominal_sorted.size
+    merged = np.concatenate([nominal_sorted, anom_sorted])
+    del nominal_sorted
+    order = np.argsort(merged, kind="stable")[::-1]  # descending; ties are merged below anyway
+    s_sorted = merged[order]
+    del merged
+    is_anom = order >= n_nom
+    del order
+    tp = np.cumsum(is_anom, dtype=np.int64)
+    del is_anom
+    # Merge ties: the last index of each run of equal scores holds every change at that threshold.
+    keep = np.empty(s_sorted.size, dtype=bool)
+    if s_sorted.size:
+        np.not_equal(s_sorted[:-1], s_sorted[1:], out=keep[:-1])
+        keep[-1] = True
+    kept = np.flatnonzero(keep)
+    tp = tp[kept]
+    fp = kept + 1 - tp
+    # Anomalous elements appear in descending order of their sorted position, so the PRO mass after
+    # k anomalous elements is the sum of the k largest-score weights.
+    pro_mass = np.concatenate([[0.0], np.cumsum(anom_weight[::-1])])[tp]
+    return fp, tp, pro_mass
+
+
+# -- PRO / AUPRO -----------------------------------------------------------------------------------
+def pro_curve(scores: ArrayList, gts: ArrayList, domains: ArrayList | None = None,
+              connectivity: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact PRO curve ``(fpr, pro)`` (metrics.md §4), starting at (0, 0) and ending at (1, 1).
+
+    ``scores`` and ``gts`` are lists of equally shaped maps (2-D) or volumes (3-D) — shapes may differ
+    between samples — or stacked arrays (M, H, W) / (M, X, Y, Z). ``domains`` optionally restricts
+    every sample to a boolean mask (the evaluation domain). Returns NaN arrays (with a warning) when
+    the set has no GT region or no nominal element.
+    """
+    pooled = _pool(scores, gts, domains, connectivity)
+    return _pro_from_pooled(pooled)
+
+
+def _pro_from_pooled(pooled: _Pooled, sorted_curves=None, fpr_max: float | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """The closed PRO curve; with ``fpr_max`` only the points up to the first one beyond it are kept
+    (all an AUPRO up to ``fpr_max`` needs), which saves work on curves with millions of points."""
+    if pooled.n_regions == 0 or pooled.n_ok == 0:
+        warnings.warn("PRO undefined: " + ("no anomalous region" if pooled.n_regions == 0 else "no nominal element"),
+                      RuntimeWarning, stacklevel=3)
+        return np.array([np.nan]), np.array([np.nan])
+    fp, _, pro = sorted_curves if sorted_curves is not None else _sorted_curves(pooled)
+    if fpr_max is not None:
+        stop = int(np.searchsorted(fp, fpr_max * pooled.n_ok, side="right")) + 1
+        fp, pro = fp[:stop], pro[:stop]
+    fpr = np.minimum(fp / pooled.n_ok, 1.0)
+    pro = np.minimum(pro / pooled.n_regions, 1.0)
+    fpr = np.concatenate([[0.0], fpr, [1.0]])
+    pro = np.concatenate([[0.0], pro, [1.0]])
+    return fpr, pro
+
+
+def area_under_curve(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """(1/limit) · ∫₀^limit y dx by the trapezoid rule, linearly interpolating y at x = limit.
+
+    ``x`` must be non-decreasing (vertical segments allowed).
+    """
+    if not 0 < limit <= 1:
+        raise ValueError(f"integration limit must be in (0, 1], got {limit}")
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.size == 0 or np.isnan(x).any():
+        return float("nan")
+    n_in = int(np.searchsorted(x, limit, side="right"))  # points with x <= limit
+    xs, ys = x[:n_in], y[:n_in]
+    if n_in == 0:
+        return float("nan")
+    if xs[-1] < limit and n_in < x.size:
+        x0, y0, x1, y1 = x[n_in - 1], y[n_in - 1], x[n_in], y[n_in]
+        y_lim = y0 + (y1 - y0) * (limit - x0) / (x1 - x0) if x1 > x0 else y1
+        xs = np.append(xs, limit)
+        ys = np.append(ys, y_lim)
+    area = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) * 0.5))
+    return area / limit
+
+
+def aupro(score_maps: ArrayList, gt_masks: ArrayList, fpr_limit: float | Sequence[float] = 0.3,
+          domains: ArrayList | None = None,
+          *, limits: Iterable[float] | None = None, connectivity: int | None = None,
+          pro_variant: str = "exact", num_thresholds: int = 99) -> float | dict[float, float]:
+    """Normalised area under the exact PRO curve up to ``fpr_limit`` (metrics.md §5).
+
+    2-D maps (M, H, W) use 8-connectivity, 3-D volumes (M, X, Y, Z) 26-connectivity. V-AUPRO@1% is
+    ``aupro(volumes, gts, fpr_limit=0.01, domains=...)``. With several limits (``limits=(0.3, 0.1, ...)``,
+    or a sequence as ``fpr_limit``) the curve is computed once and a dict ``{limit: value}`` is returned.
+
+    ``pro_variant="sampled"`` reproduces the biased threshold-sampled PRO of 3D-ADS/M3DM/CFM code bases
+    (metrics.md §6) — only for comparisons with their numbers.
+    """
+    if limits is None and isinstance(fpr_limit, (list, tuple, np.ndarray)):
+        limits = fpr_limit  # aupro(scores, gts, (0.3, 0.1, ...)) as in metrics.md §9
+    lims = [float(a) for a in limits] if limits is not None else [float(fpr_limit)]
+    if pro_variant == "exact":
+        fpr, pro = _pro_from_pooled(_pool(score_maps, gt_masks, domains, connectivity), fpr_max=max(lims))
+    elif pro_variant == "sampled":
+        fpr, pro = sampled_pro_curve(score_maps, gt_masks, domains, connectivity, num_thresholds)
+    else:
+        raise ValueError(f"unknown pro_variant {pro_variant!r}; expected 'exact' or 'sampled'")
+    if limits is not None or isinstance(fpr_limit, (list, tuple, np.ndarray)):
+        return {float(a): area_under_curve(fpr, pro, float(a)) for a in lims}
+    return area_under_curve(fpr, pro, float(fpr_limit))
+
+
+def sampled_pro_curve(scores: ArrayList, gts: ArrayList, domains: ArrayList | None = None,
+                      connectivity: int | None = None, num_thresholds: int = 99) -> tuple[np.ndarray, np.ndarray]:
+    """The threshold-sampled PRO curve of 3D-ADS-derived code (metrics.md §6; biased at small α).
+
+    Thresholds are the sorted nominal scores at integer positions ``linspace(0, n_ok - 1, T)``;
+    FPR = 1 − (pos + 1)/n_ok, PRO = mean over regions of the fraction of the region with score **>**
+    the threshold. Sorted by FPR and closed with (0, 0) and (1, 1) like the exact curve.
+    """
+    pooled = _pool(scores, gts, domains, connectivity)
+    if pooled.n_regions == 0 or pooled.n_ok == 0:
+        warnings.warn("PRO undefined (no region or no nominal element)", RuntimeWarning, stacklevel=2)
+        return np.array([np.nan]), np.array([np.nan])
+    nominal_sorted = np.sort(pooled.scores[pooled.nominal])
+    pos = np.linspace(0, pooled.n_ok - 1, num_thresholds).astype(np.int64)
+    thresholds = nominal_sorted[pos]
+    fpr = 1.0 - (pos + 1) / pooled.n_ok
+    # PRO(>thr): weights of anomalous elements with score strictly above the threshold.
+    anom = ~pooled.nominal
+    a_scores = pooled.scores[anom]
+    a_order = np.argsort(a_scores, kind="stable")
+    a_sorted = a_scores[a_order]
+    w_cum = np.concatenate([[0.0], np.cumsum(pooled.anom_weight[a_order])])
+    total = w_cum[-1]
+    n_le = np.searchsorted(a_sorted, thresholds, side="right")
+    pro = (total - w_cum[n_le]) / pooled.n_regions
+    order = np.argsort(fpr, kind="stable")
+    fpr, pro = np.minimum(fpr[order], 1.0), np.minimum(pro[order], 1.0)
+    return np.concatenate([[0.0], fpr, [1.0]]), np.concatenate([[0.0], pro, [1.0]])
+
+
+# -- AUROC -----------------------------------------------------------------------------------------
+def instance_auroc(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
+    """I-AUROC: ``roc_auc_score(labels, scores)`` over instances; NaN + warning with one label only."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = (np.asarray(labels).reshape(-1) != 0).astype(np.int64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores but {labels.size} labels")
+    _check_finite(scores, "instance scores")
+    if labels.min(initial=1) == labels.max(initial=0):
+        warnings.warn("I-AUROC undefined: only one label present", RuntimeWarning, stacklevel=2)
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def _roc_auc_from_counts(fp: np.ndarray, tp: np.ndarray, n_neg: int, n_pos: int) -> float:
+    """Exact AUROC (ties count ½) from cumulative counts at distinct thresholds."""
+    fpr = np.concatenate([[0.0], fp / n_neg])
+    tpr = np.concatenate([[0.0], tp / n_pos])
+    return float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1]) * 0.5))
+
+
+def _element_auroc(scores: ArrayList, gts: ArrayList, domains: ArrayList | None, what: str) -> float:
+    pooled = _pool(scores, gts, domains, None, need_regions=False)
+    if pooled.n_ok == 0 or pooled.n_anomalous == 0:
+        warnings.warn(f"{what} undefined: only one class of elements", RuntimeWarning, stacklevel=3)
+        return float("nan")
+    fp, tp, _ = _sorted_curves(pooled)
+    return _roc_auc_from_counts(fp, tp, pooled.n_ok, pooled.n_anomalous)
+
+
+def pixel_auroc(score_maps: ArrayList, gt_masks: ArrayList, domains: ArrayList | None = None) -> float:
+    """P-AUROC over all pixels (or the ``domains`` pixels) of all maps; equals sklearn's value."""
+    return _element_auroc(score_maps, gt_masks, domains, "pixel AUROC")
+
+
+def voxel_auroc(volumes: ArrayList, gt_volumes: ArrayList, domains: ArrayList | None = None) -> float:
+    """V-AUROC over the voxels of the evaluation domain (metrics.md §3, §7)."""
+    return _element_auroc(volumes, gt_volumes, domains, "voxel AUROC")
+
+
+def segmentation_metrics(scores: ArrayList, gts: ArrayList, domains: ArrayList | None = None,
+                         limits: Iterable[float] = DEFAULT_PRO_LIMITS, connectivity: int | None = None,
+                         prefix: str = "voxel") -> dict:
+    """AUROC and exact AUPRO at several limits from a single sort of the pooled scores.
+
+    Returns ``{f"{prefix}_auroc": .., f"{prefix}_aupro": {limit: ..}, "connectivity": ..,
+    "pro_variant": "exact", "n_elements": .., "n_regions": ..}``.
+    """
+    return _segmentation_from_pooled(_pool(scores, gts, domains, connectivity), limits, prefix)
+
+
+def _segmentation_from_pooled(pooled: _Pooled, limits: Iterable[float], prefix: str) -> dict:
+    limits = tuple(float(a) for a in limits)
+    out: dict = {"pro_variant": "exact", "connectivity": pooled.connectivity,
+                 "n_elements": int(pooled.scores.size), "n_regions": pooled.n_regions}
+    if pooled.scores.size == 0:
+        out[f"{prefix}_auroc"] = float("nan")
+        out[f"{prefix}_aupro"] = {a: float("nan") for a in limits}
+        return out
+    curves = _sorted_curves(pooled)
+    if pooled.n_ok and pooled.n_anomalous:
+        out[f"{prefix}_auroc"] = _roc_auc_from_counts(curves[0], curves[1], pooled.n_ok, pooled.n_anomalous)
+    else:
+        warnings.warn(f"{prefix} AUROC undefined: only one class of elements", RuntimeWarning, stacklevel=3)
+        out[f"{prefix}_auroc"] = float("nan")
+    fpr, pro = _pro_from_pooled(pooled, curves, fpr_max=max(limits, default=1.0))
+    out[f"{prefix}_aupro"] = {a: area_under_curve(fpr, pro, a) for a in limits}
+    return out

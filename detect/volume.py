@@ -1,0 +1,294 @@
+"""3D anomaly volumes: back-project per-view anomaly maps and max-aggregate them on a voxel grid
+(``../shared/spec/modmap.md`` §12, ``metrics.md`` §7).
+
+:class:`VolumeAccumulator` is fed one view at a time (streaming, memory = one dense float32 grid plus
+two boolean grids, independent of the number of views). For each view it
+
+1. computes voxel indices of every valid depth pixel in one fused affine step
+   (``index = ⌊depth · (A·[u+c, v+c, 1]) + b⌋`` with ``A = R·K⁻¹ / voxel`` and
+   ``b = (t − origin) / voxel``; range depth is first divided by the ray length), without building
+   camera or world point arrays;
+2. marks those voxels as occupied (the evaluation domain; independent of scores);
+3. max-scatters the scores of the foreground pixels. Pixels come in row-major order and neighbouring
+   pixels mostly fall in the same voxel, so runs of equal voxel index are first reduced with
+   ``np.maximum.reduceat`` (one linear pass) and only the run maxima are scattered.
+
+Points outside the grid are dropped and counted. Conventions (camera-to-world poses, OpenCV axes,
+``pixel_center``, voxel index = ⌊(X − origin)/voxel⌋) are those of :mod:`shared.geometry`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shared.geometry import VoxelGrid
+
+
+@dataclass
+class ViewCalibration:
+    """Intrinsics and camera-to-world pose of one view plus how to read its depth values.
+
+    Any object with these attributes works where a calibration is expected (e.g. the SiM3D reader's
+    :class:`detect.data.sim3d.ViewCalib`)."""
+
+    K: np.ndarray
+    T_c2w: np.ndarray
+    depth_scale: float = 1.0  # metres per stored depth unit
+    depth_type: str = "z"  # 'z' (along the optical axis) or 'range' (along the ray)
+    pixel_center: float = 0.0  # 0.0 = OpenCV integer pixel centres
+
+    def __post_init__(self) -> None:
+        self.K = np.asarray(self.K, dtype=np.float64).reshape(3, 3)
+        self.T_c2w = np.asarray(self.T_c2w, dtype=np.float64).reshape(4, 4)
+        if self.depth_type not in ("z", "range"):
+            raise ValueError(f"depth_type must be 'z' or 'range', got {self.depth_type!r}")
+        if not np.isfinite(self.K).all() or not np.isfinite(self.T_c2w).all():
+            raise ValueError("calibration contains non-finite values")
+
+
+def _pixel_affine(calib: ViewCalibration, origin: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """(A, b) with voxel coordinate = depth_z · (A @ [u + c, v + c, 1]) + b."""
+    K_inv = np.linalg.inv(calib.K)
+    R, t = calib.T_c2w[:3, :3], calib.T_c2w[:3, 3]
+    A = (R @ K_inv) * (calib.depth_scale / voxel_size)
+    b = (t - np.asarray(origin, dtype=np.float64)) / voxel_size
+    return A, b
+
+
+def _valid_pixels(depth: np.ndarray, calib: ViewCalibration, mask: np.ndarray | None, stride: int):
+    """Row-major valid pixels and the factor f with X_cam = f · K⁻¹[u + c, v + c, 1] for each."""
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be (H, W), got {depth.shape}")
+    H, W = depth.shape
+    with np.errstate(invalid="ignore"):
+        valid = np.isfinite(depth) & (depth > 0)
+    if mask is not None:
+        if mask.shape != depth.shape:
+            raise ValueError(f"mask shape {mask.shape} != depth shape {depth.shape}")
+        valid &= mask
+    if stride > 1:
+        sub = np.zeros_like(valid)
+        sub[::stride, ::stride] = valid[::stride, ::stride]
+        valid = sub
+    flat_pix = np.flatnonzero(valid)
+    v = flat_pix // W
+    u = flat_pix - v * W
+    factor = depth.reshape(-1)[flat_pix].astype(np.float64)
+    uc = np.arange(W, dtype=np.float64) + calib.pixel_center
+    vc = np.arange(H, dtype=np.float64) + calib.pixel_center
+    K_inv = np.linalg.inv(calib.K)
+    if calib.depth_type == "range" or not np.array_equal(K_inv[2], [0.0, 0.0, 1.0]):
+        # z-depth: X_cam = z·r/r_z; range: X_cam = range·r/‖r‖, with r = K⁻¹[u + c, v + c, 1].
+        ray = [K_inv[k, 0] * uc[u] + K_inv[k, 1] * vc[v] + K_inv[k, 2] for k in range(3)]
+        if calib.depth_type == "range":
+            factor /= np.sqrt(ray[0] * ray[0] + ray[1] * ray[1] + ray[2] * ray[2])
+        else:
+            factor /= ray[2]
+    return flat_pix, u, v, factor, uc, vc
+
+
+def voxel_coordinates(depth: np.ndarray, calib: ViewCalibration, origin: np.ndarray, voxel_size: float,
+                      mask: np.ndarray | None = None, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous voxel coordinates (M, 3) float64 of the valid (and masked) pixels of ``depth``.
+
+    Returns ``(coords, flat_pixel_index)`` with pixels in row-major order; ``⌊coords⌋`` is the voxel
+    index. Valid = finite and > 0. ``stride`` keeps every ``stride``-th row and column.
+    """
+    flat_pix, u, v, factor, uc, vc = _valid_pixels(depth, calib, mask, stride)
+    A, b = _pixel_affine(calib, origin, voxel_size)
+    coords = np.empty((flat_pix.size, 3), dtype=np.float64)
+    # Per-row and per-column terms are tiny tables; gathering them avoids (M, 3) matmuls.
+    for k in range(3):
+        coords[:, k] = factor * ((A[k, 0] * uc)[u] + (A[k, 1] * vc + A[k, 2])[v]) + b[k]
+    return coords, flat_pix
+
+
+def voxel_indices(depth: np.ndarray, calib: ViewCalibration, grid: VoxelGrid, mask: np.ndarray | None = None,
+                  stride: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flat voxel index of every valid (and masked) pixel, the mask of those inside ``grid``, and the
+    flat pixel index, pixels in row-major order. Computed axis by axis (no (M, 3) temporaries)."""
+    shape = grid.shape
+    flat_pix, u, v, factor, uc, vc = _valid_pixels(depth, calib, mask, stride)
+    A, b = _pixel_affine(calib, grid.origin, grid.voxel_size)
+    flat_vox = np.zeros(flat_pix.size, dtype=np.int64)
+    inside = np.ones(flat_pix.size, dtype=bool)
+    for k in range(3):
+        c = (A[k, 0] * uc)[u]
+        c += (A[k, 1] * vc + A[k, 2])[v]
+        c *= factor
+        # Shift by one voxel so that truncation equals floor for every coordinate > -1; anything at or
+        # below -1 (and every negative index) fails the single unsigned range check below.
+        c += b[k] + 1.0
+        idx = c.astype(np.int64)
+        idx -= 1
+        inside &= idx.view(np.uint64) < np.uint64(shape[k])
+        flat_vox *= shape[k]
+        flat_vox += idx
+    return flat_vox, inside, flat_pix
+
+
+def scatter_max_runs(target: np.ndarray, flat_index: np.ndarray, values: np.ndarray) -> None:
+    """``target[i] = max(target[i], values)`` for repeated indices, vectorised.
+
+    Runs of equal consecutive indices (pixel order keeps neighbours together) are reduced first with
+    ``np.maximum.reduceat``, then the run maxima are scattered with ``np.maximum.at``.
+    """
+    if flat_index.size == 0:
+        return
+    starts = np.flatnonzero(np.concatenate([[True], flat_index[1:] != flat_index[:-1]]))
+    run_max = np.maximum.reduceat(values.astype(target.dtype, copy=False), starts)
+    np.maximum.at(target, flat_index[starts], run_max)
+
+
+@dataclass
+class VolumeAccumulator:
+    """Streaming voxel max-aggregation of per-view score maps for one instance."""
+
+    grid: VoxelGrid
+    scores: np.ndarray = field(init=False)
+    hit: np.ndarray = field(init=False)
+    occupied: np.ndarray = field(init=False)
+    dropped: int = field(default=0, init=False)
+    n_points: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        n = int(np.prod(self.grid.shape))
+        self.scores = np.zeros(n, dtype=np.float32)
+        self.hit = np.zeros(n, dtype=bool)
+        self.occupied = np.zeros(n, dtype=bool)
+
+    def add_view(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray | None,
+                 foreground: np.ndarray | None, stride: int = 1) -> None:
+        """Mark occupancy with every valid pixel; max-scatter ``score_map`` over foreground pixels."""
+        vox, inside, flat_pix = voxel_indices(depth, calib, self.grid, None, stride)
+        self.occupied[vox[inside]] = True
+        if score_map is None:
+            return
+        score_map = np.asarray(score_map)
+        if score_map.shape != depth.shape:
+            raise ValueError(f"score map {score_map.shape} and depth {depth.shape} differ in shape")
+        sel = inside
+        if foreground is not None:
+            if foreground.shape != depth.shape:
+                raise ValueError(f"foreground mask {foreground.shape} and depth {depth.shape} differ in shape")
+            fg = foreground.reshape(-1)[flat_pix]
+            self.dropped += int(np.count_nonzero(fg & ~inside))
+            self.n_points += int(np.count_nonzero(fg))
+            sel = inside & fg
+        else:
+            self.dropped += int(np.count_nonzero(~inside))
+            self.n_points += int(inside.size)
+        vox = vox[sel]
+        vals = score_map.reshape(-1)[flat_pix[sel]].astype(np.float32)
+        if not np.all(np.isfinite(vals)):
+            raise ValueError("anomaly scores contain non-finite values")
+        scatter_max_runs(self.scores, vox, vals)
+        self.hit[vox] = True
+
+    # -- results ----------------------------------------------------------------------------------
+    def volume(self) -> np.ndarray:
+        return self.scores.reshape(self.grid.shape)
+
+    def occupancy(self) -> np.ndarray:
+        return self.occupied.reshape(self.grid.shape)
+
+    def instance_score(self) -> float:
+        return float(self.scores.max()) if self.scores.size else 0.0
+
+    def save_npz(self, path: str | os.PathLike, **extra) -> Path:
+        """Sparse storage (modmap §18): hit voxel indices + scores, occupancy indices, grid."""
+        from shared.io import atomic_open
+
+        hit_flat = np.flatnonzero(self.hit)
+        occ_flat = np.flatnonzero(self.occupied)
+        payload = {
+            "indices": np.stack(np.unravel_index(hit_flat, self.grid.shape), axis=1).astype(np.int32),
+            "scores": self.scores[hit_flat].astype(np.float32),
+            "occupancy": np.stack(np.unravel_index(occ_flat, self.grid.shape), axis=1).astype(np.int32),
+            "origin": np.asarray(self.grid.origin, dtype=np.float64),
+            "voxel_size": np.float64(self.grid.voxel_size),
+            "shape": np.asarray(self.grid.shape, dtype=np.int64),
+            "instance_score": np.float32(self.instance_score()),
+            "dropped_points": np.int64(self.dropped),
+        }
+        payload.update({k: np.asarray(v) for k, v in extra.items()})
+        path = Path(path)
+        with atomic_open(path, "wb") as handle:
+            np.savez_compressed(handle, **payload)
+        return path
+
+
+@dataclass
+class SparseVolume:
+    """A saved anomaly volume (see :meth:`VolumeAccumulator.save_npz`)."""
+
+    grid: VoxelGrid
+    indices: np.ndarray
+    scores: np.ndarray
+    occupancy_indices: np.ndarray
+    meta: dict
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SparseVolume:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"anomaly volume {path} does not exist")
+        with np.load(path, allow_pickle=False) as data:
+            required = ("indices", "scores", "occupancy", "origin", "voxel_size", "shape")
+            missing = [k for k in required if k not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not an anomaly volume file (missing {missing})")
+            grid = VoxelGrid(origin=data["origin"], voxel_size=float(data["voxel_size"]),
+                             shape=tuple(int(s) for s in data["shape"]))
+            meta = {k: data[k] for k in data.files if k not in required}
+            return cls(grid, data["indices"], data["scores"], data["occupancy"], meta)
+
+    def dense(self) -> np.ndarray:
+        vol = np.zeros(self.grid.shape, dtype=np.float32)
+        if self.indices.size:
+            vol[tuple(self.indices.T)] = self.scores
+        return vol
+
+    def occupancy(self) -> np.ndarray:
+        occ = np.zeros(self.grid.shape, dtype=bool)
+        if self.occupancy_indices.size:
+            occ[tuple(self.occupancy_indices.T)] = True
+        return occ
+
+
+def bounding_grid(views: list[tuple[np.ndarray, ViewCalibration]], voxel_size: float,
+                  stride: int = 1) -> VoxelGrid:
+    """Grid without GT: origin = ⌊min/vs⌋·vs over every valid back-projected point, shape from the max."""
+    lo = np.full(3, np.inf)
+    hi = np.full(3, -np.inf)
+    for depth, calib in views:
+        coords, _ = voxel_coordinates(depth, calib, np.zeros(3), voxel_size, None, stride)
+        if coords.size:
+            lo = np.minimum(lo, coords.min(axis=0))
+            hi = np.maximum(hi, coords.max(axis=0))
+    if not np.all(np.isfinite(lo)):
+        raise ValueError("no valid depth pixel in any view: cannot build a voxel grid")
+    lo_i, hi_i = np.floor(lo), np.floor(hi)
+    return VoxelGrid(origin=lo_i * voxel_size, voxel_size=float(voxel_size),
+                     shape=tuple(int(s) for s in (hi_i - lo_i + 1)))
+
+
+def resample_to_grid(volume: np.ndarray, grid: VoxelGrid, target: VoxelGrid) -> np.ndarray:
+    """Resample a predicted volume onto another grid by voxel centre (maximum per target voxel)."""
+    if grid.shape == target.shape and np.allclose(grid.origin, target.origin) and grid.voxel_size == target.voxel_size:
+        return volume.astype(np.float32, copy=False)
+    src = np.flatnonzero(volume.reshape(-1) > 0)
+    out = np.zeros(target.shape, dtype=np.float32)
+    if src.size == 0:
+        return out
+    idx = np.stack(np.unravel_index(src, grid.shape), axis=1)
+    centres = grid.centers(idx)
+    t_idx, inside = target.index(centres)
+    flat = np.ravel_multi_index(t_idx[inside].T, target.shape)
+    np.maximum.at(out.reshape(-1), flat, volume.reshape(-1)[src[inside]].astype(np.float32))
+    return out
