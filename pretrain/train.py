@@ -1,0 +1,932 @@
+"""DINO-Depth self-supervised pretraining: the DINOv2 recipe on depth maps, one process to many nodes.
+
+``python pretrain/train.py --config configs/pretrain/tiny_cpu.yaml train.output_dir=runs/tiny key=value …``
+(or ``python -m pretrain.train …``). Spec: ``../shared/spec/dino_depth.md``. The same entry point runs
+under ``torchrun --nproc_per_node=K -m pretrain.train …``, ``srun`` (``slurm/pretrain_dinodepth.sh``)
+and submitit (``pretrain/launch.py``); see ``docs/pretraining.md`` "Pretraining at scale".
+
+One iteration (§3–§7):
+
+1. teacher (EMA of the student, eval mode, no grad) on the two unmasked global crops → cls logits
+   and patch logits at the masked positions → targets by softmax-centering or Sinkhorn-Knopp;
+2. student on the masked global crops, then on the local crops (two backbone passes), one head pass
+   over [cls tokens; masked patch tokens];
+3. L = w_dino·L_DINO + w_ibot·L_iBOT + w_koleo·(KoLeo(g₁) + KoLeo(g₂)); non-finite → stop (or skip);
+4. backward, per-submodule gradient clipping, AdamW with the §6 schedules, EMA update of the
+   teacher, center updates (effective from the next iteration).
+
+Run directory (``train.output_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl``,
+``checkpoints/checkpoint_<it>.pth`` + ``checkpoints/latest`` (atomic; last ``train.keep`` kept),
+``dinodepth.pth`` (+ ``.safetensors``, ``.sha256``) at the end, ``exports/`` (periodic),
+``eval/pca_<it>.png`` (PCA of teacher patch features of fixed samples).
+
+Resume is automatic when the run directory has a checkpoint (``--no-resume`` to start over) and
+bit-exact on CPU.
+
+Distributed (§10): the process group comes from SLURM / torchrun / submitit variables
+(:func:`shared.distributed.init`, with a collective timeout ``dist.timeout_s``); the student is
+wrapped in DDP or sharded with FSDP2 (:mod:`pretrain.parallel`); rank r reads the stream positions
+i·G + r + k·W of iteration i; G = B·W and the lr scaling rule uses G. Every reduction goes through
+:func:`shared.distributed.all_reduce`. Rank 0 alone logs and writes checkpoints and exports
+(full, world-size agnostic tensors). Each iteration all-reduces the loss components together with
+a stop flag, so all ranks take the same decisions (non-finite loss, preemption signal).
+
+Exit status of ``main`` (also the launchers' contract):
+
+* ``0`` finished, or stopped at ``train.stop_at_iteration``;
+* ``1`` configuration or checkpoint error; ``2`` non-finite loss (``train.on_nonfinite: error``);
+* ``3`` distributed failure: another rank died, or a collective / the rendezvous timed out;
+* ``75`` (EX_TEMPFAIL) preempted: SIGTERM, SIGUSR1 or SIGUSR2 arrived, the checkpoint of the current
+  iteration was written; rerun the same command (or requeue the job) to resume.
+"""
+
+from __future__ import annotations
+
+if __package__ in (None, ""):  # run as a script: put the repo root on sys.path instead of the script dir
+    import pathlib
+    import sys
+
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pretrain import export as export_lib
+from pretrain import parallel
+from pretrain.augment import CropParams, warp_crop
+from pretrain.config import PretrainConfig, validate
+from pretrain.heads import DINOHead
+from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table, prepare_sample
+from pretrain.losses import TeacherTargets, dino_loss_terms, ibot_loss, koleo_loss
+from pretrain.optim import (
+    apply_schedules,
+    build_optimizer,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+)
+from pretrain.schedules import Schedules, build_schedules
+from shared import distributed as dist_utils
+from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.config import ConfigError, from_dict, load_config, save_config, to_dict
+from shared.depth import DepthNormConfig
+from shared.io import atomic_write_text
+from shared.vit import ViTConfig, vit_from_config
+
+log = logging.getLogger("pretrain")
+
+CHECKPOINT_FORMAT_VERSION = 1
+_CKPT_RE = re.compile(r"^checkpoint_(\d{8})\.pth$")
+# Keys that may change between a run and its resumption without affecting the result.
+_RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress", "train.log_period",
+                 "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
+                 "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images"}
+# How the run is executed (world size, strategy, cluster) never changes its result beyond round-off.
+_RUNTIME_PREFIXES = ("dist.", "slurm.")
+
+
+# Exit status of `main` (module docstring); the SLURM script requeues on EXIT_REQUEUE.
+EXIT_OK, EXIT_ERROR, EXIT_NONFINITE, EXIT_DIST_FAILURE, EXIT_REQUEUE = 0, 1, 2, 3, 75
+# Signals that mean "checkpoint at the end of this iteration, then exit": SIGTERM (scancel, preemption),
+# SIGUSR1 (`#SBATCH --signal=USR1@120` of slurm/pretrain_dinodepth.sh), SIGUSR2 (submitit's default).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss component or gradient norm became NaN or inf (``train.on_nonfinite: error``)."""
+
+
+# -- model ----------------------------------------------------------------------------------------------
+class SSLModel(nn.Module):
+    """Backbone + DINO head (+ separate iBOT head): the student, and (a copy of it) the teacher.
+
+    ``forward`` is the student path (the module DDP will wrap); :meth:`teacher_logits` the teacher's.
+    """
+
+    def __init__(self, vit_cfg: ViTConfig, cfg: PretrainConfig) -> None:
+        super().__init__()
+        self.backbone = vit_from_config(vit_cfg)
+        d = cfg.dino
+        dim = vit_cfg.embed_dim
+        self.dino_head = DINOHead(dim, d.head_n_prototypes, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)
+        self.ibot_head: DINOHead | None = None
+        if cfg.ibot.separate_head:
+            k = cfg.ibot.head_n_prototypes or d.head_n_prototypes
+            self.ibot_head = DINOHead(dim, k, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)
+
+    def _heads(self, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        if self.ibot_head is None:  # shared head: one pass over [cls; masked patches]
+            logits = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
+            return logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0]:]
+        return self.dino_head(cls_tokens), self.ibot_head(patch_tokens)
+
+    def forward(self, global_crops: Tensor, local_crops: Tensor, masks: Tensor, mask_indices: Tensor) -> dict:
+        """Student: masked globals, then locals → cls logits (globals first, crop-major), masked-patch
+        logits (rows in ``mask_indices`` order) and the global cls tokens (for KoLeo)."""
+        g = self.backbone(global_crops, masks=masks)
+        cls_global = g["x_norm_clstoken"]
+        patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        cls = cls_global
+        if local_crops.shape[0]:
+            cls = torch.cat([cls_global, self.backbone(local_crops)["x_norm_clstoken"]])
+        cls_logits, patch_logits = self._heads(cls, patches)
+        return {"cls_logits": cls_logits, "patch_logits": patch_logits, "cls_global": cls_global}
+
+    @torch.no_grad()
+    def teacher_logits(self, global_crops: Tensor, mask_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher: unmasked globals → (cls logits (2B, K), patch logits at the masked positions (M, K))."""
+        g = self.backbone(global_crops)
+        patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
+        return self._heads(g["x_norm_clstoken"], patches)
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (fp32); buffers are not averaged."""
+    t_params = [p for p in teacher.parameters()]
+    s_params = [p.detach() for p in student.parameters()]
+    torch._foreach_mul_(t_params, momentum)
+    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def _mean_entropy(probs: Tensor) -> float:
+    return float(-(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1).mean()) if probs.numel() else float("nan")
+
+
+# -- RNG state (weights_only-safe: lists and tensors, no numpy arrays) ------------------------------------
+def get_rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_s = state["numpy"]
+    np.random.set_state(("MT19937", np_s["key"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"],
+                         np_s["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- trainer ------------------------------------------------------------------------------------------------
+class Trainer:
+    """DINO-Depth trainer: one process (CPU or one GPU) or one rank of a data-parallel job.
+
+    A multi-rank job needs the process group first (:func:`shared.distributed.init`; :func:`run_job`
+    does it). ``student`` is always the plain :class:`SSLModel` (state dicts, EMA, clipping);
+    ``student_forward`` is what the training step calls (the DDP wrapper, or ``student`` itself).
+    """
+
+    def __init__(self, cfg: PretrainConfig, table: SampleSource | None = None, resume: bool | str = True,
+                 allow_data_change: bool = False,
+                 on_iteration_end: Callable[[Trainer, dict], None] | None = None) -> None:
+        validate(cfg, require_data=table is None)
+        if not cfg.train.output_dir:
+            raise ConfigError("train.output_dir is required (the run directory)")
+        self.cfg = cfg
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.on_iteration_end = on_iteration_end
+        self.rank = dist_utils.get_rank()
+        self.world_size = dist_utils.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = self._pick_device(cfg.train.device)
+        self.precision = cfg.train.precision if self.device.type == "cuda" else "fp32"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
+        # Global batch G = B·W; the lr scaling rule (schedules) and the data positions use G.
+        self.global_batch_size = cfg.train.batch_size_per_gpu * self.world_size
+
+        self.table = table if table is not None else open_sample_table(cfg)
+        self.fingerprint = self.table.fingerprint
+
+        torch.manual_seed(cfg.train.seed)
+        self.vit_cfg = cfg.vit_config()
+        self.teacher_vit_cfg = cfg.vit_config(teacher=True)
+        self.student = SSLModel(self.vit_cfg, cfg).to(self.device)
+        self.teacher = SSLModel(self.teacher_vit_cfg, cfg).to(self.device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.eval().requires_grad_(False)
+        # Start-up synchronisation: every rank starts from rank 0's weights (same seed, but a rank
+        # must never depend on identical RNG streams for correctness).
+        dist_utils.broadcast_module(self.student)
+        dist_utils.broadcast_module(self.teacher)
+
+        k_dino = cfg.dino.head_n_prototypes
+        k_ibot = (cfg.ibot.head_n_prototypes or k_dino) if cfg.ibot.separate_head else k_dino
+        self.dino_targets = TeacherTargets(k_dino, cfg.train.centering, cfg.train.center_momentum).to(self.device)
+        self.ibot_targets = TeacherTargets(k_ibot, cfg.train.centering, cfg.train.center_momentum).to(self.device)
+
+        if cfg.train.compile:
+            self.student.backbone.compile()
+            self.teacher.backbone.compile()
+        self.strategy = cfg.dist.strategy if self.world_size > 1 else "single"
+        self.student_forward: nn.Module = self.student
+        if self.world_size > 1:
+            self.student_forward = parallel.wrap_models(self.student, self.teacher, cfg.dist.strategy, self.device,
+                                                        cfg.dist.fsdp_reshard_after_forward)
+        self.sharded = parallel.is_sharded(self.student)
+
+        # After wrapping: FSDP replaces the parameters by DTensor shards.
+        self.optimizer = build_optimizer(self.student.named_parameters(), self.vit_cfg.depth, cfg.optim.layerwise_decay,
+                                         cfg.optim.patch_embed_lr_mult, (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2),
+                                         self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.schedule_batch_size = self.global_batch_size
+        self.schedules: Schedules = build_schedules(cfg, self.global_batch_size)
+
+        self.iteration = 0
+        self.position_offset = 0  # stream position of iteration i is offset + i·G (non-zero only after a G change)
+        self.skipped_total = 0
+        self.nonfinite_skipped = 0
+        self.metrics_tail: dict = {}
+        self._stop_signal: int | None = None  # set by the signal handler of this rank
+        self._stop_agreed = False  # some rank got a stop signal (all-reduced each iteration)
+        self._last_ckpt_iteration: int | None = None
+        self._tb = None
+
+        resume_path = self._find_resume(resume)
+        if resume_path is not None:
+            self.load_checkpoint(resume_path, allow_data_change=allow_data_change)
+        self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size)
+        self.dataset.position_offset = self.position_offset
+
+    # -- set-up helpers ---------------------------------------------------------------------------------
+    @staticmethod
+    def _pick_device(name: str) -> torch.device:
+        if name == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"train.device={name} but CUDA is not available")
+        return device
+
+    def _find_resume(self, resume: bool | str) -> Path | None:
+        if isinstance(resume, (str, Path)) and str(resume) not in ("", "auto"):
+            return export_lib.resolve_checkpoint_path(resume)
+        if resume is False:
+            return None
+        pointer = self.ckpt_dir / "latest"
+        if pointer.is_file():
+            return export_lib.resolve_checkpoint_path(self.out_dir)
+        return None
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    # -- export metadata ----------------------------------------------------------------------------------
+    def input_norm(self) -> dict:
+        cfg = self.cfg
+        if cfg.data.modality == "image":
+            ia = cfg.image_aug
+            c = cfg.student.in_chans
+            mean = list(ia.mean) * (c if len(ia.mean) == 1 else 1)
+            std = list(ia.std) * (c if len(ia.std) == 1 else 1)
+            return {"modality": "image", "in_chans": c, "scale": 255.0, "max_normalize": ia.max_normalize,
+                    "mean": mean, "std": std}
+        n = cfg.data.depth_norm
+        return {"modality": "depth", **DepthNormConfig(n.mode, n.eps, tuple(n.pct)).to_dict(), "invalid_value": 0.0}
+
+    def train_meta(self) -> dict:
+        cfg = self.cfg
+        selection = self.table.selection() if hasattr(self.table, "selection") else None
+        return {
+            "iteration": self.iteration,
+            "modality": cfg.data.modality,
+            "data": {"preset": cfg.data.preset, "sources": cfg.data.sources, "splits": list(cfg.data.splits),
+                     "shards": list(cfg.data.shards), "glob": cfg.data.glob, "list_file": cfg.data.list_file,
+                     "selection": selection},
+            "fingerprint": self.fingerprint,
+            "table_size": len(self.table),
+            "global_batch_size": self.global_batch_size,
+            "world_size": self.world_size,
+            "seed": cfg.train.seed,
+            "code_version": export_lib.code_version(),
+            "config": to_dict(cfg),
+        }
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """The full training state; under FSDP a collective (gathers shards): call it on every rank."""
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "iteration": self.iteration,
+            "config": {**to_dict(self.cfg), "runtime": {"global_batch_size": self.global_batch_size,
+                                                        "world_size": self.world_size}},
+            "arch": self.teacher_vit_cfg.to_dict(),
+            "input_norm": self.input_norm(),
+            "train_meta": self.train_meta(),
+            "student": parallel.full_state_dict(self.student),
+            "teacher": parallel.full_state_dict(self.teacher),
+            "centers": {"dino": self.dino_targets.center.clone(), "ibot": self.ibot_targets.center.clone()},
+            "optimizer": parallel.full_optimizer_state(optimizer_state_by_name(self.optimizer)),
+            "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "schedule": {"global_batch_size": self.schedule_batch_size},
+            "rng": get_rng_state(),
+            "data_state": {"seed": self.cfg.train.seed, "position": self.position_offset
+                           + self.iteration * self.global_batch_size, "fingerprint": self.fingerprint,
+                           "table_size": len(self.table), "skipped_total": self.skipped_total},
+            "counters": {"nonfinite_skipped": self.nonfinite_skipped},
+            "metrics_tail": self.metrics_tail,
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Atomically write ``checkpoint_<it>.pth``, move ``latest``, prune to the last ``keep`` (rank 0).
+
+        Call on every rank: under FSDP the full tensors are gathered first (a collective)."""
+        state = self.checkpoint_state() if self.is_main or self.sharded else None
+        self._last_ckpt_iteration = self.iteration
+        if not self.is_main:
+            return None
+        name = f"checkpoint_{self.iteration:08d}.pth"
+        path = save_checkpoint(state, self.ckpt_dir / name)
+        atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+        self._last_ckpt_iteration = self.iteration
+        existing = sorted(p for p in self.ckpt_dir.iterdir() if _CKPT_RE.match(p.name))
+        for old in existing[: max(0, len(existing) - max(1, self.cfg.train.keep))]:
+            old.unlink(missing_ok=True)
+        log.info("checkpoint %s", path)
+        return path
+
+    def load_checkpoint(self, path: Path, allow_data_change: bool = False) -> None:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION or "student" not in ckpt:
+            raise CheckpointError(f"{path} is not a DINO-Depth training checkpoint")
+        saved_cfg = dict(ckpt["config"])
+        runtime = saved_cfg.pop("runtime", {})
+        self._compare_configs(saved_cfg, same_global_batch=runtime.get("global_batch_size") == self.global_batch_size)
+        data_state = ckpt["data_state"]
+        if data_state["fingerprint"] != self.fingerprint and not allow_data_change:
+            raise CheckpointError(f"the sample table changed since {path} was written (fingerprint "
+                                  f"{data_state['fingerprint'][:12]}… → {self.fingerprint[:12]}…); "
+                                  "pass --allow-data-change to continue on the new data")
+        # Full tensors, whatever the world size at save time; each rank loads the same file and, under
+        # FSDP, cuts its own shards.
+        parallel.load_full_state_dict(self.student, ckpt["student"])
+        parallel.load_full_state_dict(self.teacher, ckpt["teacher"])
+        self.dino_targets.center.copy_(ckpt["centers"]["dino"])
+        self.ibot_targets.center.copy_(ckpt["centers"]["ibot"])
+        optimizer_state = ckpt["optimizer"]
+        if self.sharded:
+            optimizer_state = parallel.shard_optimizer_state(self.optimizer, optimizer_state)
+        load_optimizer_state_by_name(self.optimizer, optimizer_state)
+        if self.scaler is not None and ckpt.get("grad_scaler"):
+            self.scaler.load_state_dict(ckpt["grad_scaler"])
+        self.iteration = int(ckpt["iteration"])
+        saved_g = int(runtime.get("global_batch_size", self.global_batch_size))
+        saved_w = int(runtime.get("world_size", self.world_size))
+        if saved_w != self.world_size:
+            log.info("checkpoint written by %d rank(s), resuming on %d", saved_w, self.world_size)
+        sched_g = int(ckpt.get("schedule", {}).get("global_batch_size", saved_g))
+        if saved_g != self.global_batch_size:
+            warnings.warn(f"global batch size changed {saved_g} → {self.global_batch_size}: the schedules keep the "
+                          f"values of G = {sched_g}; data continue at stream position {data_state['position']}",
+                          stacklevel=2)
+        if sched_g != self.global_batch_size:
+            self.schedule_batch_size = sched_g
+            self.schedules = build_schedules(self.cfg, sched_g)
+        self.position_offset = int(data_state["position"]) - self.iteration * self.global_batch_size
+        self.skipped_total = int(data_state.get("skipped_total", 0))
+        self.nonfinite_skipped = int(ckpt.get("counters", {}).get("nonfinite_skipped", 0))
+        self.metrics_tail = dict(ckpt.get("metrics_tail") or {})
+        set_rng_state(ckpt["rng"])
+        self._last_ckpt_iteration = self.iteration
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+
+    def _compare_configs(self, saved: dict, same_global_batch: bool = False) -> None:
+        current = to_dict(self.cfg)
+        # A different world size at the same G changes B = G / W: expected, not worth a warning.
+        ignored = {"train.batch_size_per_gpu"} if same_global_batch else set()
+        try:
+            from_dict(PretrainConfig, saved)
+        except ConfigError as exc:
+            warnings.warn(f"checkpoint config does not parse with this code version: {exc}", stacklevel=3)
+        diffs = [k for k in _flatten_keys(current) | _flatten_keys(saved)
+                 if k not in _RUNTIME_KEYS and k not in ignored and not k.startswith(_RUNTIME_PREFIXES)
+                 and _lookup(current, k) != _lookup(saved, k)]
+        if diffs:
+            warnings.warn("resuming with a config that differs from the checkpoint's in: " + ", ".join(sorted(diffs)),
+                          stacklevel=3)
+
+    # -- one iteration ----------------------------------------------------------------------------------------
+    def train_step(self, batch: dict, it: int) -> dict:
+        """Forward, losses, guard, backward, clip, step, EMA, centers. Returns the iteration's metrics."""
+        cfg = self.cfg
+        dev = self.device
+        nb = dev.type == "cuda"
+        globals_ = batch["global_crops"].to(dev, non_blocking=nb)
+        locals_ = batch["local_crops"].to(dev, non_blocking=nb)
+        masks = batch["masks"].to(dev, non_blocking=nb)
+        mask_indices = batch["mask_indices"].to(dev, non_blocking=nb)
+        mask_weights = batch["mask_weights"].to(dev, non_blocking=nb)
+        B = globals_.shape[0] // 2
+        n_crops = 2 + locals_.shape[0] // B
+        sched = self.schedules.at(it)
+        temp = sched["teacher_temp"]
+
+        # Teacher targets (fp32 from here on).
+        with self._autocast():
+            t_cls, t_patch = self.teacher.teacher_logits(globals_, mask_indices)
+        t_cls, t_patch = t_cls.float(), t_patch.float()
+        p_cls = self.dino_targets(t_cls, temp)
+        p_patch = self.ibot_targets(t_patch, temp)
+
+        # Student.
+        with self._autocast():
+            out = self.student_forward(globals_, locals_, masks, mask_indices)
+        s_cls = out["cls_logits"].float()
+        dino_local, dino_global = dino_loss_terms(list(s_cls.chunk(n_crops)), list(p_cls.chunk(2)), cfg.train.student_temp)
+        ibot = ibot_loss(out["patch_logits"].float(), p_patch, masks, cfg.train.student_temp, token_weights=mask_weights)
+        if cfg.dino.koleo_loss_weight > 0:
+            cls_g = out["cls_global"]
+            koleo = koleo_loss(cls_g[:B]) + koleo_loss(cls_g[B:])
+        else:
+            koleo = s_cls.new_zeros(())
+        dino = dino_local + dino_global
+        total = cfg.dino.loss_weight * dino + cfg.ibot.loss_weight * ibot + cfg.dino.koleo_loss_weight * koleo
+
+        components = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo,
+                      "total": total}
+        # One small all-reduce per iteration: the rank-mean of the components (what the gradient
+        # average optimises: the global-batch loss) plus "some rank got a stop signal". Every rank then
+        # takes the same decisions (skip / stop on a non-finite loss, checkpoint and exit on a signal);
+        # a rank deciding alone would leave the others waiting in the next collective.
+        stop_flag = torch.tensor([float(self._stop_signal is not None)], device=dev)
+        reduced = dist_utils.all_reduce(torch.cat([torch.stack([v.detach().float() for v in components.values()]),
+                                                   stop_flag]), op="sum").tolist()
+        self._stop_agreed = reduced[-1] > 0
+        values = {name: v / self.world_size for name, v in zip(components, reduced[:-1])}
+        bad = [name for name, v in values.items() if not math.isfinite(v)]
+        if bad:
+            return self._nonfinite(it, bad, values)
+
+        # Backward, clipping per submodule, optimizer step.
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        grad_norms = {}
+        clip = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
+        for name in ("backbone", "dino_head", "ibot_head"):
+            module = getattr(self.student, name)
+            if module is not None:
+                grad_norms[name] = parallel.scalar(torch.nn.utils.clip_grad_norm_(module.parameters(), clip))
+        if self.scaler is None:
+            bad = [f"grad_norm/{k}" for k, v in grad_norms.items() if not math.isfinite(v)]
+            if bad:
+                self.optimizer.zero_grad(set_to_none=True)
+                return self._nonfinite(it, bad, {**values, **{f"grad_norm/{k}": v for k, v in grad_norms.items()}})
+        apply_schedules(self.optimizer, self.schedules, it)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        ema_update(self.teacher, self.student, sched["momentum"])
+        self.dino_targets.update(t_cls)
+        self.ibot_targets.update(t_patch)
+
+        return {
+            **values,
+            "grad_norm": grad_norms,
+            "teacher_entropy": _mean_entropy(p_cls),
+            "teacher_distinct_prototypes": int(p_cls.argmax(dim=-1).unique().numel()),
+            "ibot_teacher_entropy": _mean_entropy(p_patch),
+            "n_masked": int(mask_indices.numel()),
+        }
+
+    def _nonfinite(self, it: int, bad: list[str], values: dict) -> dict:
+        message = (f"non-finite {', '.join(bad)} at iteration {it} "
+                   f"({', '.join(f'{k}={v:.6g}' for k, v in values.items())})")
+        self._write_metrics({"iteration": it, "event": "nonfinite", "components": bad, **values})
+        if self.cfg.train.on_nonfinite == "error":
+            last = self._last_ckpt_iteration
+            where = f"; last good checkpoint: iteration {last} in {self.ckpt_dir}" if last is not None else ""
+            raise NonFiniteLossError(message + where)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_skipped += 1
+        log.warning("skipping the step: %s", message)
+        return {**values, "skipped_step": True}
+
+    # -- logging ----------------------------------------------------------------------------------------------
+    def _write_metrics(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._tb is not None and "event" not in record:
+            it = record["iteration"]
+            for key, value in _flatten_numbers(record).items():
+                if key != "iteration":
+                    self._tb.add_scalar(key, value, it)
+
+    def _log_record(self, it: int, metrics: dict, timing: dict) -> dict:
+        sched = self.schedules.at(it)
+        # Loss components are already rank means (train_step); entropies, prototype counts and timings
+        # are rank 0's.
+        reduced = {k: metrics[k] for k in ("dino_local", "dino_global", "ibot", "koleo", "total")}
+        if self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            import resource
+
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "iteration": it,
+            **sched,
+            **reduced,
+            "grad_norm": metrics.get("grad_norm", {}),
+            "teacher_entropy": metrics.get("teacher_entropy"),
+            "teacher_distinct_prototypes": metrics.get("teacher_distinct_prototypes"),
+            "ibot_teacher_entropy": metrics.get("ibot_teacher_entropy"),
+            "n_masked": metrics.get("n_masked"),
+            "data_passes": (it + 1) * self.global_batch_size / len(self.table),
+            "time_per_iteration": timing["time"],
+            "data_time": timing["data"],
+            "peak_memory_mb": round(peak_mb, 1),
+            "skipped_samples": self.skipped_total,
+            "nonfinite_skipped": self.nonfinite_skipped,
+        }
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+    def _teacher_backbone_state(self) -> dict[str, Tensor] | None:
+        """Full teacher backbone weights on rank 0 (None elsewhere); a collective under FSDP."""
+        if not (self.is_main or self.sharded):
+            return None
+        state = parallel.full_state_dict(self.teacher) if self.sharded else self.teacher.state_dict()
+        if not self.is_main:
+            return None
+        return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+    def export(self, path: Path | None = None) -> Path | None:
+        """Teacher backbone export (rank 0 writes; call on every rank: FSDP gathers first)."""
+        backbone = self._teacher_backbone_state()
+        if not self.is_main:
+            return None
+        if path is None:
+            path = self.out_dir / "exports" / f"dinodepth_{self.iteration:08d}.pth"
+        meta = self.train_meta()
+        return export_lib.write_export(path, backbone, self.teacher_vit_cfg.to_dict(), self.input_norm(), meta)
+
+    @torch.no_grad()
+    def evaluate_pca(self) -> Path | None:
+        """PCA of teacher patch features of a few fixed samples → ``eval/pca_<it>.png`` (rank 0).
+
+        Call on every rank: under FSDP the teacher backbone is gathered into a plain copy first."""
+        if self.cfg.train.eval_num_images <= 0:
+            return None
+        backbone = self.teacher.backbone
+        if self.sharded:
+            state = self._teacher_backbone_state()
+            if not self.is_main:
+                return None
+            backbone = vit_from_config(self.teacher_vit_cfg).to(self.device)
+            backbone.load_state_dict(state)
+        if not self.is_main:
+            return None
+        inputs = fixed_eval_inputs(self.cfg, self.table, self.cfg.train.eval_num_images)
+        if inputs is None:
+            return None
+        image = pca_feature_image(backbone, inputs.to(self.device), self._autocast)
+        from PIL import Image
+
+        path = self.out_dir / "eval" / f"pca_{self.iteration:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+        return path
+
+    def _handle_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+        # Every rank reports (which rank got the signal matters when debugging). os.write, not print or
+        # logging: a handler that interrupts a buffered write to the same stream would re-enter it.
+        os.write(2, f"[rank {self.rank}] received {signal.Signals(signum).name}: checkpoint at the end of the "
+                    "next agreed iteration, then exit\n".encode())
+
+    # -- main loop ------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        T = self.schedules.total_iterations
+        end = T if cfg.train.stop_at_iteration is None else min(T, cfg.train.stop_at_iteration)
+        start = self.iteration
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+            if cfg.train.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                except ImportError:
+                    warnings.warn("train.tensorboard=true but tensorboard is not installed", stacklevel=2)
+        previous_handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in STOP_SIGNALS:
+                previous_handlers[sig] = signal.signal(sig, self._handle_signal)
+        n_params = sum(p.numel() for p in self.student.parameters())
+        log.info("DINO-Depth pretraining: %s, %.1fM student parameters, G=%d (B=%d × W=%d, %s), iterations %d→%d of "
+                 "%d, device %s (%s)", cfg.data.modality, n_params / 1e6, self.global_batch_size,
+                 cfg.train.batch_size_per_gpu, self.world_size, self.strategy, start, end, T, self.device,
+                 self.precision)
+        status = "finished" if start >= T else "stopped"
+        last_metrics: dict = {}
+        progress = None
+        try:
+            if start < end:
+                loader = build_loader(self.dataset, start, end, cfg.train.num_workers, pin_memory=self.device.type == "cuda",
+                                      generator_seed=cfg.train.seed)
+                if cfg.train.progress and self.is_main:
+                    from tqdm import tqdm
+
+                    progress = tqdm(total=end, initial=start, desc="pretrain", dynamic_ncols=True, smoothing=0.1)
+                self.student.train()
+                self.teacher.eval()
+                period_time, period_data, period_n = 0.0, 0.0, 0
+                t_prev = time.perf_counter()
+                for it, batch in zip(range(start, end), loader):
+                    t_data = time.perf_counter() - t_prev
+                    if batch["iteration"] != it:
+                        raise RuntimeError(f"loader delivered iteration {batch['iteration']} for {it}")
+                    self.skipped_total += int(batch["skipped"])
+                    metrics = self.train_step(batch, it)
+                    self.iteration = it + 1
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    t_now = time.perf_counter()
+                    period_time += t_now - t_prev
+                    period_data += t_data
+                    period_n += 1
+                    last_metrics = metrics
+                    if it % cfg.train.log_period == 0 or self.iteration == end:
+                        record = self._log_record(it, metrics, {"time": period_time / period_n,
+                                                                "data": period_data / period_n})
+                        self.metrics_tail = record
+                        self._write_metrics(record)
+                        period_time, period_data, period_n = 0.0, 0.0, 0
+                        if progress is not None:
+                            progress.set_postfix(loss=f"{record['total']:.3f}", dino=f"{record['dino_local'] + record['dino_global']:.3f}",
+                                                 ibot=f"{record['ibot']:.3f}", koleo=f"{record['koleo']:.3f}",
+                                                 H_t=f"{record['teacher_entropy']:.2f}", refresh=False)
+                    if progress is not None:
+                        progress.update(1)
+                    if self._stop_agreed:  # this or another rank got a stop signal (train_step's all-reduce)
+                        status = "preempted"
+                        self.save_checkpoint()
+                        # No rank may exit before rank 0 has written the checkpoint: `srun
+                        # --kill-on-bad-exit` would kill rank 0 as soon as another rank exits with 75.
+                        dist_utils.barrier()
+                        break
+                    if cfg.train.ckpt_period > 0 and self.iteration % cfg.train.ckpt_period == 0:
+                        self.save_checkpoint()
+                    if cfg.train.export_period > 0 and self.iteration % cfg.train.export_period == 0 and self.iteration < T:
+                        self.export()
+                    if cfg.train.eval_period > 0 and self.iteration % cfg.train.eval_period == 0:
+                        self.evaluate_pca()
+                    if self.on_iteration_end is not None:  # after the iteration's checkpoint/export/eval
+                        self.on_iteration_end(self, metrics)
+                    t_prev = time.perf_counter()
+                del loader
+            if status != "preempted":
+                status = "finished" if self.iteration >= T else "stopped"
+                if self._last_ckpt_iteration != self.iteration:
+                    self.save_checkpoint()
+                if status == "finished":
+                    self.export(self.out_dir / "dinodepth.pth")
+                    if cfg.train.eval_period > 0:
+                        self.evaluate_pca()
+                dist_utils.barrier()  # every file of rank 0 is written before any rank returns
+        except Exception as exc:
+            if self.world_size > 1 and dist_utils.is_collective_error(exc):
+                last = self._last_ckpt_iteration
+                where = f"iteration {last} in {self.ckpt_dir}" if last is not None else "none yet"
+                cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise dist_utils.DistributedFailure(
+                    f"rank {self.rank}/{self.world_size}: a collective failed during iteration {self.iteration}: "
+                    f"another rank probably crashed (see its log) or did not answer within dist.timeout_s="
+                    f"{cfg.dist.timeout_s} s. Last checkpoint: {where}. Cause: {cause}") from exc
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+            if self._tb is not None:
+                self._tb.close()
+        log.info("%s at iteration %d/%d", status, self.iteration, T)
+        return {"status": status, "iteration": self.iteration, "total_iterations": T, "last": last_metrics,
+                "metrics_tail": self.metrics_tail, "out_dir": str(self.out_dir)}
+
+
+# -- PCA visualisation -----------------------------------------------------------------------------------
+def fixed_eval_inputs(cfg: PretrainConfig, table: SampleSource, n: int) -> Tensor | None:
+    """n evenly spaced samples, central square window, resized to the global crop size (no randomness)."""
+    size = cfg.crops.global_crops_size
+    inputs = []
+    for index in np.linspace(0, len(table) - 1, num=min(n, len(table))).round().astype(int):
+        raw, meta = table.read(int(index))
+        prepared = prepare_sample(cfg, raw, meta)
+        if prepared is None:
+            continue
+        values, valid = prepared
+        _, H, W = values.shape
+        side = float(min(H, W))
+        params = CropParams(cy=H / 2, cx=W / 2, h=side, w=side)
+        if cfg.data.modality == "image":
+            from pretrain.augment import normalize_image
+
+            crop, _ = warp_crop(values, None, params, size, "masked_bilinear", None)
+            crop = normalize_image(crop, cfg.image_aug)
+        else:
+            crop, _ = warp_crop(values, valid, params, size, cfg.aug.interp, cfg.aug.edge_thresh)
+        inputs.append(torch.from_numpy(crop))
+    return torch.stack(inputs) if inputs else None
+
+
+@torch.no_grad()
+def pca_feature_image(backbone: nn.Module, inputs: Tensor, autocast: Callable | None = None) -> np.ndarray:
+    """Rows of [input | first three principal components of the patch features as RGB], uint8."""
+    backbone.eval()
+    ctx = autocast() if autocast is not None else torch.autocast(inputs.device.type, enabled=False)
+    with ctx:
+        tokens, (h, w) = backbone.get_patch_tokens(inputs)
+    x = tokens.float().reshape(-1, tokens.shape[-1])
+    x = x - x.mean(dim=0, keepdim=True)
+    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    proj = x @ v[:3].t()
+    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
+    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1).reshape(inputs.shape[0], h, w, 3)
+    size = inputs.shape[-1]
+    rgb = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2), size=(size, size), mode="nearest").permute(0, 2, 3, 1)
+    gray = inputs.float().mean(dim=1)
+    gray = (gray - gray.amin(dim=(1, 2), keepdim=True)) / (gray.amax(dim=(1, 2), keepdim=True)
+                                                            - gray.amin(dim=(1, 2), keepdim=True)).clamp_min(1e-6)
+    gray = gray.unsqueeze(-1).expand(-1, -1, -1, 3)
+    rows = torch.cat([gray, rgb], dim=2)  # (n, size, 2·size, 3)
+    return (rows.reshape(-1, 2 * size, 3).cpu().numpy() * 255).round().astype(np.uint8)
+
+
+# -- small helpers ---------------------------------------------------------------------------------------
+def _flatten_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and k not in ("source_weights",):
+            keys |= _flatten_keys(v, path)
+        else:
+            keys.add(path)
+    return keys
+
+
+def _lookup(d: dict, dotted: str) -> Any:
+    node: Any = d
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flatten_numbers(record: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in record.items():
+        key = f"{prefix}/{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flatten_numbers(v, key))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            out[key] = float(v)
+    return out
+
+
+def train(cfg: PretrainConfig, table: SampleSource | None = None, resume: bool | str = True,
+          allow_data_change: bool = False, on_iteration_end: Callable | None = None) -> dict:
+    """Build a :class:`Trainer` and run it (the API the tests and the SLURM launcher use)."""
+    trainer = Trainer(cfg, table=table, resume=resume, allow_data_change=allow_data_change,
+                      on_iteration_end=on_iteration_end)
+    return trainer.run()
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PretrainConfig]:
+    parser = argparse.ArgumentParser(
+        description="DINO-Depth self-supervised pretraining (DINOv2 recipe on depth; image mode optional).",
+        epilog="Overrides: key=value pairs, e.g. train.output_dir=runs/x optim.base_lr=5e-4 data.shards=[shards/]")
+    parser.add_argument("--config", help="YAML config (layered over the built-in defaults)")
+    parser.add_argument("--resume", default="auto",
+                        help="checkpoint file or run directory to resume from (default: the run directory's latest)")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    parser.add_argument("--allow-data-change", action="store_true", help="resume although the sample table changed")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    return args, cfg
+
+
+def _log_error(message: str, rank: int) -> None:
+    """Errors are printed by every rank (the log filter keeps only rank 0's lines)."""
+    if rank == 0:
+        log.error("%s", message)
+    else:
+        print(f"[rank {rank}] ERROR {message}", file=sys.stderr, flush=True)
+
+
+def _set_cpu_threads(denv: dist_utils.DistEnv, device: str) -> None:
+    # Several CPU ranks on one machine would each start one thread per core and fight over them.
+    if denv.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ and (
+            device == "cpu" or not torch.cuda.is_available()):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // denv.local_world_size))
+
+
+def run_job(cfg: PretrainConfig, resume: bool | str = True, allow_data_change: bool = False,
+            on_iteration_end: Callable | None = None) -> tuple[int, dict | None]:
+    """One rank of a (possibly single-process) job: process group → :class:`Trainer` → exit status.
+
+    The common body of ``python -m pretrain.train``, ``torchrun``, ``srun`` tasks and the submitit
+    job (:mod:`pretrain.launch`). Returns ``(exit status, run result or None)``; see the module
+    docstring for the statuses. The process group is destroyed on return.
+    """
+    backend = None if cfg.dist.backend == "auto" else cfg.dist.backend
+    if backend is None and cfg.train.device == "cpu":
+        backend = "gloo"
+    try:
+        denv = dist_utils.init(backend=backend, timeout_s=cfg.dist.timeout_s)
+    except dist_utils.DistributedFailure as exc:
+        dist_utils.setup_logging()
+        _log_error(str(exc), dist_utils.detect_env().rank)
+        return EXIT_DIST_FAILURE, None
+    dist_utils.setup_logging()
+    _set_cpu_threads(denv, cfg.train.device)
+    try:
+        result = train(cfg, resume=resume, allow_data_change=allow_data_change, on_iteration_end=on_iteration_end)
+    except NonFiniteLossError as exc:
+        _log_error(f"divergence: {exc}", denv.rank)
+        return EXIT_NONFINITE, None
+    except (ConfigError, CheckpointError) as exc:
+        _log_error(str(exc), denv.rank)
+        return EXIT_ERROR, None
+    except dist_utils.DistributedFailure as exc:
+        _log_error(str(exc), denv.rank)
+        return EXIT_DIST_FAILURE, None
+    finally:
+        dist_utils.cleanup()
+    tail = result["metrics_tail"]
+    if tail:
+        log.info("last logged: total %.4f (dino %.4f, ibot %.4f, koleo %.4f) at iteration %d",
+                 tail["total"], tail["dino_local"] + tail["dino_global"], tail["ibot"], tail["koleo"], tail["iteration"])
+    if result["status"] == "preempted":
+        log.warning("preempted at iteration %d: checkpoint written; exit status %d = rerun or requeue to resume",
+                    result["iteration"], EXIT_REQUEUE)
+        return EXIT_REQUEUE, result
+    return EXIT_OK, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    if args.print_config:
+        from shared.config import dump_config
+
+        print(dump_config(cfg), end="")
+        return 0
+    resume: bool | str = False if args.no_resume else args.resume
+    return run_job(cfg, resume=resume, allow_data_change=args.allow_data_change)[0]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
