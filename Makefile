@@ -9,11 +9,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-all demo lint bench clean-venv help
+.PHONY: setup test test-slow test-all demo lint bench clean-venv help \
+	demo-data demo-shards demo-pretrain demo-image-encoder demo-fit demo-detect demo-report demo-clean
 
 help:
 	@echo "make setup      create .venv and install the toolkit with its dev extras (+ system libs)"
 	@echo "make demo       run the main job on the built-in synthetic data (outputs in runs/demo)"
+	@echo "                 (stages alone: make demo-data demo-shards demo-pretrain demo-image-encoder"
+	@echo "                  demo-fit demo-detect demo-report; make demo-clean removes runs/demo)"
 	@echo "make test       run the default test suite"
 	@echo "make test-slow  run the slow end-to-end tests"
 	@echo "make lint       ruff check"
@@ -45,3 +48,131 @@ lint: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# -- make demo: the whole toolkit on the built-in synthetic data (issue 11) ---------------------------------
+# Each stage is a file target (an output file, or a .complete stamp written last into the stage's folder),
+# so an interrupted or repeated `make demo` skips finished stages, and `make demo-<stage>` runs one stage
+# (plus any earlier stage it needs). Pretraining also resumes from its own checkpoints. Outputs: $(DEMO)/.
+# The DEMO_* variables shrink the demo for the end-to-end test (tests/test_demo_pipeline.py).
+DEMO ?= runs/demo
+DEMO_ENV ?= $(STAMP)
+DEMO_SYNTH_ARGS ?=
+DEMO_NOMINAL_N ?= 4
+DEMO_NOMINAL_SEED ?= 1001
+DEMO_PRETRAIN_CFG ?= configs/pretrain/tiny_cpu.yaml
+DEMO_IMAGE_CFG ?= configs/pretrain/tiny_image_cpu.yaml
+DEMO_PRETRAIN_ARGS ?=
+DEMO_DETECT_CFG ?= configs/detect/demo_cpu.yaml
+DEMO_DETECT_ARGS ?=
+
+DEMO_DATA := $(DEMO)/data/.complete
+DEMO_NOMINAL := $(DEMO)/nominal/.complete
+DEMO_SHARDS := $(DEMO)/shards/.complete
+DEMO_DINODEPTH := $(DEMO)/pretrain/dinodepth.pth
+DEMO_IMAGE_ENC := $(DEMO)/image_encoder/image_encoder.pth
+DEMO_FIT := $(DEMO)/detect/.fit-complete
+DEMO_RESULTS := $(DEMO)/detect/results.json
+DEMO_FIGURES := $(DEMO)/figures/figures.json
+DEMO_REPORT := $(DEMO)/index.html
+DEMO_TIMINGS := $(DEMO)/timings.tsv
+DEMO_DETECT := --config $(DEMO_DETECT_CFG) --data $(DEMO)/data --ckpt $(DEMO_DINODEPTH) \
+	--image-encoder-weights $(DEMO_IMAGE_ENC) --out $(DEMO)/detect $(DEMO_DETECT_ARGS)
+
+comma := ,
+# $(call demo_header,text): a visible stage header.
+demo_header = printf '\n==> %s\n' "$(1)"
+# $(call demo_run,stage,command): show the command, run it, append "stage<TAB>wall<TAB>user<TAB>sys" to the
+# timings log (bash's `time` counts the CPU time of every child process) and print that line.
+demo_run = mkdir -p $(DEMO) && printf '$$ %s\n' "$(2)" && TIMEFORMAT=$$'$(1)\t%R\t%U\t%S' && \
+	{ time ( $(2) ) 2>&3 ; } 3>&2 2>>$(DEMO_TIMINGS) && \
+	awk -F'\t' 'END { printf "    [%s: %.0f s wall, %.0f s CPU]\n", $$1, $$2, $$3 + $$4 }' $(DEMO_TIMINGS)
+
+demo: $(DEMO_REPORT)
+	@$(call demo_header,Results ($(DEMO)/detect/results.md))
+	@cat $(DEMO)/detect/results.md
+	@awk -F'\t' 'NF == 4 { w[$$1] = $$2; c[$$1] = $$3 + $$4 } END { for (s in w) { W += w[s]; C += c[s] } \
+		printf "Stage times (last run of each; $(DEMO_TIMINGS)): %.0f s wall, %.0f s CPU in total\n", W, C }' \
+		$(DEMO_TIMINGS)
+	@echo "Report with every picture: $(DEMO_REPORT)  (open file://$(abspath $(DEMO_REPORT)) in a browser)"
+
+$(DEMO_DATA): | $(DEMO_ENV)
+	@$(call demo_header,[1/5] Generate the synthetic SiM3D-like benchmark -> $(DEMO)/data)
+	@rm -f $@
+	@$(call demo_run,1 benchmark,$(PY) data_prep/synthetic.py --out $(DEMO)/data --overwrite $(DEMO_SYNTH_ARGS))
+	@touch $@
+
+# Additional nominal instances for pretraining only (another seed: never the benchmark's test instances).
+$(DEMO_NOMINAL): | $(DEMO_ENV)
+	@$(call demo_header,[2/5] Generate $(DEMO_NOMINAL_N) additional nominal instances per class for pretraining -> $(DEMO)/nominal)
+	@rm -f $@
+	@$(call demo_run,2a nominal instances,$(PY) data_prep/synthetic.py --out $(DEMO)/nominal --overwrite \
+		$(DEMO_SYNTH_ARGS) --n-test $(DEMO_NOMINAL_N) --anomalous-fraction 0 --seed $(DEMO_NOMINAL_SEED) \
+		--setup real2real)
+	@touch $@
+
+# The benchmark's training views (default splits: its test instances never reach pretraining) and every
+# view of the nominal set, as a source of its own (one source may not span two shard folders).
+$(DEMO_SHARDS): $(DEMO_DATA) $(DEMO_NOMINAL)
+	@$(call demo_header,[2/5] Convert the depth maps to webdataset shards -> $(DEMO)/shards)
+	@rm -f $@
+	@$(call demo_run,2b shards,$(PY) data_prep/convert.py --source synthetic --root $(DEMO)/data \
+		--out $(DEMO)/shards/benchmark && $(PY) data_prep/convert.py --source folder --root $(DEMO)/nominal \
+		--folder-glob '*/*/depth/*.npy' --folder-unit m --folder-split train --folder-source-id synthetic_nominal \
+		--folder-category synthetic_nominal --out $(DEMO)/shards/nominal)
+	@touch $@
+
+# An existing export older than its inputs is a finished run on stale data: start that run over.
+$(DEMO_DINODEPTH): $(DEMO_SHARDS)
+	@$(call demo_header,[3/5] Pretrain a tiny DINO-Depth on CPU ($(DEMO_PRETRAIN_CFG)) -> $@)
+	@if [ -e $@ ]; then rm -rf $(DEMO)/pretrain; fi
+	@$(call demo_run,3 DINO-Depth pretraining,$(PY) pretrain/train.py --config $(DEMO_PRETRAIN_CFG) \
+		train.output_dir=$(DEMO)/pretrain 'data.shards=[$(DEMO)/shards/benchmark$(comma)$(DEMO)/shards/nominal]' \
+		$(DEMO_PRETRAIN_ARGS))
+
+# Real DINOv2 weights cannot be downloaded here: the same trainer pretrains a tiny image encoder on the
+# grayscale images of the training and nominal instances (image mode, DINOv2 photometric augmentations).
+$(DEMO_IMAGE_ENC): $(DEMO_DATA) $(DEMO_NOMINAL)
+	@$(call demo_header,[4/5] Pretrain a tiny image encoder on the synthetic grayscale images ($(DEMO_IMAGE_CFG)) -> $@)
+	@if [ -e $@ ]; then rm -rf $(DEMO)/image_encoder; fi
+	@mkdir -p $(DEMO)/image_encoder
+	@ls $(DEMO)/data/*/*_real/rgb/*.png $(DEMO)/nominal/*/*/rgb/*.png | sort > $(DEMO)/image_encoder/images.txt
+	@$(call demo_run,4a image-encoder pretraining,$(PY) pretrain/train.py --config $(DEMO_IMAGE_CFG) \
+		train.output_dir=$(DEMO)/image_encoder data.list_file=$(DEMO)/image_encoder/images.txt \
+		$(DEMO_PRETRAIN_ARGS) && $(PY) -m pretrain.export --ckpt $(DEMO)/image_encoder --out $@ --no-safetensors)
+
+$(DEMO_FIT): $(DEMO_DINODEPTH) $(DEMO_IMAGE_ENC)
+	@$(call demo_header,[4/5] ModMap: fit the crossmodal mapping of every class on its nominal training instance)
+	@rm -f $@
+	@$(call demo_run,4b ModMap fit,$(PY) detect/run.py --mode fit $(DEMO_DETECT))
+	@touch $@
+
+$(DEMO_RESULTS): $(DEMO_FIT)
+	@$(call demo_header,[5/5] Anomaly maps and 3D volumes of the test instances; evaluate)
+	@$(call demo_run,5a predict + evaluate,$(PY) detect/run.py --mode predict $(DEMO_DETECT) && \
+		$(PY) detect/run.py --mode evaluate $(DEMO_DETECT))
+
+$(DEMO_FIGURES): $(DEMO_RESULTS)
+	@$(call demo_header,[5/5] Pictures and dense 3D volumes -> $(DEMO)/figures and $(DEMO)/volumes)
+	@$(call demo_run,5b pictures,$(PY) detect/demo_figures.py --data $(DEMO)/data --detect $(DEMO)/detect \
+		--ckpt $(DEMO_DINODEPTH) --pretrain-log 'DINO-Depth=$(DEMO)/pretrain/metrics.jsonl' \
+		--pretrain-log 'image encoder=$(DEMO)/image_encoder/metrics.jsonl' --out $(DEMO)/figures \
+		--volumes-out $(DEMO)/volumes)
+
+$(DEMO_REPORT): $(DEMO_FIGURES)
+	@$(call demo_header,[5/5] Report -> $@)
+	@$(call demo_run,5c report,$(PY) detect/report.py --run $(DEMO)/detect --figures $(DEMO)/figures \
+		--timings $(DEMO_TIMINGS) --out $@ --link 'DINO-Depth encoder=$(DEMO_DINODEPTH)' \
+		--link 'image encoder=$(DEMO_IMAGE_ENC)' --link 'pretraining shards (manifest)=$(DEMO)/shards/benchmark/manifest.json')
+
+demo-data: $(DEMO_DATA)
+demo-shards: $(DEMO_SHARDS)
+demo-pretrain: $(DEMO_DINODEPTH)
+demo-image-encoder: $(DEMO_IMAGE_ENC)
+demo-fit: $(DEMO_FIT)
+demo-detect: $(DEMO_RESULTS)
+demo-report: $(DEMO_REPORT)
+demo-data demo-shards demo-pretrain demo-image-encoder demo-fit demo-detect demo-report:
+	@echo "$@: done ($(DEMO))"
+
+demo-clean:
+	rm -rf $(DEMO)

@@ -58,9 +58,24 @@ def _tiff_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _defect_box(hw: tuple[int, int], rng: np.random.Generator) -> tuple[slice, slice]:
+    """A random rectangle covering about 2-6 % of the frame, away from the border."""
+    H, W = hw
+    h, w = max(2, H // 6), max(2, W // 6)
+    r = int(rng.integers(H // 5, max(H // 5 + 1, H - H // 5 - h)))
+    c = int(rng.integers(W // 5, max(W // 5 + 1, W - W // 5 - w)))
+    return slice(r, r + h), slice(c, c + w)
+
+
 def write_mvtec3d(root: str | Path, categories=("bagel", "foam"), hw: tuple[int, int] = (40, 50),
-                  layout: dict | None = None, seed: int = 0, hole_frac: float = 0.05) -> dict[str, np.ndarray]:
-    """MVTec 3D-AD tree: float32 xyz TIFFs (tilted plane + bump, (0,0,0) holes), rgb, gt, calibration."""
+                  layout: dict | None = None, seed: int = 0, hole_frac: float = 0.05,
+                  defects: bool = False) -> dict[str, np.ndarray]:
+    """MVTec 3D-AD tree: float32 xyz TIFFs (tilted plane + bump, (0,0,0) holes), rgb, gt, calibration.
+
+    ``defects=False``: defect samples have empty GT masks (enough for depth conversion). ``defects=True``
+    (detection tests): each defect sample gets a rectangle that is dented in z, darkened in rgb and
+    marked in its GT mask.
+    """
     root = Path(root)
     layout = layout or DEFAULT_MVTEC_LAYOUT
     rng = np.random.default_rng(seed)
@@ -77,12 +92,20 @@ def write_mvtec3d(root: str | Path, categories=("bagel", "foam"), hw: tuple[int,
                 for i in range(n):
                     x, y, z = _scene(hw, rng)
                     holes = _holes(hw, rng, hole_frac)
+                    gt = np.zeros(hw, np.uint8)
+                    rgb = rng.integers(0, 255, (*hw, 3), np.uint8)
+                    if defects and defect != "good":
+                        box = _defect_box(hw, rng)
+                        z[box] += 0.01
+                        rgb[box] //= 4
+                        gt[box] = 255
+                        holes[box] = False
                     xyz = np.stack([x, y, z], axis=-1).astype(np.float32)
                     xyz[holes] = 0.0
                     (d / "xyz" / f"{i:03d}.tiff").write_bytes(_tiff_bytes(xyz))
-                    (d / "rgb" / f"{i:03d}.png").write_bytes(_png_bytes(rng.integers(0, 255, (*hw, 3), np.uint8)))
+                    (d / "rgb" / f"{i:03d}.png").write_bytes(_png_bytes(rgb))
                     if defect != "good":
-                        (d / "gt" / f"{i:03d}.png").write_bytes(_png_bytes(np.zeros(hw, np.uint8)))
+                        (d / "gt" / f"{i:03d}.png").write_bytes(_png_bytes(gt))
                     zz = xyz[..., 2].copy()
                     zz[zz == 0] = np.nan
                     expected[f"{cat}/{split}/{defect}/xyz/{i:03d}.tiff"] = zz
@@ -114,8 +137,12 @@ def eyecandies_u16(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 
 
 def write_eyecandies(root: str | Path, categories=("CandyCane", "GummyBear"), hw: tuple[int, int] = (40, 50),
-                     counts: dict | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Eyecandies underfolder tree: uint16 depth PNG + info_depth/metadata YAML + pose + RGB."""
+                     counts: dict | None = None, seed: int = 0, masks: bool = False) -> dict[str, np.ndarray]:
+    """Eyecandies underfolder tree: uint16 depth PNG + info_depth/metadata YAML + pose + RGB.
+
+    ``masks=True`` (detection tests) also writes ``<idx>_mask.png`` for test_public samples: a rectangle
+    (dented in depth, darkened in the images) for anomalous ones, empty for good ones.
+    """
     import yaml
 
     root = Path(root)
@@ -132,13 +159,22 @@ def write_eyecandies(root: str | Path, categories=("CandyCane", "GummyBear"), hw
                 u16 = eyecandies_u16(hw, rng)
                 dmin = float(0.3 + 0.1 * rng.random())
                 dmax = float(dmin + 0.2 + 0.2 * rng.random())
+                image = rng.integers(0, 255, (*hw, 3), np.uint8)
+                if masks and split == "test_public":
+                    mask = np.zeros(hw, np.uint8)
+                    if i % 2:  # the metadata below marks odd samples anomalous
+                        box = _defect_box(hw, rng)
+                        u16[box] = (u16[box].astype(np.int64) * 3 // 4).astype(np.uint16)
+                        image[box] //= 4
+                        mask[box] = 255
+                    (data / f"{idx}_mask.png").write_bytes(_png_bytes(mask))
                 (data / f"{idx}_depth.png").write_bytes(_png_bytes(u16))
                 (data / f"{idx}_info_depth.yaml").write_text(
                     yaml.safe_dump({"normalization": {"min": dmin, "max": dmax}}))
                 pose = np.eye(4)
                 pose[:3, 3] = [0.1 * i, 0.0, 0.5]
                 np.savetxt(data / f"{idx}_pose.txt", pose)
-                (data / f"{idx}_image_0.png").write_bytes(_png_bytes(rng.integers(0, 255, (*hw, 3), np.uint8)))
+                (data / f"{idx}_image_0.png").write_bytes(_png_bytes(image))
                 if split != "test_private":
                     (data / f"{idx}_metadata.yaml").write_text(yaml.safe_dump({"anomalous": int(i % 2)}))
                 expected[f"{cat}/{split}/data/{idx}_depth.png"] = (

@@ -3,7 +3,9 @@
 Image encoder (``--image-encoder``):
 
 * ``dinov2_vitb14_reg4`` (default) / ``dinov2_vitb14``: DINOv2 ViT-B/14 with / without 4 registers;
-* ``auto``: any DINOv2-layout ViT, architecture inferred from the weights (tests, other sizes);
+* ``auto``: any DINOv2-layout ViT, architecture inferred from the weights (tests, other sizes), or an
+  image encoder exported by our own ``pretrain/`` in image mode (``input_norm.modality == "image"``;
+  rebuilt from its stored architecture record, a 1-channel one is spread over the 3 gray channels);
 * ``random``: randomly initialised (tests and demos only; every output is marked as such).
 
 Weights (``--image-encoder-weights``) are read from a local file or folder, never downloaded, in any of
@@ -14,8 +16,10 @@ sharded or not). All of them are converted to the flat DINOv2 layout of :mod:`sh
 Positional embeddings are interpolated bicubically with offset 0 + antialias for register models and
 offset 0.1 without antialias for plain models (the official DINOv2 hub behaviour).
 
-Depth encoder: the DINO-Depth export given by ``--ckpt`` (:func:`pretrain.export.load_dinodepth`), or
-``dinov2_on_depth`` (the image encoder applied to the normalised depth replicated to 3 channels).
+Depth encoder: the DINO-Depth export given by ``--ckpt`` (:func:`pretrain.export.load_dinodepth`),
+``dinov2_on_depth`` (the image encoder applied to the normalised depth replicated to 3 channels), or
+``random`` (:func:`load_random_depth_encoder`: DINO-Depth's architecture, randomly initialised — the
+"random init" row of the depth-encoder ablation).
 
 Both run frozen (eval mode, no grad). :func:`check_token_grids` refuses encoders whose token grids
 differ at the configured input sizes.
@@ -46,7 +50,7 @@ from shared.vit import (
 )
 
 IMAGE_ENCODERS: tuple[str, ...] = ("dinov2_vitb14_reg4", "dinov2_vitb14", "auto", "random")
-DEPTH_ENCODERS: tuple[str, ...] = ("dino_depth", "dinov2_on_depth")
+DEPTH_ENCODERS: tuple[str, ...] = ("dino_depth", "dinov2_on_depth", "random")
 # Expected architecture of the named image encoders: (embed_dim, depth, patch, registers).
 _NAMED_IMAGE_ENCODERS = {"dinov2_vitb14_reg4": (768, 12, 14, 4), "dinov2_vitb14": (768, 12, 14, 0)}
 EXPECTED_DEPTH_ARCH = "DINO-Depth ViT-S/14 export (vit_small_patch14, in_chans=1, embed 384, 12 blocks)"
@@ -285,6 +289,78 @@ def _interp_settings(num_registers: int) -> dict:
     return {"interpolate_offset": 0.1, "interpolate_antialias": False}
 
 
+def _check_named_arch(name: str, cfg: ViTConfig, weights: str | os.PathLike) -> None:
+    """A named image encoder (``dinov2_vitb14_reg4``…) must be the architecture its name promises."""
+    if name not in _NAMED_IMAGE_ENCODERS:
+        return
+    dim, depth, patch, regs = _NAMED_IMAGE_ENCODERS[name]
+    got = (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.num_register_tokens)
+    if got != (dim, depth, patch, regs):
+        raise EncoderError(
+            f"{weights} does not hold {name} (expected ViT-B/14: embed {dim}, {depth} blocks, patch {patch}, "
+            f"{regs} registers; found embed {got[0]}, {got[1]} blocks, patch {got[2]}, {got[3]} registers). "
+            "Pass the matching --image-encoder (dinov2_vitb14_reg4 / dinov2_vitb14 / auto).")
+
+
+def is_pretrain_image_export(path: str | os.PathLike) -> bool:
+    """True for an encoder exported by our ``pretrain/`` in image mode (``input_norm.modality == "image"``).
+
+    Only peeks: safetensors metadata, or a memory-mapped ``torch.load``, so that a 300 MB DINOv2 file
+    is not read twice. Anything it cannot peek into is left to :func:`read_encoder_weights`.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get("input_norm")
+            norm = json.loads(raw) if raw else None
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            norm = obj.get("input_norm") if isinstance(obj, dict) else None
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError):  # not ours / not a zip checkpoint
+        return False
+    return isinstance(norm, dict) and norm.get("modality") == "image"
+
+
+def _load_pretrain_image_export(name: str, path: Path, dtype: str, device: str | torch.device) -> FrozenEncoder:
+    """Our image-mode export, rebuilt from its architecture record (the head count is not visible in
+    the tensor shapes, so inferring it as for DINOv2 files would be wrong for custom sizes)."""
+    import warnings
+
+    from detect.preprocess import GRAY_MEAN, GRAY_STD
+    from pretrain.export import load_dinodepth
+
+    try:
+        backbone, input_norm = load_dinodepth(path)
+    except (CheckpointError, ValueError, KeyError, TypeError) as exc:
+        raise EncoderError(f"cannot load the image encoder exported by pretrain/ from {path}: {exc}") from None
+    cfg = backbone.cfg
+    _check_named_arch(name, cfg, path)
+    if cfg.in_chans not in (1, 3):
+        raise EncoderError(f"{path}: an image encoder takes 1 or 3 input channels, found {cfg.in_chans}")
+    if cfg.in_chans == 1:
+        # detect feeds grayscale as 3 identical channels: a third of the 1-channel patch embedding on
+        # each gives exactly the pretrained response (and the channel mean for colour images).
+        state = backbone.state_dict()
+        state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].repeat(1, 3, 1, 1) / 3
+        cfg = cfg.replace(in_chans=3)
+        backbone = vit_from_config(cfg)
+        backbone.load_state_dict(state)
+    mean, std = list(input_norm.get("mean", [])), list(input_norm.get("std", []))
+    if not input_norm.get("max_normalize", False) or any(
+            abs(m - GRAY_MEAN) > 1e-6 for m in mean) or any(abs(s - GRAY_STD) > 1e-6 for s in std):
+        warnings.warn(f"{path} was pretrained with input_norm {input_norm}; detect's default image "
+                      f"preprocessing (--image-norm gray) is x/max, (x - {GRAY_MEAN}) / {GRAY_STD}", stacklevel=3)
+    info = EncoderInfo(name, str(path), file_sha256(path), cfg.to_dict(), dict(input_norm))
+    return FrozenEncoder(backbone, info, dtype).to(device)
+
+
 def load_image_encoder(name: str = "dinov2_vitb14_reg4", weights: str | os.PathLike | None = None,
                        dtype: str = "fp32", device: str | torch.device = "cpu",
                        random_arch: str = "vit_base_patch14", random_overrides: dict | None = None,
@@ -309,20 +385,15 @@ def load_image_encoder(name: str = "dinov2_vitb14_reg4", weights: str | os.PathL
             "checkpoint, or a Hugging Face folder saved from facebook/dinov2-with-registers-base "
             "(Dinov2WithRegistersModel.from_pretrained(...).save_pretrained(DIR)). Nothing is downloaded. "
             "For tests and demos only: --image-encoder random.")
+    if is_pretrain_image_export(weights):
+        return _load_pretrain_image_export(name, Path(weights), dtype, device)
     sd, overrides, files = read_encoder_weights(weights)
     try:
         cfg = infer_config_from_state_dict(sd, **overrides)
     except ValueError as exc:
         raise EncoderError(f"{weights}: {exc}") from None
     cfg = cfg.replace(**_interp_settings(cfg.num_register_tokens), drop_path_rate=0.0)
-    if name in _NAMED_IMAGE_ENCODERS:
-        dim, depth, patch, regs = _NAMED_IMAGE_ENCODERS[name]
-        got = (cfg.embed_dim, cfg.depth, cfg.patch_size, cfg.num_register_tokens)
-        if got != (dim, depth, patch, regs):
-            raise EncoderError(
-                f"{weights} does not hold {name} (expected ViT-B/14: embed {dim}, {depth} blocks, patch {patch}, "
-                f"{regs} registers; found embed {got[0]}, {got[1]} blocks, patch {got[2]}, {got[3]} registers). "
-                "Pass the matching --image-encoder (dinov2_vitb14_reg4 / dinov2_vitb14 / auto).")
+    _check_named_arch(name, cfg, weights)
     if cfg.in_chans != 3:
         raise EncoderError(f"{weights}: the image encoder must take 3 input channels, found {cfg.in_chans}")
     backbone = vit_from_config(cfg)
@@ -357,6 +428,44 @@ def load_depth_encoder(ckpt: str | os.PathLike | None, dtype: str = "fp32",
     if input_norm.get("modality", "depth") != "depth":
         raise EncoderError(f"{path}: input_norm says modality {input_norm.get('modality')!r}, not a depth encoder")
     info = EncoderInfo("dino_depth", str(path), file_sha256(path), backbone.cfg.to_dict(), dict(input_norm))
+    return FrozenEncoder(backbone, info, dtype).to(device)
+
+
+def load_random_depth_encoder(like: str | os.PathLike | None = None, dtype: str = "fp32",
+                              device: str | torch.device = "cpu", arch: str = "vit_small_patch14",
+                              seed: int = 0) -> FrozenEncoder:
+    """A randomly initialised 1-channel depth encoder (depth-encoder ablation, "random init").
+
+    With ``like`` (a DINO-Depth export) the architecture and the stored depth normalisation are taken
+    from it, so that the comparison with the pretrained encoder changes the weights only; otherwise
+    ``arch`` with one input channel and the default normalisation. Seeded: the same ``seed`` gives the
+    same weights (and so the same feature-cache key).
+    """
+    from pretrain.export import default_depth_input_norm
+
+    if like:
+        path = Path(like)
+        if not path.is_file():
+            raise EncoderError(f"DINO-Depth checkpoint {path} does not exist (its architecture defines the random "
+                               "depth encoder; without --ckpt a ViT-S/14 with one input channel is used)")
+        from pretrain.export import load_dinodepth
+
+        try:
+            template, input_norm = load_dinodepth(path)
+        except (CheckpointError, ValueError, KeyError, TypeError) as exc:
+            raise EncoderError(f"cannot read the architecture of {path}: {exc}") from None
+        cfg = template.cfg
+        del template
+    else:
+        cfg = ViTConfig.from_arch(arch, in_chans=1)
+        input_norm = default_depth_input_norm()
+    if cfg.in_chans != 1:
+        raise EncoderError(f"a depth encoder takes 1 input channel, the template has {cfg.in_chans}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        backbone = vit_from_config(cfg.replace(drop_path_rate=0.0))
+    info = EncoderInfo("random_depth", "random", tensors_sha256(backbone.state_dict()), backbone.cfg.to_dict(),
+                       dict(input_norm), random=True)
     return FrozenEncoder(backbone, info, dtype).to(device)
 
 
@@ -403,8 +512,10 @@ __all__ = [
     "ViTConfig",
     "check_token_grids",
     "hf_dinov2_to_dinov2",
+    "is_pretrain_image_export",
     "load_depth_encoder",
     "load_image_encoder",
+    "load_random_depth_encoder",
     "read_encoder_weights",
     "resample_tokens",
     "tensors_sha256",

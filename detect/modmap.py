@@ -176,11 +176,13 @@ def target_views_for(n_views: int, num_target_views: int = 0, seed: int = 42) ->
 
 @torch.no_grad()
 def target_token_maps(model: ModMap, image: torch.Tensor, depth: torch.Tensor, target: int,
-                      sources: Sequence[int], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                      sources: Sequence[int], chunk: int = 0, class_id: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ψ_D^t and Ψ_I^t (T,) for one target: per-token minimum over ``sources`` of ``1 − cos``.
 
     ``image`` (N, T, c_I) and ``depth`` (N, T, c_D) are the cached tokens (on the model's device).
     Sources run in chunks of ``chunk`` (0 = all at once) with running minima (memory O(chunk·T)).
+    ``class_id``: the class index of a multi-class model (§15), None for class-specific models.
     """
     src_all = torch.as_tensor(list(sources), dtype=torch.long, device=image.device)
     step = len(src_all) if chunk <= 0 else chunk
@@ -189,7 +191,8 @@ def target_token_maps(model: ModMap, image: torch.Tensor, depth: torch.Tensor, t
     for start in range(0, len(src_all), step):
         src = src_all[start:start + step]
         tgt = torch.full_like(src, target)
-        pred_depth, pred_image = model(image[src], depth[src], src, tgt)
+        cls = None if class_id is None else torch.full_like(src, int(class_id))
+        pred_depth, pred_image = model(image[src], depth[src], src, tgt, cls)
         err_d = (1.0 - cosine_similarity(pred_depth, tgt_depth.unsqueeze(0))).amin(dim=0)
         err_i = (1.0 - cosine_similarity(pred_image, tgt_image.unsqueeze(0))).amin(dim=0)
         best_d = err_d if best_d is None else torch.minimum(best_d, err_d)
@@ -274,7 +277,7 @@ def _sync(device: torch.device) -> None:
 
 def iter_view_maps(model: ModMap, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
                    depth_inputs: Callable[[int], torch.Tensor], size: int, settings: InferenceSettings,
-                   timing: InstanceTiming | None = None) -> Iterator[ViewMaps]:
+                   timing: InstanceTiming | None = None, class_id: int | None = None) -> Iterator[ViewMaps]:
     """Stream the per-view maps of one instance, one target at a time.
 
     ``depth_inputs(t)`` returns the preprocessed depth of view t at ``size`` (for the foreground mask).
@@ -286,7 +289,7 @@ def iter_view_maps(model: ModMap, image: torch.Tensor, depth: torch.Tensor, grid
         fg = foreground_mask(depth_inputs(t), settings.fg_connectivity)
         _sync(image.device)
         t0 = time.perf_counter()
-        psi_d, psi_i = target_token_maps(model, image, depth, t, sources[t], settings.source_chunk)
+        psi_d, psi_i = target_token_maps(model, image, depth, t, sources[t], settings.source_chunk, class_id)
         maps = upsample_tokens(torch.stack([psi_d, psi_i]), grid, size)
         maps = gaussian_blur(maps, settings.blur_sigma)
         fg_t = torch.from_numpy(fg).to(maps.device)
@@ -318,13 +321,17 @@ def depth_input_for_mask(depth: np.ndarray, size: int, norm: str, eps: float, pc
 def predict_instance(model: ModMap, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
                      load_view: Callable[[int], tuple[np.ndarray, object | None]], geometries: Sequence[ViewGeometry],
                      size: int, depth_norm: dict, settings: InferenceSettings, voxel_grid=None,
-                     on_view: Callable[[ViewMaps, np.ndarray], None] | None = None) -> InstancePrediction:
+                     on_view: Callable[[ViewMaps, np.ndarray], None] | None = None,
+                     class_id: int | None = None,
+                     view_maps: Callable[..., Iterator[ViewMaps]] | None = None) -> InstancePrediction:
     """Per-view maps → original geometry → voxel volume for one instance, streaming over targets.
 
     ``load_view(t)`` returns the raw depth (H, W) of view t and its :class:`detect.volume.ViewCalibration`
     (or None: 2D-only mode). ``depth_norm`` holds ``mode``/``eps``/``pct``/``pad_mode`` of the depth
     preprocessing. ``voxel_grid`` (a :class:`shared.geometry.VoxelGrid`) enables the volume;
-    ``on_view(maps, combined_original)`` receives every view's maps (e.g. to save them).
+    ``on_view(maps, combined_original)`` receives every view's maps (e.g. to save them); ``class_id``
+    is the class index of a multi-class model (None: class-specific). ``view_maps`` replaces
+    :func:`iter_view_maps` (same arguments), e.g. :func:`detect.cmdr.iter_view_maps_cmdr`'s scoring.
     """
     from detect.volume import VolumeAccumulator
 
@@ -340,7 +347,8 @@ def predict_instance(model: ModMap, image: torch.Tensor, depth: torch.Tensor, gr
                                     depth_norm.get("pad_mode", "edge"))
 
     score_2d = 0.0
-    for maps in iter_view_maps(model, image, depth, grid, depth_input, size, settings, timing):
+    for maps in (view_maps or iter_view_maps)(model, image, depth, grid, depth_input, size, settings, timing,
+                                              class_id):
         score_2d = max(score_2d, float(maps.combined.max()))
         geom = geometries[maps.view]
         t0 = time.perf_counter()

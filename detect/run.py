@@ -6,6 +6,8 @@
 Modes (``--mode``): ``fit`` (train the mapping networks of every class and setup), ``predict`` (per-view
 maps, anomaly volumes and instance scores of the test instances), ``evaluate`` (metrics and the
 per-class results table from the saved predictions), ``all`` (default: the three in order).
+``python detect/run.py ablate --config configs/detect/ablate/tiny.yaml ...`` runs the paper's ablation
+tables instead (:mod:`detect.ablate`).
 
 Settings come from :class:`DetectConfig` defaults ← ``--config`` YAML ← ``--flag`` options ←
 ``key=value`` overrides; the resolved config is saved as ``<out>/config.yaml``. Outputs
@@ -77,7 +79,7 @@ class DetectConfig:
     out: str = "runs/detect"
     # encoders
     ckpt: str = ""
-    depth_encoder: Literal["dino_depth", "dinov2_on_depth"] = "dino_depth"
+    depth_encoder: Literal["dino_depth", "dinov2_on_depth", "random"] = "dino_depth"
     image_encoder: Literal["dinov2_vitb14_reg4", "dinov2_vitb14", "auto", "random"] = "dinov2_vitb14_reg4"
     image_encoder_weights: str = ""
     random_encoder_arch: str = "vit_base_patch14"
@@ -103,6 +105,8 @@ class DetectConfig:
     loss_mask: Literal["all", "foreground"] = "all"
     match_steps: bool = False
     modulator_hidden: int = 128
+    multi_class: bool = False
+    class_balanced: bool = False
     seed: int = 42
     # inference
     aggregation: Literal["max", "min", "prod", "mean"] = "max"
@@ -122,6 +126,27 @@ class DetectConfig:
     device: str = "auto"
     deterministic: bool = True
     progress: bool = True
+    # single-view datasets (detect/single_view.py) and CMDR-IAD-style scoring (detect/cmdr.py)
+    dataset: Literal["sim3d", "mvtec3d", "eyecandies", "sim3d_single"] = "sim3d"
+    bg_removal: Literal["none", "plane", "ransac_dbscan"] = "none"
+    single_views: list[str] = field(default_factory=list)
+    train_splits: list[str] = field(default_factory=list)
+    train_limit: int = 0
+    eyecandies_image: int = 0
+    eval_res: int = 0
+    scoring: Literal["modmap", "cfm", "cmdr"] = "modmap"
+    modality: Literal["both", "image", "depth"] = "both"
+    missing_depth: Literal["ignore", "image_fallback"] = "ignore"
+    score_norm: Literal["auto", "none", "cfm"] = "auto"
+    cmdr_window: int = 7
+    cmdr_epochs: int = 0
+    cmdr_lr: float = 1e-3
+    cmdr_batch_size: int = 8
+    cmdr_hidden_ratio: float = 0.5
+    cmdr_bottleneck_ratio: float = 0.25
+    cmdr_kernel: int = 3
+    cmdr_pre_sigma: float = -1.0
+    cmdr_post_sigma: float = -1.0
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -138,6 +163,33 @@ class DetectConfig:
             raise ConfigError("--data (data_root) is required")
         if any(not 0 < a <= 1 for a in self.pro_limits):
             raise ConfigError(f"pro_limits must lie in (0, 1], got {self.pro_limits}")
+        self._validate_scoring()
+
+    def _validate_scoring(self) -> None:
+        """Single-view datasets and the CMDR-IAD-style scoring options (detect/single_view.py, detect/cmdr.py)."""
+        if self.modality != "both" and self.scoring != "cmdr":
+            raise ConfigError(f"--modality {self.modality} needs --scoring cmdr (with one modality only its "
+                              "reconstruction branch can score; the mapping needs both)")
+        if self.missing_depth != "ignore" and (self.scoring != "cmdr" or self.modality != "both"):
+            raise ConfigError("--missing-depth image_fallback needs --scoring cmdr with --modality both")
+        if self.cmdr_window < 1 or self.cmdr_window % 2 == 0:
+            raise ConfigError(f"cmdr_window must be a positive odd number of tokens, got {self.cmdr_window}")
+        for name in ("cmdr_batch_size", "cmdr_kernel"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.cmdr_kernel % 2 == 0:
+            raise ConfigError(f"cmdr_kernel must be odd, got {self.cmdr_kernel}")
+        if self.train_limit < 0 or self.cmdr_epochs < 0 or self.eval_res < 0:
+            raise ConfigError("train_limit, cmdr_epochs and eval_res must be >= 0")
+        if self.dataset == "sim3d":
+            if self.modality != "both":
+                raise ConfigError(f"--modality {self.modality} is a single-view option (--dataset mvtec3d, "
+                                  "eyecandies or sim3d_single): multiview volumes need depth and both branches")
+            if self.scoring != "modmap" and self.multi_class:
+                raise ConfigError(f"--scoring {self.scoring} is not available with --multi-class")
+            if self.score_norm == "cfm":
+                raise ConfigError("--score-norm cfm is per-image (single-view datasets); multiview volumes are not "
+                                  "normalised")
 
 
 # Help text of every setting (shown by --help); aliases are extra flag names.
@@ -151,7 +203,7 @@ FIELD_HELP: dict[str, str] = {
     'gt_reader': "GT volume reader name; 'none' = no voxel metrics",
     'out': 'output folder',
     'ckpt': 'DINO-Depth export (python -m pretrain.export ... --out dinodepth.pth)',
-    'depth_encoder': 'depth encoder',
+    'depth_encoder': "depth encoder (random: DINO-Depth's architecture, randomly initialised; ablations)",
     'image_encoder': "image encoder; 'random' only for tests/demos (marks every output)",
     'image_encoder_weights': 'local DINOv2 weights: official .pth, timm checkpoint or HF folder',
     'random_encoder_arch': 'architecture of --image-encoder random',
@@ -176,6 +228,8 @@ FIELD_HELP: dict[str, str] = {
     'loss_mask': 'tokens entering the loss',
     'match_steps': 'same-view variants: as many optimizer steps as modmap',
     'modulator_hidden': 'FiLM modulator hidden width',
+    'multi_class': 'one model for all classes, class one-hot in the modulators (modmap.md §15)',
+    'class_balanced': 'multi-class: resample pairs so every class contributes equally per epoch',
     'seed': 'random seed (init, pair shuffling, view subsampling)',
     'aggregation': 'modality combination Ξ',
     'blur_sigma': 'Gaussian smoothing of the upsampled maps (pixels at input size)',
@@ -193,6 +247,31 @@ FIELD_HELP: dict[str, str] = {
     'device': 'cpu, cuda, cuda:1, ... (auto: cuda when available)',
     'deterministic': 'deterministic algorithms where available',
     'progress': 'progress bars',
+    'dataset': 'dataset layout: sim3d (multiview, volumes) or a single-view benchmark with 2D metrics '
+               '(mvtec3d, eyecandies, sim3d_single = one view per instance of a SiM3D-layout root)',
+    'bg_removal': 'mvtec3d: background removal of the xyz scans (in memory; the TIFFs are never rewritten)',
+    'single_views': "sim3d_single: view stems used as single-view samples (empty: the first stem; 'all')",
+    'train_splits': 'single-view training splits (mvtec3d: train,validation; eyecandies: train,val; '
+                    'empty: train)',
+    'train_limit': 'single-view: use at most this many training images, evenly spaced (0: all)',
+    'eyecandies_image': 'eyecandies: which <idx>_image_<k>.png is the image (0 = all spotlights on)',
+    'eval_res': 'single-view metrics resolution: 0 = GT native; R = CFM/CMDR parity (maps and GT at R×R)',
+    'scoring': 'per-view scoring: modmap (1 - cos maps, Ξ), cfm (product of sqrt(2-2cos) maps, smoothing) '
+               'or cmdr (CMDR-IAD reconstruction decoders + reliability-gated fusion)',
+    'modality': "cmdr, single-view: 'image'/'depth' = that modality's reconstruction branch alone (the other "
+                'modality is never read)',
+    'missing_depth': 'cmdr: image_fallback = foreground holes without valid depth are scored by the image branch',
+    'score_norm': 'single-view per-image normalisation (auto: cfm for cfm/cmdr scoring, none for modmap)',
+    'cmdr_window': 'cmdr: reliability-gate window (tokens, odd)',
+    'cmdr_epochs': 'cmdr: decoder training epochs (0: --epochs)',
+    'cmdr_lr': 'cmdr: decoder Adam learning rate',
+    'cmdr_batch_size': 'cmdr: decoder batch (views or images)',
+    'cmdr_hidden_ratio': 'cmdr: decoder hidden width / feature dim',
+    'cmdr_bottleneck_ratio': 'cmdr: decoder bottleneck width / feature dim',
+    'cmdr_kernel': 'cmdr: decoder spatial kernel (tokens, odd)',
+    'cmdr_pre_sigma': 'cmdr: smoothing of the image reconstruction distance, fraction of the image side '
+                      '(-1: CMDR-IAD\'s 3.74 px at 224)',
+    'cmdr_post_sigma': 'cfm/cmdr: smoothing of the final map, fraction of the image side (-1: 4.69 px at 224)',
 }
 FLAG_ALIASES: dict[str, str] = {'data_root': '--data'}
 
@@ -362,6 +441,11 @@ class Runner:
         if cfg.depth_encoder == "dino_depth":
             depth_enc = load_depth_encoder(cfg.ckpt or None, cfg.encoder_dtype, self.device)
             stored_norm = depth_enc.info.input_norm
+        elif cfg.depth_encoder == "random":
+            from detect.encoders import load_random_depth_encoder
+
+            depth_enc = load_random_depth_encoder(cfg.ckpt or None, cfg.encoder_dtype, self.device, seed=cfg.seed)
+            stored_norm = depth_enc.info.input_norm
         from shared.depth import DepthNormConfig
 
         base = DepthNormConfig.from_dict(stored_norm) if stored_norm else DepthNormConfig()
@@ -459,12 +543,21 @@ class Runner:
         path = out_dir / "model.pt"
         save_checkpoint({**{k: {n: t.detach().cpu() for n, t in sd.items()}
                             for k, sd in model.component_state_dicts().items()}, "config": meta}, path)
+        if cfg.scoring == "cmdr":  # CMDR-IAD reconstruction decoders on the same cached tokens (detect/cmdr.py)
+            from detect.cmdr import fit_multiview_decoders
+
+            fit_multiview_decoders(cfg, out_dir, image, depth, valid, feats.grid, meta,
+                                   lambda n: _bar(n, f"fit decoders {setup}/{class_name}", cfg.progress, "step"))
         return path
 
     def load_model(self, setup: str, class_name: str, n_views: int, stems: list[str]) -> "tuple[ModMap, dict]":
         from detect.model import ModMap
         from shared.checkpoint import CheckpointError, load_checkpoint
 
+        if self.cfg.multi_class:
+            from detect.multiclass import load_multiclass_model
+
+            return load_multiclass_model(self, setup, class_name, n_views, stems)
         path = self.class_dir(setup, class_name) / "model.pt"
         if not path.is_file():
             raise RunError(f"no trained model {path}: run --mode fit (or all) first")
@@ -484,6 +577,11 @@ class Runner:
             model.load_component_state_dicts(obj)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise RunError(f"{path} is not a ModMap model file: {exc}") from None
+        self.check_model_meta(path, meta)
+        return model.to(self.device).eval(), meta
+
+    def check_model_meta(self, path: Path, meta: dict) -> None:
+        """A model must be used with the encoders and preprocessing it was trained with."""
         current = self.encoder_record()
         for key in ("image_encoder", "depth_encoder"):
             if meta[key]["sha256"] != current[key]["sha256"]:
@@ -493,7 +591,6 @@ class Runner:
         if meta["feature_settings"] != current["feature_settings"]:
             raise RunError(f"{path} was trained with other preprocessing settings: {meta['feature_settings']} "
                            f"vs {current['feature_settings']}")
-        return model.to(self.device).eval(), meta
 
     # -- predict --------------------------------------------------------------------------------
     def predict(self, setup: str, class_name: str) -> None:
@@ -506,7 +603,14 @@ class Runner:
         if not ds.test_records:
             raise RunError(f"class {class_name}: no test instances under {ds.path}")
         out_dir = self.class_dir(setup, class_name)
-        model, _ = self.load_model(setup, class_name, ds.n_views, ds.stems)
+        model, model_meta = self.load_model(setup, class_name, ds.n_views, ds.stems)
+        class_id = model_meta.get("class_index")  # multi-class models only
+        from detect.cmdr import multiview_view_maps
+
+        try:  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
+            view_maps = multiview_view_maps(cfg, out_dir, self.encoder_record(), self.device)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RunError(str(exc)) from None
         inf = InferenceSettings(aggregation=cfg.aggregation, blur_sigma=cfg.blur_sigma,
                                 fg_connectivity=cfg.fg_connectivity, num_source_views=cfg.num_source_views,
                                 num_target_views=cfg.num_target_views, source_chunk=cfg.source_chunk,
@@ -547,7 +651,7 @@ class Runner:
                 self._save_maps(out_dir, _rec.name, view, maps, combined_orig, _geoms[maps.view])
 
             pred = predict_instance(model, image, depth, feats.grid, load, feats.geometries, cfg.image_size,
-                                    self.depth_norm, inf, grid, on_view)
+                                    self.depth_norm, inf, grid, on_view, class_id, view_maps)
             pred.timing.encode_s = encode_s
             if pred.volume is not None:
                 vol_dir = out_dir / "volumes"
@@ -800,6 +904,10 @@ def _run(cfg: DetectConfig) -> dict:
     import torch
 
     torch.manual_seed(cfg.seed)
+    if cfg.dataset != "sim3d":  # single-view benchmark, 2D metrics (N = 1: ModMap = CFM)
+        from detect.single_view import run_single_view
+
+        return run_single_view(cfg)
     runner = Runner(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -807,8 +915,12 @@ def _run(cfg: DetectConfig) -> dict:
     classes = _classes(cfg)
     results: dict[str, dict[str, dict]] = {}
     for setup in _setups(cfg):
+        if cfg.multi_class and cfg.mode in ("all", "fit"):
+            from detect.multiclass import fit_multiclass_run
+
+            fit_multiclass_run(runner, setup, classes)
         for class_name in classes:
-            if cfg.mode in ("all", "fit"):
+            if cfg.mode in ("all", "fit") and not cfg.multi_class:
                 runner.fit(setup, class_name)
             if cfg.mode in ("all", "predict"):
                 runner.predict(setup, class_name)
@@ -822,8 +934,13 @@ def _run(cfg: DetectConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["ablate"]:  # `python detect/run.py ablate ...` = `python detect/ablate.py ...`
+        from detect.ablate import main as ablate_main
+
+        return ablate_main(args[1:])
     try:
-        cfg = parse_config(argv)
+        cfg = parse_config(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

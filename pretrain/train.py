@@ -252,6 +252,10 @@ class Trainer:
             self.student.backbone.compile()
             self.teacher.backbone.compile()
         self.strategy = cfg.dist.strategy if self.world_size > 1 else "single"
+        if self.strategy == "fsdp" and self.precision == "fp16":
+            # A GradScaler would check only this rank's gradient shards for inf: ranks could disagree on
+            # skipping a step. bf16 needs no scaler.
+            raise ConfigError("dist.strategy=fsdp supports train.precision bf16 or fp32, not fp16")
         self.student_forward: nn.Module = self.student
         if self.world_size > 1:
             self.student_forward = parallel.wrap_models(self.student, self.teacher, cfg.dist.strategy, self.device,
@@ -292,6 +296,8 @@ class Trainer:
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(f"train.device={name} but CUDA is not available")
+        if device.type == "cuda" and device.index is None:  # this rank's GPU (set by shared.distributed.init)
+            device = torch.device("cuda", torch.cuda.current_device())
         return device
 
     def _find_resume(self, resume: bool | str) -> Path | None:

@@ -1,10 +1,16 @@
 """Process-group discovery and set-up, one code path from a laptop to many SLURM nodes.
 
-Detection order (``../shared/spec/dino_depth.md`` §10): SLURM (``srun`` / submitit) variables →
+Detection order (``../shared/spec/dino_depth.md`` §10): SLURM (``srun`` / submitit) or submitit-local variables →
 torchrun variables (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) →
 a single process without any process group. Every collective in the toolkit goes through
 :func:`all_reduce`, which is the identity unless a process group with more than one rank exists
 (upstream DINOv2 calls ``all_reduce`` unguarded and crashes in a single process).
+
+Failure semantics: the process group is created with a timeout that applies to the rendezvous and to
+every collective, so a rank whose peer died or hangs raises (gloo: at once when the peer's socket
+closes, or after the timeout; NCCL: the watchdog aborts after the timeout) instead of waiting
+forever. :func:`is_collective_error` recognises those errors so callers can re-raise them as
+:class:`DistributedFailure` with context.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ class DistEnv:
     local_world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = DEFAULT_MASTER_PORT
-    source: str = "single"  # "slurm", "torchrun" or "single"
+    source: str = "single"  # "slurm", "torchrun", "submitit-local" or "single"
 
     @property
     def is_distributed(self) -> bool:
@@ -44,31 +50,59 @@ class DistEnv:
         return self.rank == 0
 
 
+class DistributedFailure(RuntimeError):
+    """Another rank failed or a collective timed out: this rank stops instead of waiting forever."""
+
+
+# Substrings of the errors gloo / NCCL / the TCP store raise when a peer died or did not answer in time.
+_COLLECTIVE_ERROR_MARKERS = ("gloo", "nccl", "connection closed by peer", "timed out", "timeout",
+                             "connection reset", "broken pipe", "processgroup", "watchdog")
+
+
+def is_collective_error(exc: BaseException) -> bool:
+    """True if ``exc`` comes from a failed or timed-out collective (not from this rank's own code)."""
+    if isinstance(exc, DistributedFailure):
+        return False
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _COLLECTIVE_ERROR_MARKERS)
+
+
+def visible_gpu_count() -> int:
+    """CUDA devices this process may use (respects ``CUDA_VISIBLE_DEVICES``); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def expand_slurm_nodelist(nodelist: str) -> list[str]:
     """Expand SLURM's compressed host list: ``"gpu[01-03,07],cpu5"`` → ``[gpu01, gpu02, gpu03, gpu07, cpu5]``.
 
-    Zero padding of ranges is kept. (Equivalent to ``scontrol show hostnames``, which may not be
-    available inside containers.)
+    Zero padding of ranges is kept; several bracket groups in one name expand as their product
+    (``"r[1-2]n[1-2]"`` → ``r1n1, r1n2, r2n1, r2n2``). (Equivalent to ``scontrol show hostnames``,
+    which may not be available inside containers.)
     """
     hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+    for part in re.findall(r"(?:[^,\[]|\[[^\]]*\])+", nodelist):
         part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
-        if not m:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for rng in ranges.split(","):
-            if "-" in rng:
-                lo, hi = rng.split("-", 1)
-                width = len(lo)
-                for i in range(int(lo), int(hi) + 1):
-                    hosts.append(f"{prefix}{i:0{width}d}{suffix}")
-            else:
-                hosts.append(f"{prefix}{rng}{suffix}")
+        if part:
+            hosts.extend(_expand_host(part))
     return hosts
+
+
+def _expand_host(name: str) -> list[str]:
+    m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", name)
+    if not m:
+        return [name]
+    prefix, ranges, suffix = m.groups()
+    heads: list[str] = []
+    for rng in ranges.split(","):
+        if "-" in rng:
+            lo, hi = rng.split("-", 1)
+            width = len(lo)
+            heads.extend(f"{prefix}{i:0{width}d}" for i in range(int(lo), int(hi) + 1))
+        else:
+            heads.append(f"{prefix}{rng}")
+    tails = _expand_host(suffix) if suffix else [""]
+    return [h + t for h in heads for t in tails]
 
 
 def _slurm_port(job_id: str | None) -> int:
@@ -96,6 +130,18 @@ def detect_env(environ: Mapping[str, str] | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT", DEFAULT_MASTER_PORT)),
             source="torchrun",
+        )
+    if env.get("SUBMITIT_EXECUTOR") == "local" and "SUBMITIT_LOCAL_GLOBALID" in env:
+        # submitit's LocalExecutor (one machine, one process per task, no SLURM variables).
+        world = int(env.get("SUBMITIT_LOCAL_NTASKS", 1))
+        return DistEnv(
+            rank=int(env["SUBMITIT_LOCAL_GLOBALID"]),
+            world_size=world,
+            local_rank=int(env.get("SUBMITIT_LOCAL_LOCALID", 0)),
+            local_world_size=world,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT") or _slurm_port(env.get("SUBMITIT_LOCAL_JOB_ID"))),
+            source="submitit-local",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) >= 1:
         world = int(env["SLURM_NTASKS"])
@@ -132,23 +178,35 @@ def init(backend: str | None = None, environ: Mapping[str, str] | None = None, t
     its local GPU.
     """
     denv = detect_env(environ)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl" and denv.is_distributed and denv.local_rank >= torch.cuda.device_count():
+        # Upstream's launcher assumes 8 GPUs per node; several ranks on one GPU fail obscurely in NCCL.
+        raise DistributedFailure(
+            f"rank {denv.rank} has local rank {denv.local_rank} but only {torch.cuda.device_count()} GPU(s) are "
+            f"visible on this node: start at most one process per GPU (torchrun --nproc_per_node, "
+            f"#SBATCH --ntasks-per-node / --gpus-per-node, slurm.gpus_per_node)")
     if torch.cuda.is_available() and denv.local_rank < torch.cuda.device_count():
         torch.cuda.set_device(denv.local_rank)
     if not denv.is_distributed or (dist.is_available() and dist.is_initialized()):
         return denv
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     os.environ.setdefault("MASTER_ADDR", denv.master_addr)
     os.environ.setdefault("MASTER_PORT", str(denv.master_port))
     import datetime
 
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
-        rank=denv.rank,
-        world_size=denv.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-    log.info("process group up: rank %d/%d via %s (%s)", denv.rank, denv.world_size, denv.source, backend)
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    except (RuntimeError, dist.DistError) as exc:  # e.g. DistStoreError: a peer never showed up
+        raise DistributedFailure(
+            f"rank {denv.rank}/{denv.world_size}: rendezvous at {denv.master_addr}:{denv.master_port} "
+            f"({denv.source} variables) failed within {timeout_s} s: {exc}") from exc
+    log.info("process group up: rank %d/%d via %s (%s), collective timeout %d s", denv.rank, denv.world_size,
+             denv.source, backend, timeout_s)
     return denv
 
 
@@ -211,8 +269,14 @@ def print_main(*args, **kwargs) -> None:
 
 
 class _MainRankFilter(logging.Filter):
+    # The rank is fixed when logging is set up: after the process group is destroyed every process
+    # would otherwise report rank 0 and the last lines of a run would appear once per rank.
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
     def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003 - logging API name
-        return is_main_process()
+        return self.rank == 0
 
 
 def setup_logging(level: int = logging.INFO, all_ranks: bool = False) -> None:
@@ -223,6 +287,8 @@ def setup_logging(level: int = logging.INFO, all_ranks: bool = False) -> None:
     prefix = f"[rank {rank}] " if get_world_size() > 1 else ""
     handler.setFormatter(logging.Formatter(f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     if not all_ranks:
-        handler.addFilter(_MainRankFilter())
+        handler.addFilter(_MainRankFilter(rank))
+        # Python warnings (config differences on resume, ...) would otherwise print once per rank.
+        logging.captureWarnings(True)
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -12,40 +12,21 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.shards import ConversionError, DepthSource, LoadedDepth, SkipSample, SourceItem
-from data_prep.sources.common import file_size, read_png_uint16, rel_posix
+from data_prep.shards import ConversionError, DepthSource, LoadedDepth, SourceItem
+from data_prep.sources.common import file_size, read_png_uint16, rel_posix, skip_on_format_error
+from shared import formats
 
 SPLIT_MAP = {"train": "train", "val": "validation", "test_public": "test", "test_private": "test_private"}
-FOCAL_PX = 711.11
+FOCAL_PX = formats.EYECANDIES_FOCAL_PX
 LAYOUT = ("<root>/<Category>/{train,val,test_public,test_private}/data/<idx>_depth.png with "
           "<idx>_info_depth.yaml beside it (e.g. <root>/CandyCane/train/data/000_depth.png)")
 _DEPTH_SUFFIX = "_depth.png"
 
 
-def decode_eyecandies_depth(u16: np.ndarray, dmin: float, dmax: float) -> np.ndarray:
-    """Official formula, evaluated in float64 and stored as float32 metres."""
-    if u16.dtype != np.uint16:
-        raise SkipSample(f"depth PNG decoded as {u16.dtype}, expected uint16")
-    return (u16.astype(np.float64) / 65535.0 * (dmax - dmin) + dmin).astype(np.float32)
-
-
-def read_info_depth(path: Path) -> tuple[float, float]:
-    import yaml
-
-    try:
-        info = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SkipSample(f"missing {path.name} (needed to decode the depth PNG)") from None
-    except yaml.YAMLError as exc:
-        raise SkipSample(f"{path.name} is not valid YAML: {exc}") from None
-    try:
-        norm = info["normalization"]
-        dmin, dmax = float(norm["min"]), float(norm["max"])
-    except (TypeError, KeyError, ValueError):
-        raise SkipSample(f"{path.name} has no numeric normalization: {{min, max}}") from None
-    if not (np.isfinite(dmin) and np.isfinite(dmax) and dmax > dmin):
-        raise SkipSample(f"{path.name}: invalid normalization range min={dmin}, max={dmax}")
-    return dmin, dmax
+# The decoders are shared with detection (single-view Eyecandies evaluation); data preparation turns
+# their FormatError into a skipped sample.
+decode_eyecandies_depth = skip_on_format_error(formats.decode_eyecandies_depth)
+read_info_depth = skip_on_format_error(formats.read_info_depth)
 
 
 class EyecandiesSource(DepthSource):

@@ -13,22 +13,12 @@ import numpy as np
 from data_prep.shards import ConversionError, DepthSource, LoadedDepth, SourceItem
 from data_prep.sources.common import file_size, read_tiff, rel_posix, xyz_to_z
 
+# The background-removal recipes are shared with detection (single-view MVTec 3D-AD evaluation).
+from shared.formats import BG_METHODS, plane_foreground, ransac_dbscan_foreground
+
 SPLITS = ("train", "validation", "test")
-BG_METHODS = ("none", "plane", "ransac_dbscan")
 LAYOUT = ("<root>/<category>/{train,validation,test}/<good|defect_type>/xyz/NNN.tiff "
           "(e.g. <root>/bagel/train/good/xyz/000.tiff)")
-
-# background-removal constants of the spec (metres)
-PLANE_PATCH = 3
-PLANE_DIST = 0.005
-CLOSE_ITERS = 3
-RING_PX = 10
-RANSAC_DIST = 0.004
-RANSAC_N = 50
-RANSAC_ITERS = 1000
-RANSAC_REMOVE_DIST = 0.005
-DBSCAN_EPS = 0.006
-DBSCAN_MIN_POINTS = 30
 
 
 class MVTec3DSource(DepthSource):
@@ -121,74 +111,6 @@ class MVTec3DSource(DepthSource):
              "detail": f"max z = {zmax:.4g} (expected about 0.5-0.8 m for MVTec 3D-AD in metres)"},
             {"name": "z_positive", "ok": zmin > 0, "fatal": False, "detail": f"min valid z = {zmin:.4g}"},
         ]
-
-
-def _close(mask: np.ndarray, iterations: int) -> np.ndarray:
-    import cv2
-
-    kernel = np.ones((3, 3), np.uint8)
-    return cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel, iterations=iterations) > 0
-
-
-def plane_foreground(xyz: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-    """Spec recipe ``plane``: plane through the mean xyz of 3×3 patches at three image corners
-    (top-left, top-right, bottom-left; valid points only), background = |distance| ≤ 5 mm,
-    foreground closed with a 3×3 kernel (3 iterations). Returns (keep mask, None) or
-    (None, reason) when the plane is undefined (a corner patch without valid points, collinear)."""
-    H, W = valid.shape
-    k = PLANE_PATCH
-    if H < k or W < k:
-        return None, "map smaller than the corner patches"
-    pts = []
-    for r, c in ((0, 0), (0, W - k), (H - k, 0)):
-        v = valid[r:r + k, c:c + k]
-        if not v.any():
-            return None, "a corner patch has no valid point"
-        pts.append(xyz[r:r + k, c:c + k][v].mean(axis=0))
-    p0, p1, p2 = pts
-    normal = np.cross(p1 - p0, p2 - p0)
-    norm = np.linalg.norm(normal)
-    if not norm > 1e-12:
-        return None, "corner points are collinear"
-    normal /= norm
-    dist = np.abs((xyz - p0) @ normal)
-    fg = valid & ~(dist <= PLANE_DIST)
-    return _close(fg, CLOSE_ITERS) & valid, None
-
-
-def ransac_dbscan_foreground(xyz: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray | None, str | None]:
-    """Spec recipe ``ransac_dbscan`` (open3d): RANSAC plane on the valid points of a 10-px border
-    ring, drop points within 5 mm of it, DBSCAN (eps 6 mm, 30 points) on the rest, keep the largest
-    cluster. open3d's RNG is seeded so that shards are reproducible."""
-    import open3d as o3d
-
-    ring = np.zeros_like(valid)
-    ring[:RING_PX, :] = ring[-RING_PX:, :] = True
-    ring[:, :RING_PX] = ring[:, -RING_PX:] = True
-    border = valid & ring
-    if int(border.sum()) < RANSAC_N:
-        return None, f"only {int(border.sum())} valid border points (< ransac_n {RANSAC_N})"
-    o3d.utility.random.seed(0)
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz[border]))
-    plane, _ = pcd.segment_plane(distance_threshold=RANSAC_DIST, ransac_n=RANSAC_N,
-                                 num_iterations=RANSAC_ITERS)
-    a, b, c, d = plane
-    n = np.array([a, b, c], dtype=np.float64)
-    norm = np.linalg.norm(n)
-    if not norm > 0:
-        return None, "degenerate RANSAC plane"
-    dist = np.abs(xyz @ n + d) / norm
-    rest = valid & (dist > RANSAC_REMOVE_DIST)
-    if not rest.any():
-        return None, "every point lies on the background plane"
-    rest_pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(xyz[rest]))
-    labels = np.asarray(rest_pcd.cluster_dbscan(eps=DBSCAN_EPS, min_points=DBSCAN_MIN_POINTS))
-    if labels.size == 0 or labels.max() < 0:
-        return None, "DBSCAN found no cluster"
-    largest = int(np.argmax(np.bincount(labels[labels >= 0])))
-    keep = np.zeros_like(valid)
-    keep[rest] = labels == largest
-    return keep, None
 
 
 __all__ = ["MVTec3DSource", "plane_foreground", "ransac_dbscan_foreground"]
