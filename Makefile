@@ -82,9 +82,10 @@ comma := ,
 # $(call demo_header,text): a visible stage header.
 demo_header = printf '\n==> %s\n' "$(1)"
 # $(call demo_run,stage,command): show the command, run it, append "stage<TAB>wall<TAB>user<TAB>sys" to the
-# timings log (bash's `time` counts the CPU time of every child process) and print that line.
+# timings log (bash's `time` counts the CPU time of every child process) and print that line. A brace
+# group, not a subshell: bash writes the report of `time ( ... ) 2>&3` to the redirected stderr.
 demo_run = mkdir -p $(DEMO) && printf '$$ %s\n' "$(2)" && TIMEFORMAT=$$'$(1)\t%R\t%U\t%S' && \
-	{ time ( $(2) ) 2>&3 ; } 3>&2 2>>$(DEMO_TIMINGS) && \
+	{ time { $(2) ; } 2>&3 ; } 3>&2 2>>$(DEMO_TIMINGS) && \
 	awk -F'\t' 'END { printf "    [%s: %.0f s wall, %.0f s CPU]\n", $$1, $$2, $$3 + $$4 }' $(DEMO_TIMINGS)
 
 demo: $(DEMO_REPORT)

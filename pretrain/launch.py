@@ -137,8 +137,10 @@ class PretrainJob:
 def absolutize(cfg: PretrainConfig, base: Path) -> None:
     """Make the config's paths absolute: the job may start in another working directory."""
     def fix(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser() if Path(p).expanduser().is_absolute()
-                                          else (base / Path(p).expanduser()))
+        if p is None:
+            return None
+        path = Path(p).expanduser()
+        return str(path if path.is_absolute() else base / path)
 
     cfg.train.output_dir = fix(cfg.train.output_dir)
     cfg.data.shards = [fix(p) for p in cfg.data.shards]
