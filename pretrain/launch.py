@@ -252,4 +252,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main: submitit pickles PretrainJob by reference (pretrain.launch),
+    # which a job can import, instead of by value from __main__.
+    from pretrain.launch import main as _main
+
+    sys.exit(_main())
