@@ -98,6 +98,25 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _generator_command(root: Path) -> list[str]:
+    """How a synthetic benchmark root was made (from its ``benchmark.json``), for the report."""
+    try:
+        doc = json.loads((root / "benchmark.json").read_text())
+        c = doc["config"]
+        setups = c["setups"]
+        cmd = (f"python data_prep/synthetic.py --out {shlex.quote(str(root))} --classes {' '.join(c['classes'])} "
+               f"--views {c['n_views']} --size {c['width']} --aspect {c['height'] / c['width']:g} "
+               f"--n-test {c['n_test']} --anomalous-fraction {c['anomalous_fraction']:g} --seed {c['seed']} "
+               f"--setup {'both' if len(setups) > 1 else setups[0]}")
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+        return []
+    rest = {k: v for k, v in c.items() if k not in ("classes", "n_views", "width", "height", "n_test",
+                                                   "anomalous_fraction", "seed", "setups")}
+    return ["The data were generated with (generator version "
+            f"{doc.get('generator_version', '?')}; other generator settings {json.dumps(rest)}):", "",
+            "```bash", cmd, "```", ""]
+
+
 def _data_summary(cfg, classes: list[str]) -> list[str]:
     from detect.data.single_view import open_single_view_class
     from detect.single_view import dataset_options
@@ -182,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["Command (repository root):", "", "```bash", command, "```", "",
               f"Data: `{base.data_root}` ({base.dataset}"
               + (f", views {base.single_views or 'first stem'}" if base.dataset == "sim3d_single" else "") + ")", ""]
+    lines += _generator_command(Path(base.data_root))
     try:
         lines += _data_summary(base, classes) + [""]
     except Exception as exc:  # noqa: BLE001  (the summary is informative only)
