@@ -83,21 +83,63 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings, total_steps:
     return opt, sched
 
 
+def mapping_loss(pred_depth: torch.Tensor, target_depth: torch.Tensor, pred_image: torch.Tensor,
+                 target_image: torch.Tensor, token_weight: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L = (1 − mean cos(depth)) + (1 − mean cos(image)) over the tokens of a batch; with ``token_weight``
+    (B, T) the means run over the valid (foreground) tokens only. Returns (loss, mean cos depth, mean cos image)."""
+    cos_d = cosine_similarity(pred_depth, target_depth)
+    cos_i = cosine_similarity(pred_image, target_image)
+    if token_weight is not None:
+        w = token_weight.float()
+        denom = w.sum().clamp_min(1.0)
+        mean_d, mean_i = (cos_d * w).sum() / denom, (cos_i * w).sum() / denom
+    else:
+        mean_d, mean_i = cos_d.mean(), cos_i.mean()
+    return (1.0 - mean_d) + (1.0 - mean_i), mean_d, mean_i
+
+
 def pair_loss(model: ModMap, image: torch.Tensor, depth: torch.Tensor, pairs: torch.Tensor,
               token_valid: torch.Tensor | None = None, class_id: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of a batch of (source, target) pairs; returns (loss, mean cos depth, mean cos image)."""
     src, tgt = pairs[:, 0], pairs[:, 1]
     pred_depth, pred_image = model(image[src], depth[src], src, tgt, class_id)
-    cos_d = cosine_similarity(pred_depth, depth[tgt])
-    cos_i = cosine_similarity(pred_image, image[tgt])
-    if token_valid is not None:
-        w = token_valid[tgt].float()
-        denom = w.sum().clamp_min(1.0)
-        mean_d, mean_i = (cos_d * w).sum() / denom, (cos_i * w).sum() / denom
-    else:
-        mean_d, mean_i = cos_d.mean(), cos_i.mean()
-    return (1.0 - mean_d) + (1.0 - mean_i), mean_d, mean_i
+    return mapping_loss(pred_depth, depth[tgt], pred_image, image[tgt],
+                        None if token_valid is None else token_valid[tgt])
+
+
+def run_mapping_epochs(opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, epochs: int,
+                       iters: int, batch: int, epoch_order: Callable[[int], torch.Tensor],
+                       batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                       log: Callable[[dict], None] | None = None,
+                       progress: Callable[[int], None] | None = None) -> None:
+    """The optimisation loop shared by the per-class, multi-class and single-view mappings.
+
+    Each epoch draws an order of training items (``epoch_order(epoch)``), cuts it into ``iters`` batches of
+    ``batch`` and steps on ``batch_loss(indices)`` -> (loss, cos depth, cos image). A non-finite loss stops
+    training with FloatingPointError instead of silently diverging. ``log`` receives one record per epoch.
+    """
+    lr = opt.param_groups[0]["lr"]
+    for epoch in range(epochs):
+        order = epoch_order(epoch)
+        sums = torch.zeros(3, device=order.device, dtype=torch.float64)
+        for it in range(iters):
+            loss, cos_d, cos_i = batch_loss(order[it * batch:(it + 1) * batch])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {it}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            sums += torch.stack([loss.detach(), cos_d.detach(), cos_i.detach()]).double()
+            if progress is not None:
+                progress(1)
+        if log is not None:
+            mean = (sums / iters).tolist()
+            log({"epoch": epoch + 1, "loss": mean[0], "cos_depth": mean[1], "cos_image": mean[2],
+                 "lr": lr, "steps": (epoch + 1) * iters})
 
 
 def fit_modmap(image: torch.Tensor, depth: torch.Tensor, settings: TrainSettings,
@@ -124,27 +166,10 @@ def fit_modmap(image: torch.Tensor, depth: torch.Tensor, settings: TrainSettings
     if settings.loss_mask not in ("all", "foreground"):
         raise ValueError(f"loss_mask must be 'all' or 'foreground', got {settings.loss_mask!r}")
     gen = torch.Generator().manual_seed(settings.seed)
-    lr = opt.param_groups[0]["lr"]
-    for epoch in range(epochs):
-        perm = torch.randperm(len(pairs), generator=gen).to(device)
-        sums = torch.zeros(3, device=device, dtype=torch.float64)
-        for it in range(iters):
-            idx = perm[it * batch:(it + 1) * batch]
-            loss, cos_d, cos_i = pair_loss(model, image, depth, pairs[idx], mask)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            sums += torch.stack([loss.detach(), cos_d.detach(), cos_i.detach()]).double()
-            if progress is not None:
-                progress(1)
-        if log is not None:
-            mean = (sums / iters).tolist()
-            log({"epoch": epoch + 1, "loss": mean[0], "cos_depth": mean[1], "cos_image": mean[2],
-                 "lr": lr, "steps": (epoch + 1) * iters})
+    run_mapping_epochs(opt, sched, epochs, iters, batch,
+                       epoch_order=lambda _: torch.randperm(len(pairs), generator=gen).to(device),
+                       batch_loss=lambda idx: pair_loss(model, image, depth, pairs[idx], mask),
+                       log=log, progress=progress)
     model.eval()
     return model
 

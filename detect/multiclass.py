@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from detect.model import ModMap, cosine_similarity, training_pairs
-from detect.modmap import TrainSettings, batch_plan, make_optimizer
+from detect.model import ModMap, training_pairs
+from detect.modmap import TrainSettings, batch_plan, make_optimizer, mapping_loss, run_mapping_epochs
 
 if TYPE_CHECKING:
     from detect.run import Runner
@@ -130,37 +130,17 @@ def fit_multiclass(features: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Te
     opt, sched = make_optimizer(model, settings, total)
     pairs = pairs.to(device)
     gen = torch.Generator().manual_seed(settings.seed)
-    lr = opt.param_groups[0]["lr"]
-    for epoch in range(epochs):
-        order = epoch_order(pairs.cpu(), n_classes, class_balanced, gen).to(device)
-        sums = torch.zeros(3, device=device, dtype=torch.float64)
-        for it in range(iters):
-            p = pairs[order[it * batch:(it + 1) * batch]]
-            pred_depth, pred_image = model(image[p[:, GLOBAL_SRC]], depth[p[:, GLOBAL_SRC]], p[:, LOCAL_SRC],
-                                           p[:, LOCAL_TGT], p[:, CLASS])
-            cos_d = cosine_similarity(pred_depth, depth[p[:, GLOBAL_TGT]])
-            cos_i = cosine_similarity(pred_image, image[p[:, GLOBAL_TGT]])
-            if valid is not None:  # same weighting as detect.modmap.pair_loss
-                w = valid[p[:, GLOBAL_TGT]].float()
-                denom = w.sum().clamp_min(1.0)
-                mean_d, mean_i = (cos_d * w).sum() / denom, (cos_i * w).sum() / denom
-            else:
-                mean_d, mean_i = cos_d.mean(), cos_i.mean()
-            loss = (1.0 - mean_d) + (1.0 - mean_i)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            sums += torch.stack([loss.detach(), mean_d.detach(), mean_i.detach()]).double()
-            if progress is not None:
-                progress(1)
-        if log is not None:
-            mean = (sums / iters).tolist()
-            log({"epoch": epoch + 1, "loss": mean[0], "cos_depth": mean[1], "cos_image": mean[2],
-                 "lr": lr, "steps": (epoch + 1) * iters})
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        p = pairs[idx]
+        pred_depth, pred_image = model(image[p[:, GLOBAL_SRC]], depth[p[:, GLOBAL_SRC]], p[:, LOCAL_SRC],
+                                       p[:, LOCAL_TGT], p[:, CLASS])
+        tgt = p[:, GLOBAL_TGT]
+        return mapping_loss(pred_depth, depth[tgt], pred_image, image[tgt], None if valid is None else valid[tgt])
+
+    run_mapping_epochs(opt, sched, epochs, iters, batch,
+                       epoch_order=lambda _: epoch_order(pairs.cpu(), n_classes, class_balanced, gen).to(device),
+                       batch_loss=batch_loss, log=log, progress=progress)
     model.eval()
     return model
 

@@ -284,8 +284,8 @@ def fit_single_view_mapping(image: torch.Tensor, depth: torch.Tensor, settings, 
     """ModMap's mapping networks with one view, trained on M images (M, T, c): CFM with ModMap's loss,
     optimiser and OneCycle schedule; an epoch visits every image once (``settings.batch_size`` images
     per step, ``drop_last`` but at least one batch)."""
-    from detect.model import ModMap, cosine_similarity
-    from detect.modmap import batch_plan, make_optimizer
+    from detect.model import ModMap
+    from detect.modmap import batch_plan, make_optimizer, mapping_loss, run_mapping_epochs
 
     if image.shape[:2] != depth.shape[:2]:
         raise ValueError(f"image tokens {tuple(image.shape)} and depth tokens {tuple(depth.shape)} differ in M or T")
@@ -299,35 +299,14 @@ def fit_single_view_mapping(image: torch.Tensor, depth: torch.Tensor, settings, 
     view = torch.zeros(batch, dtype=torch.long, device=image.device)
     mask = token_valid if settings.loss_mask == "foreground" else None
     gen = torch.Generator().manual_seed(settings.seed)
-    for epoch in range(settings.epochs):
-        perm = torch.randperm(image.shape[0], generator=gen).to(image.device)
-        sums = torch.zeros(3, dtype=torch.float64, device=image.device)
-        lr = opt.param_groups[0]["lr"]
-        for it in range(iters):
-            idx = perm[it * batch:(it + 1) * batch]
-            pred_d, pred_i = model(image[idx], depth[idx], view, view)
-            cos_d, cos_i = cosine_similarity(pred_d, depth[idx]), cosine_similarity(pred_i, image[idx])
-            if mask is not None:
-                w = mask[idx].float()
-                denom = w.sum().clamp_min(1.0)
-                mean_d, mean_i = (cos_d * w).sum() / denom, (cos_i * w).sum() / denom
-            else:
-                mean_d, mean_i = cos_d.mean(), cos_i.mean()
-            loss = (1.0 - mean_d) + (1.0 - mean_i)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {it}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            sums += torch.stack([loss.detach(), mean_d.detach(), mean_i.detach()]).double()
-            if progress is not None:
-                progress(1)
-        if log is not None:
-            mean = (sums / iters).tolist()
-            log({"epoch": epoch + 1, "loss": mean[0], "cos_depth": mean[1], "cos_image": mean[2], "lr": lr,
-                 "steps": (epoch + 1) * iters})
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pred_d, pred_i = model(image[idx], depth[idx], view, view)
+        return mapping_loss(pred_d, depth[idx], pred_i, image[idx], None if mask is None else mask[idx])
+
+    run_mapping_epochs(opt, sched, settings.epochs, iters, batch,
+                       epoch_order=lambda _: torch.randperm(image.shape[0], generator=gen).to(image.device),
+                       batch_loss=batch_loss, log=log, progress=progress)
     model.eval()
     return model
 
