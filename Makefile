@@ -132,11 +132,12 @@ $(DEMO_DINODEPTH): $(DEMO_SHARDS)
 
 # Real DINOv2 weights cannot be downloaded here: the same trainer pretrains a tiny image encoder on the
 # grayscale images of the training and nominal instances (image mode, DINOv2 photometric augmentations).
+# The list holds paths relative to its own folder (how the trainer resolves them).
 $(DEMO_IMAGE_ENC): $(DEMO_DATA) $(DEMO_NOMINAL)
 	@$(call demo_header,[4/5] Pretrain a tiny image encoder on the synthetic grayscale images ($(DEMO_IMAGE_CFG)) -> $@)
 	@if [ -e $@ ]; then rm -rf $(DEMO)/image_encoder; fi
 	@mkdir -p $(DEMO)/image_encoder
-	@ls $(DEMO)/data/*/*_real/rgb/*.png $(DEMO)/nominal/*/*/rgb/*.png | sort > $(DEMO)/image_encoder/images.txt
+	@cd $(DEMO)/image_encoder && ls ../data/*/*_real/rgb/*.png ../nominal/*/*/rgb/*.png | sort > images.txt
 	@$(call demo_run,4a image-encoder pretraining,$(PY) pretrain/train.py --config $(DEMO_IMAGE_CFG) \
 		train.output_dir=$(DEMO)/image_encoder data.list_file=$(DEMO)/image_encoder/images.txt \
 		$(DEMO_PRETRAIN_ARGS) && $(PY) -m pretrain.export --ckpt $(DEMO)/image_encoder --out $@ --no-safetensors)

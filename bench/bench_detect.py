@@ -19,6 +19,12 @@ Parts:
 * ``aupro``: exact V-AUPRO (all four limits + V-AUROC from one sort) vs one ``np.argsort`` of the same
   pooled scores.
 
+``python bench/run.py detect`` calls :func:`run`: the three parts at the sizes above (N = 6/12/24/36,
+16×16 tokens, 768/384 dims, maps at 224²) plus a source-chunk sweep of the mapping at N = 36 with a
+torch.profiler breakdown, each figure against its target (mapping ≥ 50 % of the matmul FLOP/s — per
+CPU-second on a CPU, since the machine may be shared —, voxel ≥ 5×, V-AUPRO ≤ 3× an argsort, memory
+linear in N).
+
 Results are printed as a table and written to ``--out`` (JSON).
 """
 
@@ -32,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -52,6 +57,7 @@ def _mapper_flops_per_token(ci: int, cd: int) -> int:
 
 
 def matmul_flops(device: str, n: int = 4096, reps: int = 5) -> float:
+    """FLOP/s of fp32 ``torch.mm`` of n×n matrices (the mapping runs in fp32)."""
     import torch
 
     a = torch.randn(n, n, device=device)
@@ -72,15 +78,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def mapping_worker(n_views: int, grid: int, size: int, ci: int, cd: int, device: str, chunk: int) -> dict:
-    """One N in this process: returns time and peak memory of the mapping stage."""
+def mapping_worker(n_views: int, grid: int, size: int, ci: int, cd: int, device: str, chunk: int,
+                   keep_memory: bool = False) -> dict:
+    """One N in this process: returns time and peak memory of the mapping stage. ``keep_memory``:
+    :func:`shared.memory.keep_freed_memory` first (process-wide: run it in a process of its own)."""
     import torch
 
+    from bench.common import current_rss_bytes, reset_peak_rss
     from detect.model import ModMap
     from detect.modmap import InferenceSettings, iter_view_maps
+    from shared.memory import keep_freed_memory
 
+    if keep_memory:
+        keep_freed_memory()
     torch.manual_seed(0)
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reset_peak_rss()  # imports may have peaked higher than the mapping will
+    baseline_rss = current_rss_bytes()
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     t = grid * grid
@@ -97,21 +110,27 @@ def mapping_worker(n_views: int, grid: int, size: int, ci: int, cd: int, device:
     for _ in iter_view_maps(model, image[:2], depth[:2], (grid, grid), lambda i: depth_input, size, settings):
         break
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n_maps = 0
     for maps in iter_view_maps(model, image, depth, (grid, grid), lambda i: depth_input, size, settings):
         n_maps += 1
         del maps
     _sync(device)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     flops = _mapper_flops_per_token(ci, cd) * t * n_views * n_views
-    out = {"n_views": n_views, "tokens": t, "map_s": elapsed, "map_flops": flops, "achieved_flops": flops / elapsed,
-           "n_maps": n_maps, "cached_feature_bytes": (image.numel() + depth.numel()) * 4}
+    out = {"n_views": n_views, "tokens": t, "map_s": elapsed, "map_cpu_s": cpu, "map_flops": flops,
+           "achieved_flops": flops / elapsed, "n_maps": n_maps,
+           "cached_feature_bytes": (image.numel() + depth.numel()) * 4}
     if device.startswith("cuda"):
         out["peak_bytes"] = int(torch.cuda.max_memory_allocated())
     else:
-        peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["peak_bytes"] = int((peak_kb - baseline_rss) * 1024)
+        from bench.common import peak_rss_bytes
+
+        out["peak_bytes"] = peak_rss_bytes() - baseline_rss
+    # The matmul reference in the same process right after the maps (same threads, same load).
+    c0, t0 = time.process_time(), time.perf_counter()
+    out["matmul_flops"] = matmul_flops(device, 4096 if t >= 64 else 1024)
+    out["matmul_cpu_per_wall"] = (time.process_time() - c0) / (time.perf_counter() - t0)
     return out
 
 
@@ -126,16 +145,77 @@ def bench_mapping(args) -> dict:
         if res.returncode != 0:
             raise RuntimeError(f"worker for N={n} failed:\n{res.stderr}")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    peak_matmul = matmul_flops(args.device)
     for r in rows:
-        r["fraction_of_matmul"] = r["achieved_flops"] / peak_matmul
-    return {"matmul_flops": peak_matmul, "rows": rows}
+        r["fraction_of_matmul"] = r["achieved_flops"] / r["matmul_flops"]
+        if not args.device.startswith("cuda"):  # per CPU-second: independent of other load on the machine
+            r["fraction_of_matmul_cpu_time"] = (r["map_flops"] / r["map_cpu_s"]) / (
+                r["matmul_flops"] / r["matmul_cpu_per_wall"])
+    return {"matmul_flops": max(r["matmul_flops"] for r in rows), "rows": rows}
+
+
+def chunk_sweep_worker(n_views: int, grid: int, ci: int, cd: int, device: str, chunks: list[int],
+                       targets: int = 3, keep_memory: bool = False) -> dict:
+    """FLOP/s of :func:`detect.modmap.target_token_maps` (the mapping networks + running minima of one
+    target) for several source-chunk sizes, a torch.profiler operator breakdown of the default (all
+    sources at once), page faults, and the matmul reference — all in this process (``keep_memory``:
+    :func:`shared.memory.keep_freed_memory` first)."""
+    import resource
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from detect.model import ModMap
+    from detect.modmap import target_token_maps
+    from shared.memory import keep_freed_memory
+
+    kept = keep_freed_memory() if keep_memory else False
+
+    torch.manual_seed(0)
+    t = grid * grid
+    image = torch.randn(n_views, t, ci, device=device)
+    depth = torch.randn(n_views, t, cd, device=device)
+    model = ModMap(n_views, ci, cd).to(device).eval()
+    sources = list(range(n_views))
+    flops = _mapper_flops_per_token(ci, cd) * t * n_views * targets
+    rows = []
+    for chunk in chunks:
+        target_token_maps(model, image, depth, 0, sources, chunk)  # warm-up
+        _sync(device)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for tgt in range(targets):
+            target_token_maps(model, image, depth, tgt % n_views, sources, chunk)
+        _sync(device)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        rows.append({"chunk": chunk, "flops_per_s": flops / wall, "flops_per_cpu_s": flops / cpu,
+                     "page_faults_per_target": (r1.ru_minflt - r0.ru_minflt) / targets,
+                     "kernel_time_share": (r1.ru_stime - r0.ru_stime) / max(cpu, 1e-9)})
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=acts) as prof:
+        target_token_maps(model, image, depth, 0, sources, 0)
+        _sync(device)
+    use_cuda = device.startswith("cuda")
+    times = {e.key: (e.self_device_time_total if use_cuda else e.self_cpu_time_total) / 1e6
+             for e in prof.key_averages()}
+    total = sum(times.values()) or 1.0
+    matmul = sum(v for k, v in times.items() if k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
+    c0, t0 = time.process_time(), time.perf_counter()
+    peak = matmul_flops(device, 4096 if t >= 64 else 1024)
+    peak_per_cpu_s = peak / ((time.process_time() - c0) / (time.perf_counter() - t0))
+    for r in rows:
+        r["fraction_of_matmul"] = r["flops_per_s"] / peak
+        r["fraction_of_matmul_cpu_time"] = r["flops_per_cpu_s"] / peak_per_cpu_s
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:8]
+    return {"n_views": n_views, "tokens": t, "targets": targets, "matmul_flops": peak, "rows": rows,
+            "keep_freed_memory": kept,
+            "profile_matmul_share": matmul / total, "profile_top_ops_s": dict(top)}
 
 
 # -- voxel aggregation -------------------------------------------------------------------------------
 def bench_voxel(args) -> dict:
-    from shared.geometry import VoxelGrid, backproject_depth, look_at_c2w
     from detect.volume import ViewCalibration, VolumeAccumulator
+    from shared.geometry import VoxelGrid, backproject_depth, look_at_c2w
 
     h, w = args.height, args.width
     f = 1.1 * w
@@ -222,6 +302,87 @@ def bench_aupro(args) -> dict:
             "note": "metrics time includes GT labelling (26-connectivity), pooling, V-AUROC and 4 AUPRO limits"}
 
 
+TARGET_MAPPING = 0.50  # mapping FLOP/s / matmul FLOP/s
+TARGET_VOXEL = 5.0  # streaming voxel max vs np.maximum.at
+TARGET_AUPRO = 3.0  # exact V-AUPRO time / one np.argsort of the same scores
+TARGET_MEMORY_R2 = 0.95  # peak memory linear in N
+
+
+def _settings(quick: bool, device: str) -> argparse.Namespace:
+    if quick:
+        return argparse.Namespace(views=[2, 3, 4], grid=4, size=32, ci=32, cd=16, chunk=0, device=device,
+                                  height=120, width=160, repeats=2, volumes=1, shape=[24, 21, 22],
+                                  sweep_chunks=[0, 1], sweep_views=3)
+    return argparse.Namespace(views=[6, 12, 24, 36], grid=16, size=224, ci=768, cd=384, chunk=0, device=device,
+                              height=1500, width=2048, repeats=5, volumes=4, shape=[120, 105, 112],
+                              sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36)
+
+
+def run(quick: bool = True) -> dict:
+    """The runner's entry point: mapping scaling in N (time, memory, FLOP/s), a source-chunk sweep,
+    voxel aggregation and exact V-AUPRO, each against its target."""
+    from bench.common import check, device, linear_fit, with_checks
+
+    dev = device()
+    args = _settings(quick, dev)
+    mapping = bench_mapping(args)
+    rows = mapping["rows"]
+    cpu = not dev.startswith("cuda")
+    res: dict = {"device": dev, "tokens": args.grid ** 2, "dims": [args.ci, args.cd], "map_size": args.size,
+                 "per_instance": {r["n_views"]: {"map_s": round(r["map_s"], 3),
+                                                 "s_per_pair_ms": round(1e3 * r["map_s"] / r["n_views"] ** 2, 3),
+                                                 "peak_mb": round(r["peak_bytes"] / 2**20, 1),
+                                                 "mapping_of_matmul": round(r["fraction_of_matmul"], 3),
+                                                 **({"mapping_of_matmul_cpu_time":
+                                                     round(r["fraction_of_matmul_cpu_time"], 3)} if cpu else {})}
+                                  for r in rows}}
+    fit = linear_fit([r["n_views"] for r in rows], [r["peak_bytes"] for r in rows])
+    res["memory_fit"] = {"mb_per_view": round(fit["slope"] / 2**20, 2), "fixed_mb": round(fit["intercept"] / 2**20, 1),
+                         "r2": round(fit["r2"], 4)}
+    sweep = json.loads(_run_worker_cmd(["--sweep", "--views", str(args.sweep_views), "--grid", str(args.grid),
+                                        "--ci", str(args.ci), "--cd", str(args.cd), "--device", dev,
+                                        "--chunks", ",".join(map(str, args.sweep_chunks))]))
+    kept = json.loads(_run_worker_cmd(["--sweep", "--keep-memory", "--views", str(args.sweep_views), "--grid",
+                                       str(args.grid), "--ci", str(args.ci), "--cd", str(args.cd), "--device", dev,
+                                       "--chunks", "0"]))
+    key = "fraction_of_matmul_cpu_time" if cpu else "fraction_of_matmul"
+    res["chunk_sweep"] = {"n_views": sweep["n_views"],
+                          "by_chunk": {r["chunk"]: round(r[key], 3) for r in sweep["rows"]},
+                          "page_faults_per_target": round(sweep["rows"][0]["page_faults_per_target"]),
+                          "kernel_time_share": round(sweep["rows"][0]["kernel_time_share"], 3),
+                          "profile_matmul_share": round(sweep["profile_matmul_share"], 3),
+                          "profile_top_ops_s": {k: round(v, 3) for k, v in sweep["profile_top_ops_s"].items()}}
+    res["keep_freed_memory"] = {"mapping_of_matmul": round(kept["rows"][0][key], 3),
+                                "page_faults_per_target": round(kept["rows"][0]["page_faults_per_target"]),
+                                "kernel_time_share": round(kept["rows"][0]["kernel_time_share"], 3),
+                                "applied": kept["keep_freed_memory"]}
+    voxel = bench_voxel(args)
+    res["voxel"] = {k: voxel[k] for k in ("pixels", "points", "ours_s", "baseline_s", "speedup")}
+    aupro = bench_aupro(args)
+    res["aupro"] = {k: aupro[k] for k in ("elements", "exact_metrics_s", "argsort_s", "ratio")}
+    largest = rows[-1]
+    mapping_ratio = largest[key]
+    how = "per CPU-second (shared CPU)" if cpu else "wall clock"
+    checks = [
+        check(f"mapping FLOP/s / matmul FLOP/s (N={largest['n_views']}, default settings)", mapping_ratio,
+              TARGET_MAPPING, note=how),
+        check(f"mapping FLOP/s / matmul FLOP/s (N={kept['n_views']}, shared.memory.keep_freed_memory)",
+              kept["rows"][0][key], TARGET_MAPPING, note=f"{how}; {args.sweep_views} views, one target at a time"),
+        check("voxel aggregation vs np.maximum.at (speed-up)", voxel["speedup"], TARGET_VOXEL),
+        check("exact V-AUPRO time / one np.argsort", aupro["ratio"], TARGET_AUPRO, "<="),
+        check(f"peak memory linear in N (R² of a linear fit over N={args.views})", fit["r2"], TARGET_MEMORY_R2),
+    ]
+    return with_checks(res, checks)
+
+
+def _run_worker_cmd(extra: list[str]) -> str:
+    cmd = [sys.executable, __file__, *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=Path(__file__).resolve().parents[1])
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(extra)} failed:\n{res.stderr[-4000:]}")
+    return res.stdout.strip().splitlines()[-1]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--part", choices=["all", "mapping", "voxel", "aupro"], default="all")
@@ -239,10 +400,17 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="120,105,112")
     p.add_argument("--out", default="bench/results_detect.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--chunks", default="0,2,4,9,18", help=argparse.SUPPRESS)
+    p.add_argument("--keep-memory", action="store_true", help="shared.memory.keep_freed_memory() first")
     args = p.parse_args(argv)
+    if args.sweep:
+        print(json.dumps(chunk_sweep_worker(int(args.views), args.grid, args.ci, args.cd, args.device,
+                                            [int(c) for c in args.chunks.split(",")], keep_memory=args.keep_memory)))
+        return 0
     if args.worker:
         print(json.dumps(mapping_worker(int(args.views), args.grid, args.size, args.ci, args.cd, args.device,
-                                        args.chunk)))
+                                        args.chunk, args.keep_memory)))
         return 0
     args.views = [int(v) for v in str(args.views).split(",")]
     args.shape = [int(v) for v in str(args.shape).split(",")]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from data_prep.shards import ConversionError, ShardParams, parse_splits, run_conversion
 from data_prep.sources import SOURCES, make_source
+from shared.cli import ArgumentParser, fail, run_main
 
 
 @dataclass
@@ -81,7 +82,7 @@ def convert(source: str, root: str | Path, out: str | Path, **params) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python data_prep/convert.py",
         description="Convert depth maps of a real dataset (or of the built-in synthetic benchmark) into "
                     "webdataset shards <source>-NNNNNN.tar (members <key>.depth.npy float32 NaN-invalid + "
@@ -173,8 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = convert(args.source, args.root, args.out, **params)
     except (ConversionError, ValueError, OSError) as exc:  # OSError: e.g. an unwritable --out
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     except KeyboardInterrupt:
         print("interrupted: complete shards are kept; re-run the same command to resume", file=sys.stderr)
         return 130
@@ -186,4 +186,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -12,14 +12,17 @@ import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: `python data_prep/pseudo_depth.py --help` must not load it.
 DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # Apache-2.0; Base/Large are CC-BY-NC-4.0
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype → torch attribute
 
 
 class ModelUnavailableError(RuntimeError):
@@ -40,31 +43,41 @@ class DepthAnythingRunner:
 
     @property
     def dtype_name(self) -> str:
-        return {v: k for k, v in DTYPES.items()}[self.dtype]
+        import torch
+
+        return {getattr(torch, v): k for k, v in DTYPE_NAMES.items()}[self.dtype]
 
     def preprocess(self, image) -> torch.Tensor:
         """One RGB PIL image → normalised pixel tensor (3, h, w) at the processed resolution."""
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
-    @torch.inference_mode()
     def predict(self, pixel_values: torch.Tensor) -> np.ndarray:
         """(B, 3, h, w) of one shared shape → predicted relative disparity (B, h, w) float32, ≥ 0."""
-        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
-        out = self.model(pixel_values=pixel_values).predicted_depth
-        if out.shape[-2:] != pixel_values.shape[-2:]:  # heads of other sizes: back to the input grid
-            out = F.interpolate(out[:, None].float(), size=pixel_values.shape[-2:], mode="bicubic",
-                                align_corners=False)[:, 0]
-        return out.float().cpu().numpy()
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
+            out = self.model(pixel_values=pixel_values).predicted_depth
+            if out.shape[-2:] != pixel_values.shape[-2:]:  # heads of other sizes: back to the input grid
+                out = F.interpolate(out[:, None].float(), size=pixel_values.shape[-2:], mode="bicubic",
+                                    align_corners=False)[:, 0]
+            return out.float().cpu().numpy()
 
 
 def to_original_size(disparity: np.ndarray, height: int, width: int) -> np.ndarray:
     """Bicubic resize of one prediction to the source image size, clamped at 0 (bicubic overshoots)."""
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(disparity, dtype=np.float32))[None, None]
     out = F.interpolate(t, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
     return out.clamp_min_(0).numpy()
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -74,14 +87,16 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if dtype == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPES)}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto, {', '.join(DTYPE_NAMES)}")
     if device.type != "cuda" and dtype != "fp32":
         warnings.warn(f"dtype {dtype} on {device}: half precision is meant for GPUs, using fp32 instead", stacklevel=2)
         return torch.float32
-    return DTYPES[dtype]
+    return getattr(torch, DTYPE_NAMES[dtype])
 
 
 def hub_reachable(timeout_s: float = 3.0) -> bool:

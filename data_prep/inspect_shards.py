@@ -16,7 +16,6 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.shards import MANIFEST_NAME, file_sha256, load_manifest
+from shared.cli import ArgumentParser, fail, run_main
 from shared.io import atomic_open
 
 
@@ -148,9 +148,9 @@ def inspect_shards(shard_dir: str | Path, previews: int = 8, preview_dir: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python data_prep/inspect_shards.py",
-                                 description="Manifest summary, value-range report and preview PNGs of a shard "
-                                             "folder written by data_prep/convert.py or pseudo_depth.py.")
+    ap = ArgumentParser(prog="python data_prep/inspect_shards.py",
+                        description="Manifest summary, value-range report and preview PNGs of a shard "
+                                    "folder written by data_prep/convert.py or pseudo_depth.py.")
     ap.add_argument("dir", help="shard folder (contains manifest.json)")
     ap.add_argument("--previews", type=int, default=8, help="number of random samples to render (0 = none)")
     ap.add_argument("--preview-dir", default=None, help="where to write previews (default <dir>/previews)")
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = inspect_shards(args.dir, args.previews, args.preview_dir, args.seed, args.verify)
     except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -174,4 +173,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

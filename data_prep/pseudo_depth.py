@@ -9,6 +9,8 @@ written by the same resumable shard writer as every other converter (:mod:`data_
 Images are batched by processed shape (the model cannot concatenate different sizes).
 """
 
+from __future__ import annotations
+
 if __package__ in (None, ""):  # run as a script: put the repo root on sys.path instead of the script dir
     import pathlib
     import sys
@@ -23,8 +25,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 
+# torch and transformers are imported when inference starts (fast --help, shared/cli.py).
 from data_prep.depth_anything import (
     DEFAULT_MODEL,
     DepthAnythingRunner,
@@ -49,6 +51,7 @@ from data_prep.shards import (
     parse_splits,
     run_conversion,
 )
+from shared.cli import ArgumentParser, fail, run_main
 
 
 class PseudoDepthSource(DepthSource):
@@ -95,8 +98,9 @@ class PseudoDepthSource(DepthSource):
         raise NotImplementedError("pseudo-depth samples are produced in batches by process_many()")
 
 
-class _Preprocessed(torch.utils.data.Dataset):
-    """Decode + preprocess images in DataLoader workers; failures come back as a reason string."""
+class _Preprocessed:
+    """Decode + preprocess images in DataLoader workers (a map-style dataset); failures come back as a
+    reason string."""
 
     def __init__(self, tasks: list[tuple[int, SourceItem]], processor) -> None:
         self.tasks = tasks
@@ -140,6 +144,8 @@ def make_process_many(runner: DepthAnythingRunner, job: SampleJob, batch_size: i
         return sample
 
     def process_many(tasks: Iterator[tuple[int, SourceItem]]) -> Iterator[Outcome]:
+        import torch
+
         task_list = list(tasks)
         in_memory = any(item.ref.loader is not None for _, item in task_list)
         loader = torch.utils.data.DataLoader(
@@ -243,7 +249,7 @@ def pseudo_depth(source: str, root: str | Path, out: str | Path, *, model: str =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python data_prep/pseudo_depth.py",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", required=True, choices=RGB_SOURCES, help="image dataset layout")
@@ -297,9 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device, max_side=args.max_side, seed=args.seed, shard_max_bytes=args.shard_max_bytes,
             shard_max_count=args.shard_max_count, num_parts=args.num_parts, part=args.part, workers=args.workers,
             save_preview_n=args.save_preview, progress=not args.no_progress, **options)
-    except (ModelUnavailableError, ConversionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ModelUnavailableError, ConversionError, ValueError, OSError) as exc:  # OSError: e.g. a full disk
+        return fail(exc)
     brief = {k: summary[k] for k in ("source", "items", "written", "resumed", "skipped", "shards", "checks_failed")}
     print(json.dumps(brief, indent=2))
     for skipped in summary["skipped_items"][:20]:
@@ -308,4 +313,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

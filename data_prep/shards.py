@@ -253,8 +253,13 @@ def encode_npy(depth: np.ndarray) -> bytes:
 
 
 def decode_npy(data: bytes, what: str = "depth.npy") -> np.ndarray:
-    """Inverse of :func:`encode_npy`; checks dtype float32 and 2-D."""
-    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    """Inverse of :func:`encode_npy`; checks dtype float32 and 2-D. Raises ValueError naming ``what``."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # corrupt bytes fail with EOFError, tokenize errors, MemoryError, ...
+        raise ValueError(f"{what}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
+    if not isinstance(arr, np.ndarray):
+        raise ValueError(f"{what}: an .npz archive, expected a single .npy array")
     if arr.dtype != np.float32 or arr.ndim != 2:
         raise ValueError(f"{what}: expected a float32 (H, W) array, got {arr.dtype} {arr.shape}")
     return arr
@@ -383,6 +388,9 @@ class DepthSource:
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root).expanduser().resolve()
         self._cache: dict = {}
+        # Folders of the layout without a single depth file (an empty category, a failed extraction),
+        # relative to the root: found by enumerate(), reported as a warning (exit status unchanged).
+        self.empty_folders: list[str] = []
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -1111,6 +1119,12 @@ def run_conversion(
             if expected != len(items):
                 raise ConversionError(f"processing stopped at item {expected} of {len(items)}")
             writer.close()
+        except OSError as exc:  # writing failed (disk full, quota): name the place, keep what is complete
+            writer.abort(exc)
+            raise ConversionError(
+                f"{sid} part {part}: writing shards to {out_dir} failed: {exc.strerror or exc}. The shard being "
+                f"written was removed; the {len(writer.records)} complete shard(s) are kept: free space and "
+                "re-run the same command to resume") from exc
         except BaseException as exc:
             writer.abort(exc)
             raise
@@ -1141,6 +1155,7 @@ def run_conversion(
             {"name": "samples_written", "ok": agg["counts"]["total"] > 0, "fatal": True,
              "detail": f"{agg['counts']['total']} sample(s) in the shards"},
             *source.range_checks(agg["z_stats"]),
+            *_empty_folder_checks(getattr(source, "empty_folders", [])),
         ]
         entry["shards"] = agg["shards"]
         entry["counts"] = agg["counts"]
@@ -1172,6 +1187,15 @@ def run_conversion(
         "manifest": str(out_dir / MANIFEST_NAME), "fingerprint": fingerprint,
         "params_hash": phash,
     }
+
+
+def _empty_folder_checks(folders: Sequence[str]) -> list[dict]:
+    if not folders:
+        return []
+    shown = ", ".join(folders[:10]) + (f", ... (+{len(folders) - 10} more)" if len(folders) > 10 else "")
+    return [{"name": "no_empty_folders", "ok": False, "fatal": False,
+             "detail": f"{len(folders)} folder(s) without depth files, ignored (empty category or incomplete "
+                       f"download?): {shown}"}]
 
 
 def _merge_reader_reports(parts: Mapping[str, Mapping]) -> dict:

@@ -45,6 +45,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from shared.cli import ArgumentParser, fail, run_main
 from shared.exr import encode_exr
 from shared.geometry import VoxelGrid, look_at_c2w, project_points, rays_to_pixels
 
@@ -86,6 +87,7 @@ class SynthConfig:
     specular_view_prob: float = 0.25  # per real view: a strong specular highlight
     grazing_dropout_cos: float = 0.08  # real scans lose surfaces seen at grazing angles (|cos| below this)
     second_anomaly_prob: float = 0.2
+    anomaly_scale: float = 1.0  # multiplies every anomaly's size (radius, scratch length); 1 = the default mix
     mesh_spacing_m: float = 0.0035  # target triangle edge of the procedural meshes (chord error < 0.03 mm)
     workers: int = 1
 
@@ -117,6 +119,8 @@ class SynthConfig:
         for name in ("artefact_view_prob", "specular_view_prob", "second_anomaly_prob", "grazing_dropout_cos"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.1 <= self.anomaly_scale <= 10.0:
+            raise SynthError(f"anomaly_scale must be in [0.1, 10], got {self.anomaly_scale}")
         if self.depth_noise_m < 0 or self.image_noise < 0 or not self.mesh_spacing_m > 0:
             raise SynthError("depth_noise_m and image_noise must be >= 0 and mesh_spacing_m > 0")
 
@@ -1015,9 +1019,10 @@ def _instance_geometry(model: ObjectModel, job: InstanceJob, rng_shape: np.rando
 
 
 def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, scene, cams: Sequence[Camera],
-                      extent: float, rng: np.random.Generator) -> list[Anomaly]:
+                      extent: float, rng: np.random.Generator, size_scale: float = 1.0) -> list[Anomaly]:
     """Anomaly centres on surface points seen well by at least one camera; about a third are chosen
-    among points seen by at most three views."""
+    among points seen by at most three views. ``size_scale`` multiplies radii and scratch lengths (the
+    random draws stay the same, so scale 1 is the default benchmark)."""
     n_cand = min(4000, len(mesh.vertices))
     cand = rng.choice(len(mesh.vertices), n_cand, replace=False)
     pts, nrm = mesh.vertices[cand], normals[cand]
@@ -1033,28 +1038,29 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
     few = ok & (seen <= 3)
     out: list[Anomaly] = []
     scale = extent / 0.3
+    size = scale * size_scale  # radii and lengths; depths/amplitudes keep the class scale
     for kind in kinds:
         pool = np.nonzero(few if (few.any() and rng.random() < 0.35) else ok)[0]
         if len(pool) == 0:
             raise SynthError("no visible surface point to place an anomaly on; check the camera rig")
         for _ in range(50):  # keep two anomalies of one instance apart
             i = int(rng.choice(pool))
-            if all(np.linalg.norm(pts[i] - a.center) > 2.5 * max(a.radius, 0.02) for a in out):
+            if all(np.linalg.norm(pts[i] - a.center) > 2.5 * max(a.radius, 0.02 * size_scale) for a in out):
                 break
         c, n = pts[i].copy(), nrm[i].copy()
         seed = int(rng.integers(1 << 30))
         if kind in ("bump", "dent"):
             amp = rng.uniform(0.003, 0.007) * scale * (1 if kind == "bump" else -1)
-            out.append(Anomaly(kind, c, n, rng.uniform(0.014, 0.026) * scale, amp, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, rng.uniform(0.014, 0.026) * size, amp, noise_seed=seed))
         elif kind == "missing":
-            out.append(Anomaly(kind, c, n, rng.uniform(0.009, 0.016) * scale, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, rng.uniform(0.009, 0.016) * size, noise_seed=seed))
         elif kind == "stain":
-            out.append(Anomaly(kind, c, n, rng.uniform(0.012, 0.028) * scale, rng.uniform(0.35, 0.6),
+            out.append(Anomaly(kind, c, n, rng.uniform(0.012, 0.028) * size, rng.uniform(0.35, 0.6),
                                noise_seed=seed))
         else:  # scratch: a thin bright line along a random tangent
             tangent = _unit(np.cross(n, rng.normal(size=3)))
-            out.append(Anomaly(kind, c, n, rng.uniform(0.0013, 0.002) * scale, tangent=tangent,
-                               length=rng.uniform(0.03, 0.06) * scale, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, rng.uniform(0.0013, 0.002) * size, tangent=tangent,
+                               length=rng.uniform(0.03, 0.06) * size, noise_seed=seed))
     return out
 
 
@@ -1139,7 +1145,7 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
     if job.anomalous:
         scene0 = _scene(mesh.vertices, mesh.triangles)
         anomalies = _choose_anomalies(job.anomaly_types, mesh, mesh.welded_normals(), scene0, setup.cameras,
-                                      setup.extent_m, rng_anom)
+                                      setup.extent_m, rng_anom, size_scale=cfg.anomaly_scale)
         for an in anomalies:  # geometric anomalies change the mesh; flags follow the triangles
             if an.kind in GEOMETRIC_TYPES:
                 mesh, flags, rm = apply_geometric_anomaly(mesh, an, mesh.welded_normals(), flags)
@@ -1399,7 +1405,7 @@ def _split_list(values: Sequence[str] | None) -> list[str] | None:
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python data_prep/synthetic.py",
         description="Generate the built-in synthetic SiM3D-like multiview benchmark (depth/*.npy, "
                     "rgb/*_2.png, calib/*.npz, gt/volume.npz, gt/masks/*.png; see docs/synthetic_benchmark.md).",
@@ -1430,6 +1436,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="probability of missing-depth patches per real view")
     parser.add_argument("--specular-prob", type=float, default=d.specular_view_prob,
                         help="probability of a strong specular highlight per real view")
+    parser.add_argument("--anomaly-scale", type=float, default=d.anomaly_scale,
+                        help="multiply the size of every anomaly (2-3: defects of a few tokens at 224 px, as in the demo)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="worker processes (the output does not depend on it)")
     parser.add_argument("--overwrite", action="store_true", help="replace a benchmark previously written to --out")
@@ -1447,7 +1455,7 @@ def config_from_args(args: argparse.Namespace) -> SynthConfig:
         setups=SETUPS if args.setup == "both" else (args.setup,), voxel_size=args.voxel_size,
         voxels_across=args.voxels_across, synth_depth_format=args.synth_depth_format,
         depth_noise_m=args.depth_noise, artefact_view_prob=args.artefact_prob,
-        specular_view_prob=args.specular_prob, workers=max(1, args.workers))
+        specular_view_prob=args.specular_prob, anomaly_scale=args.anomaly_scale, workers=max(1, args.workers))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1460,10 +1468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"classes × {cfg.n_views} views ({cfg.width}×{cfg.height}) to {args.out} in "
               f"{summary['elapsed_s']:.1f} s")
     except SynthError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -52,6 +52,7 @@ from typing import Any, Literal
 import numpy as np
 
 from detect.run import PAPER_COLUMNS, SETUPS, DetectConfig, RunError
+from shared.cli import ArgumentParser, fail, run_main
 from shared.config import (
     ConfigError,
     from_dict,
@@ -635,7 +636,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python detect/ablate.py",
         description="Run the paper's ablation tables (3, 4, 6, 7, 8, 10) of ModMap on a dataset.",
         epilog="key=value overrides set AblateConfig fields (tables=[aggregation], source_views=[0,4]) or "
@@ -692,8 +693,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         acfg = parse_args(argv)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     from detect.encoders import EncoderError
     from shared.checkpoint import CheckpointError
 
@@ -701,12 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_ablation(acfg, command)
     except (RunError, EncoderError, ConfigError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(report.read_text())
     print(f"report: {report}; tables: {report.parent / 'tables'}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

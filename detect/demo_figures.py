@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.data.sim3d import InstanceRecord, SiM3DClass, SiM3DError
+from shared.cli import ArgumentParser, fail, run_main
 from shared.io import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "figures.json"
@@ -506,7 +507,7 @@ def _parse_log(text: str) -> tuple[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="python detect/demo_figures.py",
         description="Pictures (per-view heatmaps with GT contours, 3D volumes vs GT, PCA of DINO-Depth "
                     "features, training curves) and dense volume exports of a detect/run.py run.",
@@ -532,8 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = make_figures(args.data, args.detect, args.out, args.ckpt, dict(args.pretrain_log) or None,
                             args.volumes_out, args.pca_size, args.views)
     except (FigureError, SiM3DError, EncoderError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     manifest = json.loads(path.read_text())
     print(f"wrote {len(manifest['figures'])} pictures and {len(manifest['volumes'])} dense volumes "
           f"(manifest {path})")
@@ -541,4 +541,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -16,12 +16,13 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
 import sys
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from shared.cli import ArgumentParser, fail, run_main
 
 
 def check_class(root: str, class_name: str, limits: tuple[float, ...] = (0.3, 0.01)) -> dict:
@@ -56,7 +57,7 @@ def check_class(root: str, class_name: str, limits: tuple[float, ...] = (0.3, 0.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python detect/gt_projection_check.py", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python detect/gt_projection_check.py", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="dataset root with 2D GT masks and GT volumes (synthetic benchmark)")
     p.add_argument("--classes", default="", help="comma-separated classes (default: all)")
     p.add_argument("--out", default="", help="also write the Markdown table here")
@@ -67,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         classes = [c for c in args.classes.split(",") if c] or list_classes(args.data)
         rows = [check_class(args.data, c) for c in classes]
     except (SiM3DError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     lines = ["| Class | V-AUROC | V-AUPRO@30% | V-AUPRO@1% | GT voxels reached |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['class']} | {r['voxel_auroc']:.3f} | {r['voxel_aupro']['0.3']:.3f} | "
@@ -86,4 +86,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

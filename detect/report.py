@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+from shared.cli import ArgumentParser, fail, run_main
 from shared.io import atomic_write_text
 
 HEADLINE_METRICS = ("image_auroc", "voxel_aupro@0.01")
@@ -296,10 +297,10 @@ def _parse_link(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python detect/report.py",
-                                 description="Static index.html report of a detect/run.py run (table, pictures, "
-                                             "3D outputs); open it in any browser, no server needed.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = ArgumentParser(prog="python detect/report.py",
+                        description="Static index.html report of a detect/run.py run (table, pictures, "
+                                    "3D outputs); open it in any browser, no server needed.",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--run", required=True, help="the --out folder of detect/run.py")
     ap.add_argument("--out", required=True, help="the HTML file to write (links are relative to its folder)")
     ap.add_argument("--figures", default=None, help="folder of detect/demo_figures.py (with figures.json)")
@@ -315,11 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = build_report(args.run, args.out, args.figures, args.timings, args.link, args.title)
     except (ReportError, OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(f"wrote {path} (open it in a browser: file://{Path(path).resolve()})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -41,6 +41,7 @@ import numpy as np
 # Light imports only at module level, so that `--help` and config errors answer instantly; torch and
 # the model code are imported when a run starts.
 from detect.metrics import DEFAULT_PRO_LIMITS
+from shared.cli import ArgumentParser, fail, run_main
 from shared.config import ConfigError, save_config
 from shared.io import atomic_write_json, atomic_write_text
 
@@ -282,7 +283,7 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python detect/run.py",
         description="ModMap multiview 3D anomaly detection (fit / predict / evaluate).",
         epilog="Any setting can also be given as key=value (e.g. epochs=10 classes=[vase,stool]). "
@@ -846,8 +847,9 @@ def _fmt(v: Any) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
 
 
-def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder: bool) -> None:
-    """Per-class table in the layout of the paper's Table 1 (classes as columns + Mean)."""
+def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder: bool,
+                  title: str = "ModMap results") -> None:
+    """Per-class table in the layout of the paper's Table 1 (classes as columns + Mean) under ``title``."""
     classes = sorted({c for per in results.values() for c in per},
                      key=lambda c: (list(PAPER_COLUMNS).index(c) if c in PAPER_COLUMNS else len(PAPER_COLUMNS), c))
     headline = [("I-AUROC", lambda m: m.get("image_auroc")),
@@ -862,7 +864,7 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
         ok = [v for v in vals if v is not None and math.isfinite(v)]
         return float(np.mean(ok)) if ok and len(ok) == len(vals) else None
 
-    lines = ["# ModMap results", ""]
+    lines = [f"# {title}", ""]
     if random_encoder:
         lines += ["**RANDOM IMAGE ENCODER (--image-encoder random): test/demo output, not a real result.**", ""]
     cols = [PAPER_COLUMNS.get(c, c) for c in classes]
@@ -929,7 +931,9 @@ def _run(cfg: DetectConfig) -> dict:
     if results:
         random_encoder = cfg.image_encoder == "random" or any(
             m.get("random_image_encoder") for per in results.values() for m in per.values())
-        write_results(out, results, random_encoder)
+        title = {"modmap": "ModMap results", "cfm": "ModMap with CFM scoring: results",
+                 "cmdr": "ModMap with CMDR-IAD scoring: results"}[cfg.scoring]
+        write_results(out, results, random_encoder, title)
     return results
 
 
@@ -942,16 +946,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_config(args)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     from detect.encoders import EncoderError
     from shared.checkpoint import CheckpointError
 
     try:
         results = run(cfg)
     except (RunError, EncoderError, ConfigError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     if results:
         print((Path(cfg.out) / "results.md").read_text())
     print(f"outputs in {cfg.out} (resolved config: {Path(cfg.out) / 'config.yaml'})")
@@ -959,4 +961,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -31,6 +31,7 @@ import warnings
 from pathlib import Path
 
 from detect.run import RunError, parse_config
+from shared.cli import fail, run_main
 from shared.config import ConfigError, load_yaml, save_config, to_dict
 from shared.io import atomic_write_json, atomic_write_text
 
@@ -138,15 +139,14 @@ def _data_summary(cfg, classes: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detect.single_view import method_name, results_table, run_single_view
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         own, rest = _split_args(argv)
         base = parse_config(rest)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
+    from detect.single_view import method_name, results_table, run_single_view  # torch: after --help
+
     if base.dataset == "sim3d":
         print("error: the single-view comparison needs --dataset mvtec3d, eyecandies or sim3d_single", file=sys.stderr)
         return 2
@@ -237,4 +237,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))

@@ -111,14 +111,12 @@ def sample_crop_params(height: int, width: int, scale: tuple[float, float], aug:
     return params
 
 
-def source_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Source positions (y, x) in edge coordinates of every output pixel centre, each (size, size).
-
-    Flips and quarter turns act on centred output coordinates, which they permute exactly (so a
-    rot90 crop equals ``np.rot90`` of the unrotated crop bit for bit).
-    """
+def _grid_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source positions (y, x) of the output pixel centres as *broadcastable* float64 arrays: (S, 1) /
+    (1, S) when the window is not freely rotated (flips and quarter turns only permute the axes), both
+    (S, S) otherwise. Element for element the same arithmetic as a full (S, S) evaluation."""
     centred = np.arange(size, dtype=np.float64) + 0.5 - size / 2
-    b, a = np.meshgrid(centred, centred, indexing="ij")  # b: rows (y), a: columns (x)
+    b, a = centred[:, None], centred[None, :]  # b: rows (y), a: columns (x)
     if params.hflip:
         a = -a
     if params.vflip:
@@ -134,6 +132,20 @@ def source_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.nd
     return y + params.cy, x + params.cx
 
 
+def source_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source positions (y, x) in edge coordinates of every output pixel centre, each (size, size).
+
+    Flips and quarter turns act on centred output coordinates, which they permute exactly (so a
+    rot90 crop equals ``np.rot90`` of the unrotated crop bit for bit).
+    """
+    ys, xs = _grid_coordinates(params, size)
+    shape = (size, size)
+    return np.ascontiguousarray(np.broadcast_to(ys, shape)), np.ascontiguousarray(np.broadcast_to(xs, shape))
+
+
+_BIG = np.float32(1e30)  # a finite stand-in for ±inf (values are ≪ 1e30; inf · 0 would be NaN)
+
+
 def resample(values: np.ndarray, valid: np.ndarray | None, ys: np.ndarray, xs: np.ndarray,
              interp: str = "masked_bilinear", edge_thresh: float | None = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """Sample ``values`` (C, H, W) at edge coordinates (ys, xs) → (out (C, h, w) float32, valid (h, w)).
@@ -144,19 +156,30 @@ def resample(values: np.ndarray, valid: np.ndarray | None, ys: np.ndarray, xs: n
     taken instead (no flying pixels across depth edges); the result is clamped to the span of the
     valid neighbours (exactly convex despite rounding). ``edge_thresh=None`` disables the edge rule
     (images). ``nearest``: the source pixel containing the position.
+
+    ``ys`` and ``xs`` may be any arrays that broadcast to the output shape (e.g. (h, 1) and (1, w) for
+    an axis-aligned window: the per-row / per-column work is then done once per row / column). Values
+    at invalid pixels must be finite. Performance: the gathers are ``np.take`` on flat indices, no
+    stacked (4, n) temporaries, no ``np.where`` with scalars (both are slow in numpy); the arithmetic
+    is the same, operation for operation, as the straightforward implementation
+    (``bench/bench_augment.py`` checks bit-equality against it).
     """
     C, H, W = values.shape
-    shape = ys.shape
-    ys, xs = ys.ravel(), xs.ravel()
-    inside = (ys >= 0) & (ys <= H) & (xs >= 0) & (xs <= W)
+    ys, xs = np.asarray(ys, np.float64), np.asarray(xs, np.float64)
+    shape = np.broadcast_shapes(ys.shape, xs.shape)
+    inside = ((ys >= 0) & (ys <= H)) & ((xs >= 0) & (xs <= W))
     flat_values = values.reshape(C, H * W)
-    flat_valid = np.ones(H * W, dtype=bool) if valid is None else valid.reshape(H * W)
+    flat_valid = None if valid is None else valid.reshape(H * W)
     if interp == "nearest":
         index = (np.clip(np.floor(ys), 0, H - 1).astype(np.intp) * W
                  + np.clip(np.floor(xs), 0, W - 1).astype(np.intp))
-        ok = inside & flat_valid[index]
-        out = np.where(ok, flat_values[:, index], 0).astype(np.float32)
-        return out.reshape(C, *shape), ok.reshape(shape)
+        ok = np.broadcast_to(inside, shape)
+        if flat_valid is not None:
+            ok = ok & np.take(flat_valid, index)
+        out = np.zeros((C, *shape), np.float32)
+        for c in range(C):
+            np.copyto(out[c], np.take(flat_values[c], index), where=ok)
+        return out, np.array(ok)
     if interp != "masked_bilinear":
         raise ValueError(f"unknown interpolation {interp!r}: use 'masked_bilinear' or 'nearest' (never bicubic on depth)")
     yc, xc = ys - 0.5, xs - 0.5  # pixel-centre coordinates
@@ -166,38 +189,49 @@ def resample(values: np.ndarray, valid: np.ndarray | None, ys: np.ndarray, xs: n
     row1 = np.clip(y0f + 1, 0, H - 1).astype(np.intp) * W
     col0 = np.clip(x0f, 0, W - 1).astype(np.intp)
     col1 = np.clip(x0f + 1, 0, W - 1).astype(np.intp)
-    taps = (row0 + col0, row0 + col1, row1 + col0, row1 + col1)
+    taps = (row0 + col0, row0 + col1, row1 + col0, row1 + col1)  # full (h, w) from here on
     gy, gx = 1 - fy, 1 - fx
     weights = (gy * gx, gy * fx, fy * gx, fy * fx)
-    masks = [flat_valid[t] for t in taps]
-    wm = [w * m for w, m in zip(weights, masks)]  # bilinear weights of the valid taps
+    if flat_valid is None:
+        masks = None
+        wm = [np.broadcast_to(w, shape) for w in weights]
+    else:
+        masks = [np.take(flat_valid, t) for t in taps]
+        wm = [w * m for w, m in zip(weights, masks)]  # bilinear weights of the valid taps
     wsum = wm[0] + wm[1] + wm[2] + wm[3]
     ok = inside & (wsum >= 0.5)
-    out = np.zeros((C, ys.size), dtype=np.float32)
-    safe = np.where(wsum > 0, wsum, 1)
-    tap_valid = np.stack(masks)  # (4, n)
-    big = np.float32(np.inf)
+    safe = wsum + (wsum == 0)  # = np.where(wsum > 0, wsum, 1): wsum ≥ 0, and x + 0 = x exactly
+    out = np.zeros((C, *shape), dtype=np.float32)
     for c in range(C):
-        v = np.stack([flat_values[c][t] for t in taps])  # (4, n)
+        v = [np.take(flat_values[c], t) for t in taps]
         acc = (v[0] * wm[0] + v[1] * wm[1] + v[2] * wm[2] + v[3] * wm[3]) / safe
-        vmin = np.where(tap_valid, v, big).min(axis=0)
-        vmax = np.where(tap_valid, v, -big).max(axis=0)
+        if masks is None:
+            vmin = np.minimum(np.minimum(v[0], v[1]), np.minimum(v[2], v[3]))
+            vmax = np.maximum(np.maximum(v[0], v[1]), np.maximum(v[2], v[3]))
+        else:  # over the valid taps only: ±1e30 at invalid taps (v ± 0 = v exactly at valid ones)
+            penalty = [np.multiply(~m, _BIG, dtype=np.float32) for m in masks]
+            lo = [vi + p for vi, p in zip(v, penalty)]
+            vmin = np.minimum(np.minimum(lo[0], lo[1]), np.minimum(lo[2], lo[3]))
+            hi = [vi - p for vi, p in zip(v, penalty)]
+            vmax = np.maximum(np.maximum(hi[0], hi[1]), np.maximum(hi[2], hi[3]))
         with np.errstate(invalid="ignore"):
             acc = np.clip(acc, vmin, vmax)  # exactly convex despite rounding
             edge = (vmax - vmin) > edge_thresh if edge_thresh is not None else None
         if edge is not None and edge.any():
-            # nearest valid neighbour = the valid tap with the largest bilinear weight
-            best = np.argmax(np.stack([w[edge] for w in wm]), axis=0)
-            acc[edge] = v[:, edge][best, np.arange(best.size)]
-        out[c] = np.where(ok, acc, 0)
-    return out.reshape(C, *shape), ok.reshape(shape)
+            # nearest valid neighbour = the valid tap with the largest bilinear weight (first on ties)
+            w_edge = [w[edge] for w in wm]
+            best = np.argmax(np.stack(w_edge), axis=0)
+            acc[edge] = np.choose(best, [vi[edge] for vi in v])
+        np.copyto(out[c], acc, where=ok)
+    return out, ok
 
 
 def warp_crop(values: np.ndarray, valid: np.ndarray | None, params: CropParams, size: int,
               interp: str = "masked_bilinear", edge_thresh: float | None = 0.05) -> tuple[np.ndarray, np.ndarray]:
     """One crop (C, size, size) and its validity (size, size) from the source (C, H, W)."""
-    ys, xs = source_coordinates(params, size)
-    return resample(values, valid, ys, xs, interp, edge_thresh)
+    ys, xs = _grid_coordinates(params, size)
+    out, ok = resample(values, valid, ys, xs, interp, edge_thresh)
+    return out, np.ascontiguousarray(np.broadcast_to(ok, (size, size)))
 
 
 def make_crop(values: np.ndarray, valid: np.ndarray | None, size: int, scale: tuple[float, float], aug: AugConfig,

@@ -208,7 +208,13 @@ class SampleTable:
             raise SampleTableError(f"no samples for sources {sorted(names)} and splits "
                                    f"{'all' if split_sel is None else list(split_sel)} in {[str(d) for d in dirs]}")
         if len(set(keys)) != len(keys):
-            raise SampleTableError("duplicate sample keys across the selected shards")
+            first: dict[str, int] = {}
+            for key, si in zip(keys, shard_of):
+                if key in first:
+                    raise SampleTableError(
+                        f"duplicate sample key {key!r}: in {shards[first[key]].path} and {shards[si].path} "
+                        "(a shard copied or converted twice?); every key must be unique")
+                first[key] = si
         fp_obj = {"v": TABLE_FORMAT_VERSION, "splits": "all" if split_sel is None else list(split_sel),
                   "shards": [[s.source, s.name, s.sha256] for s in shards]}
         fingerprint = hashlib.sha256(json.dumps(fp_obj, sort_keys=True).encode()).hexdigest()
@@ -337,7 +343,7 @@ def _npy_from_buffer(buf: bytearray, what: str) -> np.ndarray:
             shape, fortran, dtype = np.lib.format.read_array_header_1_0(head)
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(head)
-    except ValueError:  # unusual header: let np.load parse it (it raises a clear error if invalid)
+    except Exception:  # unusual or corrupt header: np.load parses it, or decode_npy raises a ValueError
         return decode_npy(bytes(buf), what)
     if dtype != np.float32 or len(shape) != 2 or fortran:
         raise ValueError(f"{what}: expected a C-ordered float32 (H, W) array, got {dtype} {shape}")

@@ -27,7 +27,12 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
+if __name__ == "__main__":  # --help and argument errors answer before the torch import below
+    from pretrain.cli import export_parser
+    from shared.cli import preparse
+
+    preparse(export_parser)
+
 import functools
 import os
 import subprocess
@@ -36,6 +41,7 @@ from typing import Any
 
 import torch
 
+from pretrain.cli import export_parser
 from shared.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -44,6 +50,7 @@ from shared.checkpoint import (
     verify_sha256_sidecar,
     write_sha256_sidecar,
 )
+from shared.cli import fail, run_main
 from shared.vit import (
     DinoVisionTransformer,
     ViTConfig,
@@ -186,16 +193,11 @@ def load_upstream_teacher(checkpoint: dict | str | os.PathLike, map_location: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export the DINO-Depth teacher backbone of a training checkpoint.")
-    parser.add_argument("--ckpt", required=True, help="training checkpoint, or a run directory (uses its latest)")
-    parser.add_argument("--out", required=True, help="output .pth (a .safetensors twin is written beside it)")
-    parser.add_argument("--no-safetensors", action="store_true", help="write only the .pth file")
-    args = parser.parse_args(argv)
+    args = export_parser().parse_args(argv)
     try:
         out = export_from_checkpoint(args.ckpt, args.out, safetensors=not args.no_safetensors)
     except (CheckpointError, ValueError) as exc:
-        print(f"export failed: {exc}")
-        return 1
+        return fail(CheckpointError(f"export failed: {exc}"), status=1)
     model, norm = load_dinodepth(out)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {out} ({n_params:,} backbone parameters, in_chans {model.cfg.in_chans}, input_norm {norm})")
@@ -203,4 +205,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, status=1))

@@ -37,7 +37,12 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
+if __name__ == "__main__":  # --help and argument errors answer before torch is imported (pretrain.config)
+    from pretrain.cli import launch_parser
+    from shared.cli import preparse
+
+    preparse(launch_parser)
+
 import logging
 import os
 import signal
@@ -45,8 +50,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pretrain.cli import launch_parser
 from pretrain.config import PretrainConfig, validate
 from shared import distributed as dist_utils
+from shared.cli import debug_enabled, run_main
 from shared.config import ConfigError, from_dict, load_config, to_dict
 
 log = logging.getLogger("pretrain.launch")
@@ -221,18 +228,7 @@ def submit(cfg: PretrainConfig, cluster: str | None = None, allow_data_change: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Submit DINO-Depth pretraining with submitit (SLURM or this machine).",
-        epilog="Overrides: key=value pairs, e.g. slurm.nodes=2 slurm.gpus_per_node=8 slurm.partition=gpu "
-               "train.output_dir=/shared/runs/x")
-    parser.add_argument("--config", help="YAML config (layered over the built-in defaults)")
-    parser.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"], default="auto",
-                        help="auto: SLURM when sbatch is available, else this machine")
-    parser.add_argument("--allow-data-change", action="store_true", help="resume although the sample table changed")
-    parser.add_argument("--rehearse-preemption-at", type=int, default=None, metavar="N",
-                        help="signal rank 0 at iteration N of the first attempt (tests the requeue path)")
-    parser.add_argument("--wait", action="store_true", help="wait for the job (and its requeues) and print the result")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    parser = launch_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -241,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         job = submit(cfg, None if args.cluster == "auto" else args.cluster, args.allow_data_change,
                      args.rehearse_preemption_at)
     except (ConfigError, LaunchError, ValueError, RuntimeError) as exc:  # RuntimeError: submitit found no srun
+        if debug_enabled():
+            raise
         log.error("%s", exc)
         return 1
     log.info("submitted job %s; logs: %s", job.job_id, job.paths.stdout)
@@ -256,4 +254,4 @@ if __name__ == "__main__":
     # which a job can import, instead of by value from __main__.
     from pretrain.launch import main as _main
 
-    sys.exit(_main())
+    sys.exit(run_main(_main, status=1))

@@ -30,6 +30,7 @@ from pretrain.augment import MultiCrop, depth_multicrop, image_multicrop, image_
 from pretrain.config import PretrainConfig
 from pretrain.masking import assign_masks, collate_mask_fields, masked_upper_bound
 from shared.depth import normalize_depth
+from shared.memory import keep_freed_memory
 
 _AUG_STREAM = 0x61756720  # "aug "
 _REPLACE_STREAM = 0x7265706C  # "repl"
@@ -266,6 +267,7 @@ class MultiCropBatches(torch.utils.data.Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # workers do numpy work; avoid oversubscribing the cores
+    keep_freed_memory()  # no page faults on every sample's fresh arrays (shared/memory.py)
     # Preemption signals are handled by the main process (checkpoint, then exit), not by workers.
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)

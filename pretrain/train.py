@@ -15,7 +15,8 @@ One iteration (§3–§7):
 4. backward, per-submodule gradient clipping, AdamW with the §6 schedules, EMA update of the
    teacher, center updates (effective from the next iteration).
 
-Run directory (``train.output_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl``,
+Run directory (``train.output_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl`` (a run that
+resumes, or starts over, first drops the records of the iterations it is about to redo),
 ``checkpoints/checkpoint_<it>.pth`` + ``checkpoints/latest`` (atomic; last ``train.keep`` kept),
 ``dinodepth.pth`` (+ ``.safetensors``, ``.sha256``) at the end, ``exports/`` (periodic),
 ``eval/pca_<it>.png`` (PCA of teacher patch features of fixed samples).
@@ -34,7 +35,8 @@ a stop flag, so all ranks take the same decisions (non-finite loss, preemption s
 Exit status of ``main`` (also the launchers' contract):
 
 * ``0`` finished, or stopped at ``train.stop_at_iteration``;
-* ``1`` configuration or checkpoint error; ``2`` non-finite loss (``train.on_nonfinite: error``);
+* ``1`` configuration or checkpoint error (also a full disk or an unwritable run directory);
+  ``2`` non-finite loss (``train.on_nonfinite: error``), or bad command-line arguments (argparse);
 * ``3`` distributed failure: another rank died, or a collective / the rendezvous timed out;
 * ``75`` (EX_TEMPFAIL) preempted: SIGTERM, SIGUSR1 or SIGUSR2 arrived, the checkpoint of the current
   iteration was written; rerun the same command (or requeue the job) to resume.
@@ -48,6 +50,12 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
+if __name__ == "__main__":  # --help and argument errors answer before the torch import below
+    from pretrain.cli import train_parser
+    from shared.cli import preparse
+
+    preparse(train_parser)
+
 import argparse
 import json
 import logging
@@ -59,6 +67,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +80,7 @@ from torch import Tensor, nn
 from pretrain import export as export_lib
 from pretrain import parallel
 from pretrain.augment import CropParams, warp_crop
+from pretrain.cli import train_parser
 from pretrain.config import PretrainConfig, validate
 from pretrain.heads import DINOHead
 from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table, prepare_sample
@@ -84,6 +94,7 @@ from pretrain.optim import (
 from pretrain.schedules import Schedules, build_schedules
 from shared import distributed as dist_utils
 from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.cli import debug_enabled, fail, run_main
 from shared.config import ConfigError, from_dict, load_config, save_config, to_dict
 from shared.depth import DepthNormConfig
 from shared.io import atomic_write_text
@@ -93,6 +104,8 @@ log = logging.getLogger("pretrain")
 
 CHECKPOINT_FORMAT_VERSION = 1
 _CKPT_RE = re.compile(r"^checkpoint_(\d{8})\.pth$")
+# Temp files of shared.io.atomic_open left by a process killed mid-write (kill -9, node failure).
+_CKPT_TMP_RE = re.compile(r"^\.(checkpoint_\d{8}\.pth|latest)\..*\.tmp$")
 # Keys that may change between a run and its resumption without affecting the result.
 _RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress", "train.log_period",
                  "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
@@ -380,14 +393,46 @@ class Trainer:
         if not self.is_main:
             return None
         name = f"checkpoint_{self.iteration:08d}.pth"
-        path = save_checkpoint(state, self.ckpt_dir / name)
-        atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+        try:
+            path = save_checkpoint(state, self.ckpt_dir / name)
+            atomic_write_text(self.ckpt_dir / "latest", name + "\n")
+        except OSError as exc:  # disk full, quota, permissions: the previous checkpoint stays intact
+            previous = self._latest_name()
+            raise CheckpointError(
+                f"could not write checkpoint {self.ckpt_dir / name}: {exc.strerror or exc}; nothing was "
+                f"replaced, the latest checkpoint is still {previous or 'none'}; free space and rerun to "
+                "resume") from exc
         self._last_ckpt_iteration = self.iteration
         existing = sorted(p for p in self.ckpt_dir.iterdir() if _CKPT_RE.match(p.name))
         for old in existing[: max(0, len(existing) - max(1, self.cfg.train.keep))]:
             old.unlink(missing_ok=True)
+        # Only this rank writes here, and its writes are complete: any temp file is a killed write's.
+        for stale in (p for p in self.ckpt_dir.iterdir() if _CKPT_TMP_RE.match(p.name)):
+            stale.unlink(missing_ok=True)
         log.info("checkpoint %s", path)
         return path
+
+    def _latest_name(self) -> str | None:
+        try:
+            return (self.ckpt_dir / "latest").read_text().strip() or None
+        except OSError:
+            return None
+
+    def _truncate_metrics(self, iteration: int) -> None:
+        """Drop the ``metrics.jsonl`` records of iterations ≥ ``iteration``, where this run starts.
+
+        A run killed after logging but before its next checkpoint repeats those iterations when it
+        resumes (or starts over): without this the log would hold them twice (and a line cut by a
+        crash would break every JSON-lines reader). Rank 0; the rewrite is atomic."""
+        path = self.out_dir / "metrics.jsonl"
+        if not self.is_main or not path.is_file():
+            return
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if _logged_before(line, iteration)]
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+            log.info("metrics.jsonl: dropped %d record(s) of iterations >= %d (recomputed after the resume)",
+                     len(lines) - len(kept), iteration)
 
     def load_checkpoint(self, path: Path, allow_data_change: bool = False) -> None:
         ckpt = load_checkpoint(path, map_location="cpu")
@@ -656,6 +701,7 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
+            self._truncate_metrics(start)
             if cfg.train.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
@@ -810,6 +856,14 @@ def pca_feature_image(backbone: nn.Module, inputs: Tensor, autocast: Callable | 
 
 
 # -- small helpers ---------------------------------------------------------------------------------------
+def _logged_before(line: str, iteration: int) -> bool:
+    """A complete ``metrics.jsonl`` record of an iteration before ``iteration`` (False for a cut line)."""
+    try:
+        return int(json.loads(line)["iteration"]) < iteration
+    except (ValueError, KeyError, TypeError):
+        return False
+
+
 def _flatten_keys(d: dict, prefix: str = "") -> set[str]:
     keys = set()
     for k, v in d.items():
@@ -850,27 +904,20 @@ def train(cfg: PretrainConfig, table: SampleSource | None = None, resume: bool |
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, PretrainConfig]:
-    parser = argparse.ArgumentParser(
-        description="DINO-Depth self-supervised pretraining (DINOv2 recipe on depth; image mode optional).",
-        epilog="Overrides: key=value pairs, e.g. train.output_dir=runs/x optim.base_lr=5e-4 data.shards=[shards/]")
-    parser.add_argument("--config", help="YAML config (layered over the built-in defaults)")
-    parser.add_argument("--resume", default="auto",
-                        help="checkpoint file or run directory to resume from (default: the run directory's latest)")
-    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
-    parser.add_argument("--allow-data-change", action="store_true", help="resume although the sample table changed")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = parser.parse_args(argv)
+    args = train_parser().parse_args(argv)
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     return args, cfg
 
 
-def _log_error(message: str, rank: int) -> None:
-    """Errors are printed by every rank (the log filter keeps only rank 0's lines)."""
+def _log_error(message: str, rank: int, exc: BaseException | None = None) -> None:
+    """Errors are printed by every rank (the log filter keeps only rank 0's lines); the traceback
+    of ``exc`` only under ``--debug`` / ``DINODEPTH_DEBUG=1`` (:mod:`shared.cli`)."""
     if rank == 0:
         log.error("%s", message)
     else:
         print(f"[rank {rank}] ERROR {message}", file=sys.stderr, flush=True)
+    if exc is not None and debug_enabled():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
 def _set_cpu_threads(denv: dist_utils.DistEnv, device: str) -> None:
@@ -902,13 +949,13 @@ def run_job(cfg: PretrainConfig, resume: bool | str = True, allow_data_change: b
     try:
         result = train(cfg, resume=resume, allow_data_change=allow_data_change, on_iteration_end=on_iteration_end)
     except NonFiniteLossError as exc:
-        _log_error(f"divergence: {exc}", denv.rank)
+        _log_error(f"divergence: {exc}", denv.rank, exc)
         return EXIT_NONFINITE, None
     except (ConfigError, CheckpointError) as exc:
-        _log_error(str(exc), denv.rank)
+        _log_error(str(exc), denv.rank, exc)
         return EXIT_ERROR, None
     except dist_utils.DistributedFailure as exc:
-        _log_error(str(exc), denv.rank)
+        _log_error(str(exc), denv.rank, exc)
         return EXIT_DIST_FAILURE, None
     finally:
         dist_utils.cleanup()
@@ -924,7 +971,10 @@ def run_job(cfg: PretrainConfig, resume: bool | str = True, allow_data_change: b
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, cfg = parse_args(argv)
+    try:
+        args, cfg = parse_args(argv)
+    except ConfigError as exc:  # a missing --config file, an unknown key, a bad value: status 1 (docstring)
+        return fail(exc, EXIT_ERROR)
     if args.print_config:
         from shared.config import dump_config
 
@@ -935,4 +985,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # User errors that escape main (an unwritable output folder, a full disk) exit 1 without a traceback.
+    raise SystemExit(run_main(main, user_errors=(CheckpointError,), status=EXIT_ERROR))

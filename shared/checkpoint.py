@@ -35,8 +35,18 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` ``obj`` atomically to ``path`` (previous file intact on any failure)."""
     path = Path(path)
-    with atomic_open(path, "wb") as handle:
-        torch.save(dict(obj), handle)
+    try:
+        with atomic_open(path, "wb") as handle:
+            torch.save(dict(obj), handle)
+    except RuntimeError as exc:
+        # torch's zip writer replaces a failed write (a full disk) by its own "unexpected pos" error:
+        # report the file-system error itself.
+        cause = exc.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
     return path
 
 

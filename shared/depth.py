@@ -81,37 +81,53 @@ def normalize_depth(
         raise ValueError(f"unknown depth normalisation mode {mode!r}; expected 'nearness' or 'max'")
     if not 0.0 <= eps < 1.0:
         raise ValueError(f"eps must be in [0, 1), got {eps}")
+    if len(pct) != 2 or not 0.0 <= pct[0] < pct[1] <= 100.0:
+        # out-of-range percentiles would index the partition from the wrong end, silently
+        raise ValueError(f"pct must be two percentiles 0 <= lo < hi <= 100, got {tuple(pct)}")
+    if depth.dtype.kind not in "biuf":
+        raise ValueError(f"depth map must hold real numbers, got dtype {depth.dtype}")
     depth = depth.astype(np.float32, copy=False)
     valid = valid_mask(depth, kind)
-    x = np.zeros(depth.shape, dtype=np.float32)
-    values = depth[valid]
-    n_valid = values.size
 
     if mode == "max":
-        vmax = float(values.max()) if n_valid else 0.0
-        if n_valid < MIN_VALID_PIXELS or not vmax > 0:
+        x = np.zeros(depth.shape, dtype=np.float32)
+        values = depth[valid]
+        vmax = float(values.max()) if values.size else 0.0
+        if values.size < MIN_VALID_PIXELS or not vmax > 0:
             x[valid] = 1.0
             return x, valid, True
         x[valid] = (values.astype(np.float64) / vmax).astype(np.float32)
         return x, valid, False
 
+    n_valid = int(np.count_nonzero(valid))
     if n_valid < MIN_VALID_PIXELS:
-        x[valid] = 1.0
-        return x, valid, True
-    lo, hi = percentiles(values, pct)
+        return _all_ones(valid), valid, True
+    lo, hi = valid_percentiles(depth, valid, pct, n_valid)
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
-        x[valid] = 1.0
-        return x, valid, True
-    # float32 arithmetic over the valid values only: the map is already float32 and the affine map
-    # needs no more precision than its input has.
+        return _all_ones(valid), valid, True
+    # float32 arithmetic (the map is already float32 and the affine map needs no more precision than
+    # its input has), in place over the whole map instead of on the gathered valid values plus a
+    # scatter: the same operations on every valid pixel; then every invalid pixel (NaN, ±inf, z ≤ 0)
+    # becomes exactly +0.0 by clearing its bits.
     scale = np.float32(1.0 / (hi - lo))
-    if kind == "metric_z":
-        t = (np.float32(hi) - values) * scale
-    else:
-        t = (values - np.float32(lo)) * scale
-    np.clip(t, 0.0, 1.0, out=t)
-    x[valid] = np.float32(eps) + np.float32(1.0 - eps) * t
+    with np.errstate(invalid="ignore", over="ignore"):
+        if kind == "metric_z":
+            x = np.subtract(np.float32(hi), depth, dtype=np.float32)
+        else:
+            x = np.subtract(depth, np.float32(lo), dtype=np.float32)
+        x *= scale
+        np.maximum(x, np.float32(0.0), out=x)  # = np.clip(x, 0, 1) on the valid (finite) pixels
+        np.minimum(x, np.float32(1.0), out=x)
+        x *= np.float32(1.0 - eps)
+        x += np.float32(eps)
+    x.view(np.int32)[...] &= -valid.view(np.int8).astype(np.int32)  # bits kept where valid, 0 elsewhere
     return x, valid, False
+
+
+def _all_ones(valid: np.ndarray) -> np.ndarray:
+    x = np.zeros(valid.shape, dtype=np.float32)
+    x[valid] = 1.0
+    return x
 
 
 def percentiles(values: np.ndarray, pct: tuple[float, float]) -> tuple[float, float]:
@@ -126,6 +142,67 @@ def percentiles(values: np.ndarray, pct: tuple[float, float]) -> tuple[float, fl
     return float(res[0]), float(res[1])
 
 
+_SAMPLE_STEP = 16  # every 16th pixel brackets the tails (valid_percentiles)
+
+
+def valid_percentiles(depth: np.ndarray, valid: np.ndarray, pct: tuple[float, float],
+                      n_valid: int | None = None) -> tuple[float, float]:
+    """``percentiles(depth[valid], pct)``, exactly, without gathering and partitioning every valid value.
+
+    The percentiles of the normalisation sit in the tails (0.5 % / 99.5 %): a threshold taken from a
+    strided sample selects the few valid values at or below it (resp. at or above), and the order
+    statistics are read from those alone. That is exact whenever the selection holds at least as many
+    values as the rank needs — the selected values are then precisely the smallest (largest) ones,
+    ties included — which is checked; otherwise (unlucky sample, small map) the full partition runs.
+    """
+    flat, vflat = depth.reshape(-1), valid.reshape(-1)
+    n = int(np.count_nonzero(vflat)) if n_valid is None else n_valid
+    pos = np.asarray(pct, dtype=np.float64) / 100.0 * (n - 1)
+    below = np.floor(pos).astype(np.int64)
+    above = np.minimum(below + 1, n - 1)
+    ranks = sorted({int(r) for r in np.concatenate([below, above])})
+    stats = _tail_order_statistics(flat, vflat, n, ranks) if n >= 64 * _SAMPLE_STEP else None
+    if stats is None:
+        part = np.partition(flat[vflat], ranks)
+        stats = {r: part[r] for r in ranks}
+    frac = pos - below
+    res = [float(np.float64(stats[int(b)]) * (1.0 - f) + np.float64(stats[int(a)]) * f)
+           for b, a, f in zip(below, above, frac)]
+    return res[0], res[1]
+
+
+def _tail_order_statistics(flat: np.ndarray, vflat: np.ndarray, n: int, ranks: list[int]) -> dict | None:
+    """{rank: value} of the ascending order statistics ``ranks`` of ``flat[vflat]`` (n values) via tail
+    selections, or None when a selection turns out too small or too large to pay off."""
+    sample = flat[::_SAMPLE_STEP][vflat[::_SAMPLE_STEP]]
+    m = sample.size
+    if m < 64:
+        return None
+    low = [r for r in ranks if r < n // 2]
+    high = [r for r in ranks if r >= n // 2]
+    margin = 1.25
+    q_low = min(m - 1, int((max(low) + 1) * m / n * margin) + 8) if low else None
+    q_high = max(0, m - 1 - int((n - min(high)) * m / n * margin) - 8) if high else None
+    qs = sorted({q for q in (q_low, q_high) if q is not None})
+    sample_part = np.partition(sample, qs)
+    out: dict = {}
+    if low:
+        cand = flat[(flat <= sample_part[q_low]) & vflat]  # NaN compares False; invalid masked out
+        if cand.size <= max(low) or cand.size > n // 4:
+            return None
+        part = np.partition(cand, low)
+        out.update({r: part[r] for r in low})
+    if high:
+        need = n - min(high)  # values of rank ≥ min(high)
+        cand = flat[(flat >= sample_part[q_high]) & vflat]
+        if cand.size < need or cand.size > n // 4:
+            return None
+        offset = n - cand.size
+        part = np.partition(cand, [r - offset for r in high])
+        out.update({r: part[r - offset] for r in high})
+    return out
+
+
 def max_normalize(depth_zero_invalid: np.ndarray) -> np.ndarray:
     """The authors' "max" convention on an already padded/resized map with invalid = 0."""
     vmax = float(np.max(depth_zero_invalid)) if depth_zero_invalid.size else 0.0
@@ -136,7 +213,9 @@ def max_normalize(depth_zero_invalid: np.ndarray) -> np.ndarray:
 
 def target_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     """Output (h, w) of :func:`downsample_depth`: longest side = ``max_side``, aspect kept."""
-    if max(height, width) <= max_side:
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if max(height, width) <= max_side or min(height, width) == 0:  # small enough, or no pixel at all
         return height, width
     r = max_side / max(height, width)
     return max(1, round(height * r)), max(1, round(width * r))

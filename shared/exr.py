@@ -51,6 +51,19 @@ def read_exr_channel0(path: str | os.PathLike) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def _decode_numpy(data: bytes, where: str) -> np.ndarray:
+    """:func:`_decode_file` with every failure on corrupt bytes reported as :class:`ExrError`.
+
+    A cut or damaged file makes the parser fail with struct.error, IndexError, zlib.error, ... ; the
+    callers (the SiM3D reader, the shard converter) expect a decoding error they can report."""
+    try:
+        return _decode_file(data, where)
+    except ExrError:
+        raise
+    except (struct.error, IndexError, KeyError, ValueError, OverflowError, MemoryError, zlib.error) as exc:
+        raise ExrError(f"{where}: corrupt or truncated EXR file ({type(exc).__name__}: {exc})") from None
+
+
 def _read_with_opencv(path: Path) -> np.ndarray | None:
     try:
         import cv2
@@ -98,7 +111,7 @@ def _read_cstr(data: bytes, pos: int) -> tuple[str, int]:
     return data[pos:end].decode("latin-1"), end + 1
 
 
-def _decode_numpy(data: bytes, where: str) -> np.ndarray:
+def _decode_file(data: bytes, where: str) -> np.ndarray:
     version = struct.unpack_from("<i", data, 4)[0]
     if version & 0xFF != 2:
         raise ExrError(f"{where}: unsupported EXR version {version & 0xFF}")
@@ -127,14 +140,25 @@ def _decode_numpy(data: bytes, where: str) -> np.ndarray:
     if any(xs != 1 or ys != 1 for _, _, xs, ys in channels):
         raise ExrError(f"{where}: sub-sampled EXR channels are not supported")
     width, height = x_max - x_min + 1, y_max - y_min + 1
+    if width < 1 or height < 1 or not channels:
+        raise ExrError(f"{where}: EXR data window {width}×{height} with {len(channels)} channel(s) holds no pixels")
+    if any(ptype not in _PIXEL_DTYPES for _, ptype, _, _ in channels):
+        raise ExrError(f"{where}: unknown EXR pixel type in channels {channels}")
     lines = _LINES_PER_CHUNK[compression]
     n_chunks = -(-height // lines)
-    offsets = struct.unpack_from(f"<{n_chunks}Q", data, pos)
     line_bytes = sum(width * _PIXEL_DTYPES[ptype].itemsize for _, ptype, _, _ in channels)
+    # zlib expands at most ~1032:1: a header promising more pixels than that is corrupt (and must not
+    # make us allocate gigabytes).
+    if height * line_bytes > 1100 * len(data):
+        raise ExrError(f"{where}: EXR header declares {width}×{height} pixels, more than the "
+                       f"{len(data)}-byte file can hold")
+    offsets = struct.unpack_from(f"<{n_chunks}Q", data, pos)
     planes = {name: np.empty((height, width), _PIXEL_DTYPES[ptype]) for name, ptype, _, _ in channels}
     for offset in offsets:
         y, size = struct.unpack_from("<ii", data, offset)
         row0 = y - y_min
+        if not 0 <= row0 < height:
+            raise ExrError(f"{where}: EXR chunk at line {y} lies outside the data window")
         n_lines = min(lines, height - row0)
         raw_size = n_lines * line_bytes
         payload = data[offset + 8: offset + 8 + size]

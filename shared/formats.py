@@ -8,7 +8,8 @@
   :func:`read_info_depth`, :func:`decode_eyecandies_depth`).
 
 Every format problem raises :class:`FormatError` with a message naming the file (``what``); the data
-preparation readers turn it into a skipped sample, detection into a user-facing error.
+preparation readers turn it into a skipped sample, detection into a user-facing error. File-system
+problems (a missing file, no read permission) stay :class:`OSError`.
 """
 
 from __future__ import annotations
@@ -25,13 +26,46 @@ class FormatError(ValueError):
 
 
 # -- generic file readers --------------------------------------------------------------------------
+# File-system problems stay OSErrors (their message names the path); anything a decoder raises on
+# the bytes themselves becomes a FormatError. Decoders fail on corrupt input with every exception
+# type there is (struct.error, IndexError, ZeroDivisionError, SyntaxError, MemoryError for a
+# header declaring a giant image, ...): a reader must not crash a conversion or a detection run.
+_FILE_SYSTEM_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _undecodable(kind: str, what: object, exc: Exception) -> FormatError:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return FormatError(f"unreadable {kind} {what}: {type(exc).__name__}{': ' + detail if detail else ''}")
+
+
 def read_tiff(src: str | os.PathLike | bytes) -> np.ndarray:
     """``tifffile.imread`` of a path or of in-memory bytes (zip members are never extracted)."""
     import tifffile
 
-    if isinstance(src, (bytes, bytearray, memoryview)):
-        return tifffile.imread(io.BytesIO(bytes(src)))
-    return tifffile.imread(src)
+    try:
+        if isinstance(src, (bytes, bytearray, memoryview)):
+            return tifffile.imread(io.BytesIO(bytes(src)))
+        return tifffile.imread(src)
+    except _FILE_SYSTEM_ERRORS:
+        raise
+    except Exception as exc:
+        what = "(in-memory bytes)" if isinstance(src, (bytes, bytearray, memoryview)) else src
+        raise _undecodable("TIFF", what, exc) from None
+
+
+def read_npy(path: str | os.PathLike) -> np.ndarray:
+    """One ``.npy`` array, never unpickling; a file shorter than its header declares is refused
+    (memory-mapped first, so a crafted header cannot make it allocate more than the file holds)."""
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except _FILE_SYSTEM_ERRORS:
+        raise
+    except Exception as exc:  # truncated, empty, pickled, bad header, not an .npy file
+        raise _undecodable(".npy file", path, exc) from None
+    if not isinstance(arr, np.ndarray):
+        arr.close()
+        raise FormatError(f"{path} is an .npz archive, expected a single .npy array")
+    return np.array(arr)  # a plain in-memory copy (the map is released)
 
 
 def read_png_uint16(path: str | os.PathLike) -> np.ndarray:
@@ -42,18 +76,21 @@ def read_png_uint16(path: str | os.PathLike) -> np.ndarray:
     """
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()  # decode now so truncated files fail here, not later
-        mode = im.mode
-        if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-            arr = np.array(im)
-        elif mode == "I":  # 32-bit container used by some PIL versions for 16-bit PNGs
-            arr = np.array(im)
-            if arr.size and (arr.min() < 0 or arr.max() > 65535):
-                raise FormatError(f"PNG mode 'I' with values outside the 16-bit range in {path}")
-        else:
-            raise FormatError(f"PNG is {mode!r} ({'8-bit' if mode in ('L', 'P', 'RGB', 'RGBA', 'LA', '1') else mode}), "
-                              "expected a 16-bit grayscale depth PNG")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now so truncated files fail here, not later
+            mode = im.mode
+            arr = np.array(im) if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I") else None
+    except _FILE_SYSTEM_ERRORS:
+        raise
+    except Exception as exc:  # truncated, not a PNG, decompression bomb, ...
+        raise _undecodable("PNG", path, exc) from None
+    if mode == "I":  # 32-bit container used by some PIL versions for 16-bit PNGs
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise FormatError(f"PNG mode 'I' with values outside the 16-bit range in {path}")
+    elif arr is None:
+        raise FormatError(f"PNG is {mode!r} ({'8-bit' if mode in ('L', 'P', 'RGB', 'RGBA', 'LA', '1') else mode}), "
+                          "expected a 16-bit grayscale depth PNG")
     if arr.ndim != 2:
         raise FormatError(f"16-bit PNG has shape {arr.shape}, expected (H, W)")
     return arr.astype(np.uint16, copy=False)
@@ -231,6 +268,6 @@ def read_eyecandies_depth(png: str | os.PathLike) -> np.ndarray:
 
 __all__ = [
     "BG_METHODS", "EYECANDIES_FOCAL_PX", "FormatError", "decode_eyecandies_depth", "plane_foreground",
-    "ransac_dbscan_foreground", "read_eyecandies_depth", "read_info_depth", "read_png_uint16", "read_tiff",
+    "ransac_dbscan_foreground", "read_eyecandies_depth", "read_info_depth", "read_npy", "read_png_uint16", "read_tiff",
     "remove_background", "xyz_to_z",
 ]

@@ -9,6 +9,12 @@ and works without it.
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a script: put the repo root on sys.path instead of the script dir
+    import pathlib
+    import sys
+
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import argparse
 import ctypes.util
 import os
@@ -16,6 +22,8 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+
+from shared.cli import ArgumentParser, run_main
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ def ensure(install: bool = True) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only check, never install")
     parser.add_argument("--strict", action="store_true", help="exit 1 if something is still missing")
     args = parser.parse_args(argv)
@@ -69,4 +77,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 
-from shared.geometry import look_at_c2w
 from detect.model import ModMap, cosine_similarity
 from detect.modmap import (
     InferenceSettings,
@@ -18,6 +17,7 @@ from detect.modmap import (
 )
 from detect.preprocess import ViewGeometry, preprocess_depth, undo_geometry
 from detect.volume import ViewCalibration, VolumeAccumulator, bounding_grid
+from shared.geometry import look_at_c2w
 
 
 def _trained_like_model(n_views=4, ci=12, cd=8, seed=0, variant="modmap"):

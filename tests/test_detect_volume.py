@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-from shared.geometry import VoxelGrid, backproject_depth, look_at_c2w
 from detect.volume import (
     SparseVolume,
     ViewCalibration,
@@ -13,6 +12,7 @@ from detect.volume import (
     scatter_max_runs,
     voxel_indices,
 )
+from shared.geometry import VoxelGrid, backproject_depth, look_at_c2w
 
 
 def _camera(h=24, w=32, f=40.0):

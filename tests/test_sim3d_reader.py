@@ -9,14 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.geometry import (
-    VoxelGrid,
-    backproject_depth,
-    invert_rigid,
-    look_at_c2w,
-    pixel_rays,
-    project_points,
-)
 from detect.data.sim3d import (
     CalibReader,
     GTVolume,
@@ -33,6 +25,14 @@ from detect.data.sim3d import (
     sort_stems,
 )
 from shared import exr
+from shared.geometry import (
+    VoxelGrid,
+    backproject_depth,
+    invert_rigid,
+    look_at_c2w,
+    pixel_rays,
+    project_points,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # A hand-made SiM3D-style class (no generator needed): known arrays, known cameras

@@ -323,3 +323,22 @@ def test_npy_synth_layout(tmp_path):
     assert sorted(p.name for p in (tmp_path / "b" / "vase").iterdir()) == ["cameras.json", "vase_synth"]
     assert (tmp_path / "b" / "vase" / "vase_synth" / "depth" / "1.npy").is_file()
 
+
+
+def test_anomaly_scale_grows_the_same_anomaly(tmp_path):
+    """--anomaly-scale multiplies the radius of the same random draw (same centre); the GT grows with it."""
+    metas, gt_voxels = {}, {}
+    for scale in (1.0, 2.5):
+        cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=128, height=96, seed=11, depth_noise_m=0.0,
+                              artefact_view_prob=0.0, specular_view_prob=0.0, anomaly_scale=scale)
+        setup = syn.build_class_setup("bin", cfg)
+        job = syn.InstanceJob(setup, "bin_01_bad", "test", True, ("stain",), [11, 17], tmp_path / str(scale), cfg)
+        metas[scale] = syn.generate_instance(job)
+        with np.load(tmp_path / str(scale) / "gt" / "volume.npz") as z:
+            gt_voxels[scale] = int(z["labels"].sum())
+    small, large = (json.loads((tmp_path / str(s) / "meta.json").read_text())["anomalies"][0] for s in (1.0, 2.5))
+    assert large["center"] == small["center"]
+    assert large["radius"] == pytest.approx(2.5 * small["radius"])
+    assert gt_voxels[2.5] > 3 * gt_voxels[1.0] > 0
+    with pytest.raises(syn.SynthError, match="anomaly_scale"):
+        syn.SynthConfig(anomaly_scale=0.0).validate()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -44,17 +43,11 @@ def skip_on_format_error(func: Callable[..., T]) -> Callable[..., T]:
 
 
 # The decoders live in shared/ (detection reads the same files); data preparation skips bad samples.
-read_tiff = formats.read_tiff
+read_tiff = skip_on_format_error(formats.read_tiff)
 read_png_uint16 = skip_on_format_error(formats.read_png_uint16)
 xyz_to_z = skip_on_format_error(formats.xyz_to_z)
-
-
-def read_npy(path: str | os.PathLike) -> np.ndarray:
-    """``np.load`` without pickles (a pickled .npy could run code)."""
-    arr = np.load(path, allow_pickle=False)
-    if not isinstance(arr, np.ndarray):
-        raise SkipSample(f"{path} is an .npz archive, expected a single .npy array")
-    return arr
+# np.load without pickles (a pickled .npy could run code), checked against the file size.
+read_npy = skip_on_format_error(formats.read_npy)
 
 
 def to_depth_2d(arr: np.ndarray, what: str) -> np.ndarray:

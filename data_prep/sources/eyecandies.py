@@ -38,8 +38,9 @@ class EyecandiesSource(DepthSource):
     def enumerate(self) -> list[SourceItem]:
         self.require_root()
         items: list[SourceItem] = []
-        cats = [d for d in sorted(self.root.iterdir())
-                if d.is_dir() and any((d / s / "data").is_dir() for s in SPLIT_MAP)]
+        dirs = [d for d in sorted(self.root.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+        cats = [d for d in dirs if any((d / s / "data").is_dir() for s in SPLIT_MAP)]
+        self.empty_folders = [d.name + "/" for d in dirs if d not in cats]
         if not cats:
             if any((self.root / s / "data").is_dir() for s in SPLIT_MAP):
                 raise ConversionError(f"eyecandies: {self.root} looks like a single category folder; pass "
@@ -50,8 +51,10 @@ class EyecandiesSource(DepthSource):
                 data = cat / split_orig / "data"
                 if not data.is_dir():
                     continue
-                for f in sorted(p for p in data.iterdir()
-                                if p.is_file() and p.name.lower().endswith(_DEPTH_SUFFIX)):
+                files = sorted(p for p in data.iterdir() if p.is_file() and p.name.lower().endswith(_DEPTH_SUFFIX))
+                if not files:
+                    self.empty_folders.append(rel_posix(data, self.root) + "/")
+                for f in files:
                     idx = f.name[: -len(_DEPTH_SUFFIX)]
                     label = "normal" if split in ("train", "validation") else None
                     items.append(SourceItem(category=cat.name, split=split, split_orig=split_orig, stem=idx,

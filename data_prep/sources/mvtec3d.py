@@ -48,6 +48,8 @@ class MVTec3DSource(DepthSource):
         for d in sorted(p for p in self.root.iterdir() if p.is_dir()):
             if any((d / s).is_dir() and any((d / s).glob("*/xyz")) for s in SPLITS):
                 cats.append(d)
+            elif not d.name.startswith("."):
+                self.empty_folders.append(d.name + "/")
         if not cats:
             if any((self.root / s).is_dir() and any((self.root / s).glob("*/xyz")) for s in SPLITS):
                 raise ConversionError(
@@ -59,6 +61,7 @@ class MVTec3DSource(DepthSource):
 
     def enumerate(self) -> list[SourceItem]:
         items = []
+        self.empty_folders = []
         for cat_dir in self._categories():
             for split in SPLITS:
                 split_dir = cat_dir / split
@@ -71,6 +74,8 @@ class MVTec3DSource(DepthSource):
                     defect = defect_dir.name
                     files = sorted(p for p in xyz_dir.iterdir()
                                    if p.is_file() and p.suffix.lower() in (".tif", ".tiff"))
+                    if not files:
+                        self.empty_folders.append(rel_posix(xyz_dir, self.root) + "/")
                     for f in files:
                         items.append(SourceItem(
                             category=cat_dir.name, split=split, split_orig=split,

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.data.sim3d import InstanceRecord, SiM3DClass, SiM3DError, list_classes
+from shared.cli import ArgumentParser, fail, run_main
 from shared.io import atomic_write_bytes
 
 # Anomaly types that change the geometry (meta.json "anomalies"[].type; docs/synthetic_benchmark.md).
@@ -148,7 +149,7 @@ def render_preview(root: str | os.PathLike, out_png: str | os.PathLike, class_na
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python detect/data/preview.py",
         description="Render a preview figure of a SiM3D-style benchmark (e.g. the one written by "
                     "data_prep/synthetic.py): a few views of an anomalous test instance (image with the "
@@ -169,11 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         png = render_preview(args.root, args.out, class_name=args.class_name, instance=args.instance)
     except (PreviewError, SiM3DError, OSError) as exc:  # SiM3DError/PreviewError are ValueErrors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return fail(exc)
     print(f"preview: {png}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

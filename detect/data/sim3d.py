@@ -66,6 +66,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from shared.exr import ExrError, read_exr_channel0
+from shared.formats import read_npy
 from shared.geometry import DEPTH_TYPES, VoxelGrid, invert_rigid
 
 VIEW_ORDERS = ("auto", "natural", "lexicographic")
@@ -666,7 +667,7 @@ def load_depth(path: Path, where: str = "") -> np.ndarray:
         depth[~finite | (depth < 0)] = np.nan
         return depth
     try:
-        depth = np.load(path, allow_pickle=False)
+        depth = read_npy(path)  # FormatError (a ValueError) for an empty, cut or crafted file
     except (OSError, ValueError) as exc:
         raise SiM3DError(f"{where}: cannot read depth {path}: {exc}") from None
     if depth.ndim == 3 and depth.shape[2] == 1:

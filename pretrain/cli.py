@@ -1,0 +1,53 @@
+"""Argument parsers of the pretraining entry points (``train.py``, ``launch.py``, ``export.py``).
+
+Kept apart from the scripts, free of torch: each script parses its command line with these before
+its torch import, so ``--help`` and argument errors answer at once (:func:`shared.cli.preparse`).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from shared.cli import ArgumentParser
+
+_OVERRIDES_EPILOG = "Overrides: key=value pairs, e.g. train.output_dir=runs/x optim.base_lr=5e-4 data.shards=[shards/]"
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        description="DINO-Depth self-supervised pretraining (DINOv2 recipe on depth; image mode optional). "
+                    "Exit status: 0 done, 1 configuration or checkpoint error, 2 bad arguments or non-finite "
+                    "loss, 3 distributed failure, 75 preempted (checkpoint written: rerun to resume).",
+        epilog=_OVERRIDES_EPILOG)
+    parser.add_argument("--config", help="YAML config (layered over the built-in defaults)")
+    parser.add_argument("--resume", default="auto",
+                        help="checkpoint file or run directory to resume from (default: the run directory's latest)")
+    parser.add_argument("--no-resume", action="store_true", help="start from scratch even if a checkpoint exists")
+    parser.add_argument("--allow-data-change", action="store_true", help="resume although the sample table changed")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser
+
+
+def launch_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        description="Submit DINO-Depth pretraining with submitit (SLURM or this machine).",
+        epilog="Overrides: key=value pairs, e.g. slurm.nodes=2 slurm.gpus_per_node=8 slurm.partition=gpu "
+               "train.output_dir=/shared/runs/x")
+    parser.add_argument("--config", help="YAML config (layered over the built-in defaults)")
+    parser.add_argument("--cluster", choices=["auto", "slurm", "local", "debug"], default="auto",
+                        help="auto: SLURM when sbatch is available, else this machine")
+    parser.add_argument("--allow-data-change", action="store_true", help="resume although the sample table changed")
+    parser.add_argument("--rehearse-preemption-at", type=int, default=None, metavar="N",
+                        help="signal rank 0 at iteration N of the first attempt (tests the requeue path)")
+    parser.add_argument("--wait", action="store_true", help="wait for the job (and its requeues) and print the result")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser
+
+
+def export_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Export the DINO-Depth teacher backbone of a training checkpoint.")
+    parser.add_argument("--ckpt", required=True, help="training checkpoint, or a run directory (uses its latest)")
+    parser.add_argument("--out", required=True, help="output .pth (a .safetensors twin is written beside it)")
+    parser.add_argument("--no-safetensors", action="store_true", help="write only the .pth file")
+    return parser
