@@ -20,10 +20,11 @@ Parts:
   pooled scores.
 
 ``python bench/run.py detect`` calls :func:`run`: the three parts at the sizes above (N = 6/12/24/36,
-16×16 tokens, 768/384 dims, maps at 224²) plus a source-chunk sweep of the mapping at N = 36 with a
-torch.profiler breakdown, each figure against its target (mapping ≥ 50 % of the matmul FLOP/s — per
-CPU-second on a CPU, since the machine may be shared —, voxel ≥ 5×, V-AUPRO ≤ 3× an argsort, memory
-linear in N).
+768/384 dims; 16×16 tokens and maps at 224² on a CPU, the paper's 64×64 tokens and 896² on CUDA),
+plus a source-chunk sweep of the mapping at N = 36 with a torch.profiler breakdown and page-fault
+counts, with and without :func:`shared.memory.keep_freed_memory`; each figure against its target
+(mapping ≥ 50 % of the matmul FLOP/s — per CPU-second on a CPU, since the machine may be shared —,
+voxel ≥ 5×, V-AUPRO ≤ 3× an argsort, memory linear in N).
 
 Results are printed as a table and written to ``--out`` (JSON).
 """
@@ -69,6 +70,13 @@ def matmul_flops(device: str, n: int = 4096, reps: int = 5) -> float:
         torch.mm(a, b)
     _sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def _matmul_side(device: str, tokens: int) -> int:
+    """Side of the reference matmul: large enough to reach the device's peak, small for toy sizes."""
+    if device.startswith("cuda"):
+        return 8192
+    return 4096 if tokens >= 64 else 1024
 
 
 def _sync(device: str) -> None:
@@ -129,7 +137,7 @@ def mapping_worker(n_views: int, grid: int, size: int, ci: int, cd: int, device:
         out["peak_bytes"] = peak_rss_bytes() - baseline_rss
     # The matmul reference in the same process right after the maps (same threads, same load).
     c0, t0 = time.process_time(), time.perf_counter()
-    out["matmul_flops"] = matmul_flops(device, 4096 if t >= 64 else 1024)
+    out["matmul_flops"] = matmul_flops(device, _matmul_side(device, t))
     out["matmul_cpu_per_wall"] = (time.process_time() - c0) / (time.perf_counter() - t0)
     return out
 
@@ -201,7 +209,7 @@ def chunk_sweep_worker(n_views: int, grid: int, ci: int, cd: int, device: str, c
     total = sum(times.values()) or 1.0
     matmul = sum(v for k, v in times.items() if k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul"))
     c0, t0 = time.process_time(), time.perf_counter()
-    peak = matmul_flops(device, 4096 if t >= 64 else 1024)
+    peak = matmul_flops(device, _matmul_side(device, t))
     peak_per_cpu_s = peak / ((time.process_time() - c0) / (time.perf_counter() - t0))
     for r in rows:
         r["fraction_of_matmul"] = r["flops_per_s"] / peak
@@ -313,7 +321,9 @@ def _settings(quick: bool, device: str) -> argparse.Namespace:
         return argparse.Namespace(views=[2, 3, 4], grid=4, size=32, ci=32, cd=16, chunk=0, device=device,
                                   height=120, width=160, repeats=2, volumes=1, shape=[24, 21, 22],
                                   sweep_chunks=[0, 1], sweep_views=3)
-    return argparse.Namespace(views=[6, 12, 24, 36], grid=16, size=224, ci=768, cd=384, chunk=0, device=device,
+    # CPU: 16×16 tokens, maps at 224² (minutes); CUDA: the paper's 64×64 tokens and 896² maps.
+    grid, size = (64, 896) if device.startswith("cuda") else (16, 224)
+    return argparse.Namespace(views=[6, 12, 24, 36], grid=grid, size=size, ci=768, cd=384, chunk=0, device=device,
                               height=1500, width=2048, repeats=5, volumes=4, shape=[120, 105, 112],
                               sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36)
 

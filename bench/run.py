@@ -28,6 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
+from shared.cli import ArgumentParser, run_main
+
 BENCH_DIR = Path(__file__).resolve().parent
 
 
@@ -112,7 +114,7 @@ def print_summary(results: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(available())})")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke check")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -182,4 +184,4 @@ def _write(path: str, results: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -947,9 +947,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(args)
     except ConfigError as exc:
         return fail(exc)
+    import torch
+
     from detect.encoders import EncoderError
     from shared.checkpoint import CheckpointError
+    from shared.memory import keep_freed_memory
 
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        keep_freed_memory()  # the CPU mapping stage then skips a first-touch page fault per page (performance.md)
     try:
         results = run(cfg)
     except (RunError, EncoderError, ConfigError, CheckpointError, FileNotFoundError) as exc:

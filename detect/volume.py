@@ -9,9 +9,10 @@ two boolean grids, independent of the number of views). For each view it
    ``b = (t − origin) / voxel``; range depth is first divided by the ray length), without building
    camera or world point arrays;
 2. marks those voxels as occupied (the evaluation domain; independent of scores);
-3. max-scatters the scores of the foreground pixels. Pixels come in row-major order and neighbouring
-   pixels mostly fall in the same voxel, so runs of equal voxel index are first reduced with
-   ``np.maximum.reduceat`` (one linear pass) and only the run maxima are scattered.
+3. max-scatters the scores of the foreground pixels (``np.maximum.at``).
+
+The view is processed in blocks of rows (``add_view``), so that every temporary is small and cache
+resident instead of several arrays over all valid pixels (fresh memory, i.e. page faults, per view).
 
 Points outside the grid are dropped and counted. Conventions (camera-to-world poses, OpenCV axes,
 ``pixel_center``, voxel index = ⌊(X − origin)/voxel⌋) are those of :mod:`shared.geometry`.
@@ -59,37 +60,69 @@ def _pixel_affine(calib: ViewCalibration, origin: np.ndarray, voxel_size: float)
     return A, b
 
 
-def _valid_pixels(depth: np.ndarray, calib: ViewCalibration, mask: np.ndarray | None, stride: int):
-    """Row-major valid pixels and the factor f with X_cam = f · K⁻¹[u + c, v + c, 1] for each."""
+def _check_inputs(depth: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     depth = np.asarray(depth)
     if depth.ndim != 2:
         raise ValueError(f"depth must be (H, W), got {depth.shape}")
-    H, W = depth.shape
+    if mask is not None and mask.shape != depth.shape:
+        raise ValueError(f"mask shape {mask.shape} != depth shape {depth.shape}")
+    return depth
+
+
+@dataclass
+class _ViewGeometry:
+    """Per-view constants of the back-projection: pixel-centre tables and K⁻¹."""
+
+    H: int
+    W: int
+    uc: np.ndarray
+    vc: np.ndarray
+    K_inv: np.ndarray
+    ray_factor: bool  # range depth, or a K whose last row is not (0, 0, 1): divide by the ray
+
+    @classmethod
+    def of(cls, depth: np.ndarray, calib: ViewCalibration) -> _ViewGeometry:
+        H, W = depth.shape
+        K_inv = np.linalg.inv(calib.K)
+        return cls(H, W, np.arange(W, dtype=np.float64) + calib.pixel_center,
+                   np.arange(H, dtype=np.float64) + calib.pixel_center, K_inv,
+                   calib.depth_type == "range" or not np.array_equal(K_inv[2], [0.0, 0.0, 1.0]))
+
+
+def _valid_pixels(depth: np.ndarray, calib: ViewCalibration, mask: np.ndarray | None, stride: int,
+                  rows: tuple[int, int] | None = None, geo: _ViewGeometry | None = None):
+    """Row-major valid pixels and the factor f with X_cam = f · K⁻¹[u + c, v + c, 1] for each; only the
+    rows [r0, r1) with ``rows`` (flat pixel indices and v stay those of the whole map)."""
+    depth = _check_inputs(depth, mask)
+    geo = geo or _ViewGeometry.of(depth, calib)
+    W = geo.W
+    r0, r1 = rows if rows is not None else (0, geo.H)
+    block = depth[r0:r1]
     with np.errstate(invalid="ignore"):
-        valid = np.isfinite(depth) & (depth > 0)
+        valid = np.isfinite(block) & (block > 0)
     if mask is not None:
-        if mask.shape != depth.shape:
-            raise ValueError(f"mask shape {mask.shape} != depth shape {depth.shape}")
-        valid &= mask
+        valid &= mask[r0:r1]
     if stride > 1:
         sub = np.zeros_like(valid)
-        sub[::stride, ::stride] = valid[::stride, ::stride]
+        first = (-r0) % stride  # global rows that are multiples of the stride
+        sub[first::stride, ::stride] = valid[first::stride, ::stride]
         valid = sub
-    flat_pix = np.flatnonzero(valid)
+    flat_pix = np.flatnonzero(valid)  # row-major, within the block
+    factor = block.reshape(-1)[flat_pix].astype(np.float64)
     v = flat_pix // W
     u = flat_pix - v * W
-    factor = depth.reshape(-1)[flat_pix].astype(np.float64)
-    uc = np.arange(W, dtype=np.float64) + calib.pixel_center
-    vc = np.arange(H, dtype=np.float64) + calib.pixel_center
-    K_inv = np.linalg.inv(calib.K)
-    if calib.depth_type == "range" or not np.array_equal(K_inv[2], [0.0, 0.0, 1.0]):
+    if r0:
+        v += r0
+        flat_pix += r0 * W
+    if geo.ray_factor:
         # z-depth: X_cam = z·r/r_z; range: X_cam = range·r/‖r‖, with r = K⁻¹[u + c, v + c, 1].
-        ray = [K_inv[k, 0] * uc[u] + K_inv[k, 1] * vc[v] + K_inv[k, 2] for k in range(3)]
+        K_inv = geo.K_inv
+        ray = [K_inv[k, 0] * geo.uc[u] + K_inv[k, 1] * geo.vc[v] + K_inv[k, 2] for k in range(3)]
         if calib.depth_type == "range":
             factor /= np.sqrt(ray[0] * ray[0] + ray[1] * ray[1] + ray[2] * ray[2])
         else:
             factor /= ray[2]
-    return flat_pix, u, v, factor, uc, vc
+    return flat_pix, u, v, factor, geo.uc, geo.vc
 
 
 def voxel_coordinates(depth: np.ndarray, calib: ViewCalibration, origin: np.ndarray, voxel_size: float,
@@ -108,52 +141,73 @@ def voxel_coordinates(depth: np.ndarray, calib: ViewCalibration, origin: np.ndar
     return coords, flat_pix
 
 
-_CHUNK = 1 << 15  # points per block: the float64/int64 temporaries of a block stay in the CPU cache
+_BLOCK_PIXELS = 1 << 15  # pixels per row block: a block's temporaries stay small and in the CPU cache
+
+
+def _row_blocks(height: int, width: int) -> list[tuple[int, int]]:
+    rows = max(1, _BLOCK_PIXELS // max(1, width))
+    return [(r, min(height, r + rows)) for r in range(0, height, rows)]
+
+
+def _voxel_block(depth: np.ndarray, calib: ViewCalibration, grid: VoxelGrid, tables: tuple,
+                 mask: np.ndarray | None, stride: int, rows: tuple[int, int], geo: _ViewGeometry
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flat voxel index, inside grid, flat pixel index) of the valid pixels of rows [r0, r1).
+    ``tables`` = (per-column terms, per-row terms, offsets) of the voxel affine (:func:`_voxel_tables`)."""
+    shape = grid.shape
+    col, row, off = tables
+    flat_pix, u, v, factor, _, _ = _valid_pixels(depth, calib, mask, stride, rows, geo)
+    flat_vox = np.zeros(flat_pix.size, dtype=np.int64)
+    inside = np.ones(flat_pix.size, dtype=bool)
+    for k in range(3):
+        c = col[k][u]
+        c += row[k][v]
+        c *= factor
+        # Shift by one voxel so that truncation equals floor for every coordinate > -1; anything at or
+        # below -1 (and every negative index) fails the single unsigned range check below.
+        c += off[k]
+        idx = c.astype(np.int64)
+        idx -= 1
+        inside &= idx.view(np.uint64) < np.uint64(shape[k])
+        flat_vox *= shape[k]
+        flat_vox += idx
+    return flat_vox, inside, flat_pix
+
+
+def _voxel_tables(calib: ViewCalibration, grid: VoxelGrid, geo: _ViewGeometry) -> tuple:
+    A, b = _pixel_affine(calib, grid.origin, grid.voxel_size)
+    return ([A[k, 0] * geo.uc for k in range(3)], [A[k, 1] * geo.vc + A[k, 2] for k in range(3)],
+            [b[k] + 1.0 for k in range(3)])
 
 
 def voxel_indices(depth: np.ndarray, calib: ViewCalibration, grid: VoxelGrid, mask: np.ndarray | None = None,
                   stride: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flat voxel index of every valid (and masked) pixel, the mask of those inside ``grid``, and the
     flat pixel index, pixels in row-major order. Computed axis by axis (no (M, 3) temporaries), in
-    blocks of points small enough for the temporaries to stay in cache (~3× faster than whole-array
-    passes for a multi-megapixel view; same arithmetic, same result)."""
-    shape = grid.shape
-    flat_pix, u, v, factor, uc, vc = _valid_pixels(depth, calib, mask, stride)
-    A, b = _pixel_affine(calib, grid.origin, grid.voxel_size)
-    col = [A[k, 0] * uc for k in range(3)]  # per-column and per-row terms: tiny tables
-    row = [A[k, 1] * vc + A[k, 2] for k in range(3)]
-    n = flat_pix.size
-    flat_vox = np.zeros(n, dtype=np.int64)
-    inside = np.ones(n, dtype=bool)
-    for s in range(0, n, _CHUNK):
-        uu, vv, ff = u[s:s + _CHUNK], v[s:s + _CHUNK], factor[s:s + _CHUNK]
-        fv, ins = flat_vox[s:s + _CHUNK], inside[s:s + _CHUNK]
-        for k in range(3):
-            c = np.take(col[k], uu)
-            c += np.take(row[k], vv)
-            c *= ff
-            # Shift by one voxel so that truncation equals floor for every coordinate > -1; anything at
-            # or below -1 (and every negative index) fails the single unsigned range check below.
-            c += b[k] + 1.0
-            idx = c.astype(np.int64)
-            idx -= 1
-            ins &= idx.view(np.uint64) < np.uint64(shape[k])
-            fv *= shape[k]
-            fv += idx
-    return flat_vox, inside, flat_pix
+    blocks of rows (see :meth:`VolumeAccumulator.add_view`)."""
+    depth = _check_inputs(depth, mask)
+    geo = _ViewGeometry.of(depth, calib)
+    tables = _voxel_tables(calib, grid, geo)
+    parts = [_voxel_block(depth, calib, grid, tables, mask, stride, rows, geo) for rows in _row_blocks(*depth.shape)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))  # type: ignore[return-value]
 
 
-def scatter_max_runs(target: np.ndarray, flat_index: np.ndarray, values: np.ndarray) -> None:
+def scatter_max_runs(target: np.ndarray, flat_index: np.ndarray, values: np.ndarray) -> np.ndarray:
     """``target[i] = max(target[i], values)`` for repeated indices, vectorised.
 
     Runs of equal consecutive indices (pixel order keeps neighbours together) are reduced first with
-    ``np.maximum.reduceat``, then the run maxima are scattered with ``np.maximum.at``.
+    ``np.maximum.reduceat``, then the run maxima are scattered with ``np.maximum.at``. Returns the
+    index of every run (each distinct index of ``flat_index`` at least once).
     """
     if flat_index.size == 0:
-        return
-    starts = np.flatnonzero(np.concatenate([[True], flat_index[1:] != flat_index[:-1]]))
+        return flat_index
+    starts = np.flatnonzero(flat_index[1:] != flat_index[:-1])
+    starts += 1
+    starts = np.concatenate([np.zeros(1, starts.dtype), starts])
     run_max = np.maximum.reduceat(values.astype(target.dtype, copy=False), starts)
-    np.maximum.at(target, flat_index[starts], run_max)
+    run_index = flat_index[starts]
+    np.maximum.at(target, run_index, run_max)
+    return run_index
 
 
 @dataclass
@@ -175,18 +229,54 @@ class VolumeAccumulator:
 
     def add_view(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray | None,
                  foreground: np.ndarray | None, stride: int = 1) -> None:
-        """Mark occupancy with every valid pixel; max-scatter ``score_map`` over foreground pixels."""
+        """Mark occupancy with every valid pixel; max-scatter ``score_map`` over foreground pixels.
+
+        Works through the view in blocks of rows: every temporary is a block's worth (small, cache
+        resident, reused by the allocator) instead of several arrays of all M valid pixels (tens of
+        MB of fresh memory per view, i.e. page faults). Same result as one pass — max and "or" do not
+        depend on the order — except that non-finite scores are looked for before anything is added.
+        """
+        depth = _check_inputs(depth, None)
+        if score_map is not None:
+            score_map = np.asarray(score_map)
+            if score_map.shape != depth.shape:
+                raise ValueError(f"score map {score_map.shape} and depth {depth.shape} differ in shape")
+            if foreground is not None and foreground.shape != depth.shape:
+                raise ValueError(f"foreground mask {foreground.shape} and depth {depth.shape} differ in shape")
+            if not np.isfinite(score_map).all():
+                self._add_view_checked(depth, calib, score_map, foreground, stride)
+                return
+        geo = _ViewGeometry.of(depth, calib)
+        tables = _voxel_tables(calib, self.grid, geo)
+        flat_scores = None if score_map is None else score_map.reshape(-1)
+        flat_fg = None if foreground is None else foreground.reshape(-1)
+        for rows in _row_blocks(*depth.shape):
+            vox, inside, flat_pix = _voxel_block(depth, calib, self.grid, tables, None, stride, rows, geo)
+            self.occupied[vox[inside]] = True
+            if flat_scores is None:
+                continue
+            sel = inside
+            if flat_fg is not None:
+                fg = flat_fg[flat_pix]
+                self.dropped += int(np.count_nonzero(fg & ~inside))
+                self.n_points += int(np.count_nonzero(fg))
+                sel = inside & fg
+            else:
+                self.dropped += int(np.count_nonzero(~inside))
+                self.n_points += int(inside.size)
+            vox = vox[sel]
+            # numpy ≥ 2's ufunc.at fast path beats reducing runs of equal voxels first (reduceat) here
+            np.maximum.at(self.scores, vox, flat_scores[flat_pix[sel]].astype(np.float32))
+            self.hit[vox] = True
+
+    def _add_view_checked(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray,
+                          foreground: np.ndarray | None, stride: int) -> None:
+        """The one-pass version, for score maps with non-finite values: raises if one of them falls on
+        a scored pixel (after marking the occupancy), before any score is added."""
         vox, inside, flat_pix = voxel_indices(depth, calib, self.grid, None, stride)
         self.occupied[vox[inside]] = True
-        if score_map is None:
-            return
-        score_map = np.asarray(score_map)
-        if score_map.shape != depth.shape:
-            raise ValueError(f"score map {score_map.shape} and depth {depth.shape} differ in shape")
         sel = inside
         if foreground is not None:
-            if foreground.shape != depth.shape:
-                raise ValueError(f"foreground mask {foreground.shape} and depth {depth.shape} differ in shape")
             fg = foreground.reshape(-1)[flat_pix]
             self.dropped += int(np.count_nonzero(fg & ~inside))
             self.n_points += int(np.count_nonzero(fg))
@@ -194,12 +284,10 @@ class VolumeAccumulator:
         else:
             self.dropped += int(np.count_nonzero(~inside))
             self.n_points += int(inside.size)
-        vox = vox[sel]
         vals = score_map.reshape(-1)[flat_pix[sel]].astype(np.float32)
         if not np.all(np.isfinite(vals)):
             raise ValueError("anomaly scores contain non-finite values")
-        scatter_max_runs(self.scores, vox, vals)
-        self.hit[vox] = True
+        self.hit[scatter_max_runs(self.scores, vox[sel], vals)] = True
 
     # -- results ----------------------------------------------------------------------------------
     def volume(self) -> np.ndarray:

@@ -981,6 +981,10 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_config(cfg), end="")
         return 0
     resume: bool | str = False if args.no_resume else args.resume
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        from shared.memory import keep_freed_memory
+
+        keep_freed_memory()  # CPU steps otherwise fault in fresh pages for every large temporary (performance.md)
     return run_job(cfg, resume=resume, allow_data_change=args.allow_data_change)[0]
 
 

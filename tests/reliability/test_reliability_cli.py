@@ -25,8 +25,7 @@ CLIS = [
     "bench/run.py", "shared/sysdeps.py",
 ]
 HEAVY = ("torch", "torchvision", "transformers", "open3d", "timm", "webdataset")
-# bench/run.py still uses plain argparse (usage block + error line); see docs/reliability.md.
-MULTI_LINE_ARG_ERRORS = {"bench/run.py"}
+MULTI_LINE_ARG_ERRORS: set[str] = set()  # CLIs allowed argparse's usage block before the error line
 TRACEBACK = "Traceback (most recent call last)"
 
 
