@@ -255,19 +255,22 @@ class VolumeAccumulator:
             self.occupied[vox[inside]] = True
             if flat_scores is None:
                 continue
-            sel = inside
-            if flat_fg is not None:
-                fg = flat_fg[flat_pix]
-                self.dropped += int(np.count_nonzero(fg & ~inside))
-                self.n_points += int(np.count_nonzero(fg))
-                sel = inside & fg
-            else:
-                self.dropped += int(np.count_nonzero(~inside))
-                self.n_points += int(inside.size)
+            sel = self._count_scored(inside, None if flat_fg is None else flat_fg[flat_pix])
             vox = vox[sel]
             # numpy ≥ 2's ufunc.at fast path beats reducing runs of equal voxels first (reduceat) here
             np.maximum.at(self.scores, vox, flat_scores[flat_pix[sel]].astype(np.float32))
             self.hit[vox] = True
+
+    def _count_scored(self, inside: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
+        """Points that carry a score (inside the grid, and foreground when a mask is given); counts the
+        scored points and those dropped for falling outside the grid."""
+        if fg is None:
+            self.dropped += int(np.count_nonzero(~inside))
+            self.n_points += int(inside.size)
+            return inside
+        self.dropped += int(np.count_nonzero(fg & ~inside))
+        self.n_points += int(np.count_nonzero(fg))
+        return inside & fg
 
     def _add_view_checked(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray,
                           foreground: np.ndarray | None, stride: int) -> None:
@@ -275,15 +278,7 @@ class VolumeAccumulator:
         a scored pixel (after marking the occupancy), before any score is added."""
         vox, inside, flat_pix = voxel_indices(depth, calib, self.grid, None, stride)
         self.occupied[vox[inside]] = True
-        sel = inside
-        if foreground is not None:
-            fg = foreground.reshape(-1)[flat_pix]
-            self.dropped += int(np.count_nonzero(fg & ~inside))
-            self.n_points += int(np.count_nonzero(fg))
-            sel = inside & fg
-        else:
-            self.dropped += int(np.count_nonzero(~inside))
-            self.n_points += int(inside.size)
+        sel = self._count_scored(inside, None if foreground is None else foreground.reshape(-1)[flat_pix])
         vals = score_map.reshape(-1)[flat_pix[sel]].astype(np.float32)
         if not np.all(np.isfinite(vals)):
             raise ValueError("anomaly scores contain non-finite values")
