@@ -20,8 +20,10 @@ __all__ = ["depth_multicrop", "make_crop", "normalize_depth", "resample", "sourc
 
 
 def normalize_depth(depth: np.ndarray, kind: str = "metric_z", mode: str = "nearness", eps: float = 0.1,
-                    pct: tuple[float, float] = (0.5, 99.5)) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The nearness / max normalisation as it was (argument checks left out)."""
+                    pct: tuple[float, float] = (0.5, 99.5), valid_range: tuple[float, float] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The nearness / max normalisation as it was (argument checks left out). ``valid_range`` (the
+    percentiles newer shards record) is ignored: the previous loader always searched for them."""
     depth = np.asarray(depth).astype(np.float32, copy=False)
     valid = valid_mask(depth, kind)
     x = np.zeros(depth.shape, dtype=np.float32)

@@ -49,10 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from shared.depth import depth_stats, downsample_depth, rescale_intrinsics
+from shared.depth import depth_stats, downsample_depth, normalization_range, rescale_intrinsics
 from shared.io import atomic_open, atomic_write_json
 
-CONVERTER_VERSION = "1.0"
+CONVERTER_VERSION = "1.1"  # 1.1: json gains norm_range
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dinodepth-shards"
 MANIFEST_FORMAT_VERSION = 1
@@ -352,6 +352,8 @@ def make_sample(
         "invalid": "nan",
         "valid_frac": n_valid / float(stored.size),
         "stats": depth_stats(stored),
+        # the default nearness range (pretraining's normalisation), so loaders skip the percentile search
+        "norm_range": normalization_range(stored, job.kind),
         "bg_removed": bg_removed,
         "converter": {"version": job.converter_version, "params_hash": job.params_hash},
     }

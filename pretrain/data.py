@@ -49,7 +49,7 @@ from data_prep.shards import (
     load_shard_index,
     split_key,
 )
-from shared.depth import DepthNormConfig, normalize_depth
+from shared.depth import DepthNormConfig, normalize_depth, stored_valid_range
 
 KNOWN_SOURCES = ("mvtec3d", "eyecandies", "realiad_d3", "folder", "synthetic",
                  "mvtec_ad", "mvtec_loco", "mvtec_ad2", "visa")
@@ -361,7 +361,7 @@ def normalize_sample(depth: np.ndarray, meta: Mapping, norm: DepthNormConfig | M
     elif isinstance(norm, Mapping):
         norm = DepthNormConfig.from_dict(dict(norm))
     return normalize_depth(depth, kind=meta.get("kind", "metric_z"), mode=norm.mode, eps=norm.eps,
-                           pct=tuple(norm.pct))
+                           pct=tuple(norm.pct), valid_range=stored_valid_range(meta, tuple(norm.pct)))
 
 
 class StreamOrder:

@@ -29,7 +29,7 @@ import torch
 from pretrain.augment import MultiCrop, depth_multicrop, image_multicrop, image_to_float
 from pretrain.config import PretrainConfig
 from pretrain.masking import assign_masks, collate_mask_fields, masked_upper_bound
-from shared.depth import normalize_depth
+from shared.depth import normalize_depth, stored_valid_range
 from shared.memory import keep_freed_memory
 
 _AUG_STREAM = 0x61756720  # "aug "
@@ -178,7 +178,8 @@ def prepare_sample(cfg: PretrainConfig, raw: np.ndarray, meta: dict) -> tuple[np
     kind = meta.get("kind")
     if kind not in ("metric_z", "rel_disparity"):
         raise ValueError(f"sample {meta.get('key')!r}: unknown depth kind {kind!r}")
-    x, valid, degenerate = normalize_depth(raw, kind, mode=norm.mode, eps=norm.eps, pct=tuple(norm.pct))
+    x, valid, degenerate = normalize_depth(raw, kind, mode=norm.mode, eps=norm.eps, pct=tuple(norm.pct),
+                                           valid_range=stored_valid_range(meta, tuple(norm.pct)))
     if degenerate or valid.mean() < cfg.aug.min_sample_valid:
         return None
     return x[None], valid

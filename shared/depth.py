@@ -58,6 +58,7 @@ def normalize_depth(
     mode: NormMode = "nearness",
     eps: float = 0.1,
     pct: tuple[float, float] = (0.5, 99.5),
+    valid_range: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, bool]:
     """Per-image depth normalisation.
 
@@ -73,6 +74,10 @@ def normalize_depth(
 
     ``mode="max"``: the authors' parity convention, ``x = v / max(v)`` over valid pixels (metric z:
     far = 1). ``detect`` applies it after padding/resizing to reproduce their order exactly.
+
+    ``valid_range``: the ``pct`` percentiles of this very map's valid values, computed beforehand by
+    :func:`normalization_range` (shards store them at conversion, :func:`stored_valid_range`), so that
+    only the affine map runs here; the output is the same bit for bit.
     """
     depth = np.asarray(depth)
     if depth.ndim != 2:
@@ -102,7 +107,7 @@ def normalize_depth(
     n_valid = int(np.count_nonzero(valid))
     if n_valid < MIN_VALID_PIXELS:
         return _all_ones(valid), valid, True
-    lo, hi = valid_percentiles(depth, valid, pct, n_valid)
+    lo, hi = valid_range if valid_range is not None else valid_percentiles(depth, valid, pct, n_valid)
     if hi - lo <= 1e-12 * max(1.0, abs(hi)):
         return _all_ones(valid), valid, True
     # float32 arithmetic (the map is already float32 and the affine map needs no more precision than
@@ -122,6 +127,32 @@ def normalize_depth(
         x += np.float32(eps)
     x.view(np.int32)[...] &= -valid.view(np.int8).astype(np.int32)  # bits kept where valid, 0 elsewhere
     return x, valid, False
+
+
+def normalization_range(depth: np.ndarray, kind: DepthKind = "metric_z",
+                        pct: tuple[float, float] = (0.5, 99.5)) -> dict | None:
+    """The record shards keep of a stored map's nearness range, ``{"pct": [lo %, hi %], "lo", "hi"}``
+    (the ``pct`` percentiles of its valid values, as :func:`normalize_depth` computes them), or None for a
+    map with too few valid pixels to normalise."""
+    depth = np.asarray(depth).astype(np.float32, copy=False)
+    valid = valid_mask(depth, kind)
+    n_valid = int(np.count_nonzero(valid))
+    if n_valid < MIN_VALID_PIXELS:
+        return None
+    lo, hi = valid_percentiles(depth, valid, pct, n_valid)
+    return {"pct": [float(pct[0]), float(pct[1])], "lo": lo, "hi": hi}
+
+
+def stored_valid_range(meta: dict, pct: tuple[float, float]) -> tuple[float, float] | None:
+    """``valid_range`` for :func:`normalize_depth` from a shard sample's metadata, when it recorded the
+    range for the same percentiles (older shards, or other percentiles: None, computed then)."""
+    rec = meta.get("norm_range")
+    if not isinstance(rec, dict) or [float(v) for v in rec.get("pct", ())] != [float(pct[0]), float(pct[1])]:
+        return None
+    lo, hi = rec.get("lo"), rec.get("hi")
+    if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        return None
+    return float(lo), float(hi)
 
 
 def _all_ones(valid: np.ndarray) -> np.ndarray:

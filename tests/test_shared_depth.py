@@ -164,3 +164,29 @@ def test_rescale_intrinsics_half_pixel_rule():
     K2 = rescale_intrinsics(K, 0.5, 0.5)
     # the image centre stays the image centre: (W-1)/2 of a 100-px image → of a 50-px image
     assert K2[0, 2] == pytest.approx(24.5) and K2[1, 2] == pytest.approx(14.5) and K2[0, 0] == 50.0
+
+
+def test_stored_normalization_range_gives_the_same_map_bit_for_bit():
+    """Shards store the percentiles (JSON round trip); normalising with them equals searching for them."""
+    import json
+
+    from shared.depth import normalization_range, normalize_depth, stored_valid_range
+
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        h, w = int(rng.integers(4, 120)), int(rng.integers(4, 120))
+        depth = rng.normal(0.5, 0.2, (h, w)).astype(np.float32)
+        depth[rng.random((h, w)) < 0.2] = np.nan
+        depth[rng.random((h, w)) < 0.05] = 0.0  # invalid for metric z
+        for kind in ("metric_z", "rel_disparity"):
+            meta = json.loads(json.dumps({"norm_range": normalization_range(depth, kind)}))
+            ref = normalize_depth(depth, kind)
+            rng_ = stored_valid_range(meta, (0.5, 99.5))
+            if meta["norm_range"] is None:
+                assert rng_ is None and int(np.count_nonzero(ref[1])) < 16
+                continue
+            got = normalize_depth(depth, kind, valid_range=rng_)
+            assert got[0].tobytes() == ref[0].tobytes() and (got[1] == ref[1]).all() and got[2] == ref[2]
+    # other percentiles, or older shards without the record: not used
+    meta = {"norm_range": normalization_range(depth)}
+    assert stored_valid_range(meta, (1.0, 99.0)) is None and stored_valid_range({}, (0.5, 99.5)) is None
