@@ -334,7 +334,7 @@ def _load_pretrain_image_export(name: str, path: Path, dtype: str, device: str |
     import warnings
 
     from detect.preprocess import GRAY_MEAN, GRAY_STD
-    from pretrain.export import load_dinodepth
+    from shared.encoder_export import load_dinodepth
 
     try:
         backbone, input_norm = load_dinodepth(path)
@@ -415,7 +415,7 @@ def load_depth_encoder(ckpt: str | os.PathLike | None, dtype: str = "fp32",
     path = Path(ckpt)
     if not path.is_file():
         raise EncoderError(f"DINO-Depth checkpoint {path} does not exist (expected the {EXPECTED_DEPTH_ARCH})")
-    from pretrain.export import load_dinodepth
+    from shared.encoder_export import load_dinodepth
 
     try:
         backbone, input_norm = load_dinodepth(path)
@@ -441,14 +441,14 @@ def load_random_depth_encoder(like: str | os.PathLike | None = None, dtype: str 
     ``arch`` with one input channel and the default normalisation. Seeded: the same ``seed`` gives the
     same weights (and so the same feature-cache key).
     """
-    from pretrain.export import default_depth_input_norm
+    from shared.encoder_export import default_depth_input_norm
 
     if like:
         path = Path(like)
         if not path.is_file():
             raise EncoderError(f"DINO-Depth checkpoint {path} does not exist (its architecture defines the random "
                                "depth encoder; without --ckpt a ViT-S/14 with one input channel is used)")
-        from pretrain.export import load_dinodepth
+        from shared.encoder_export import load_dinodepth
 
         try:
             template, input_norm = load_dinodepth(path)

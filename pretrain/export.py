@@ -13,7 +13,7 @@
 
 plus ``dinodepth.safetensors`` (same tensors, the other keys as JSON metadata) and a ``.sha256``
 sidecar for each file. ``detect`` rebuilds the encoder from ``config`` alone via
-:func:`load_dinodepth`.
+:func:`shared.encoder_export.load_dinodepth` (re-exported here).
 
 CLI: ``python -m pretrain.export --ckpt RUN_DIR_OR_CHECKPOINT --out dinodepth.pth`` (also accepts an
 upstream DINOv2 training checkpoint ``{"teacher": {"backbone.*": …}}``, chunked blocks included).
@@ -47,13 +47,12 @@ from shared.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_model,
-    verify_sha256_sidecar,
     write_sha256_sidecar,
 )
 from shared.cli import fail, run_main
+from shared.encoder_export import default_depth_input_norm, load_dinodepth  # noqa: F401  (re-exported)
 from shared.vit import (
     DinoVisionTransformer,
-    ViTConfig,
     convert_state_dict,
     infer_config_from_state_dict,
     load_backbone_weights,
@@ -127,12 +126,6 @@ def export_from_checkpoint(checkpoint: dict | str | os.PathLike, out: str | os.P
     return write_export(out, backbone, arch, input_norm, train_meta, safetensors=safetensors)
 
 
-def default_depth_input_norm() -> dict:
-    from shared.depth import DepthNormConfig
-
-    return {"modality": "depth", **DepthNormConfig().to_dict(), "invalid_value": 0.0}
-
-
 def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a run directory / checkpoint folder with a ``latest`` pointer."""
     path = Path(path)
@@ -146,34 +139,6 @@ def resolve_checkpoint_path(path: str | os.PathLike) -> Path:
                 raise CheckpointError(f"{pointer} points to {target}, which does not exist")
         raise CheckpointError(f"{path} holds no 'latest' checkpoint pointer")
     return path
-
-
-def load_dinodepth(path: str | os.PathLike, map_location: str | torch.device = "cpu", attn_impl: str | None = None,
-                   verify: bool = True) -> tuple[DinoVisionTransformer, dict]:
-    """Load an exported DINO-Depth (or image) encoder → (backbone in eval mode, input_norm dict).
-
-    ``path``: the ``.pth`` or ``.safetensors`` export. The backbone is rebuilt from the stored
-    ``config`` alone and loaded strictly; a ``.sha256`` sidecar, when present, must match
-    (``verify=False`` skips the check). ``attn_impl`` overrides the attention kernel
-    (``auto``/``sdpa``/``xformers``/``naive``). ``input_norm`` tells how inputs were normalised in
-    pretraining (depth: nearness ``mode``/``eps``/``pct``, invalid = 0).
-    """
-    path = Path(path)
-    if verify and verify_sha256_sidecar(path) is False:
-        raise CheckpointError(f"{path} does not match its .sha256 sidecar (corrupt or modified file)")
-    obj = load_checkpoint(path, map_location="cpu")
-    record = obj.get("config") or obj.get("arch")
-    if not isinstance(record, dict) or "model" not in obj:
-        raise CheckpointError(f"{path} is not a DINO-Depth export (needs 'model' and 'config'); for a training "
-                              "checkpoint run `python -m pretrain.export --ckpt ... --out ...` first")
-    cfg = ViTConfig.from_dict(record).replace(drop_path_rate=0.0)
-    if attn_impl is not None:
-        cfg = cfg.replace(attn_impl=attn_impl)
-    model = vit_from_config(cfg)
-    load_backbone_weights(model, obj["model"], source=str(path))
-    model.eval().requires_grad_(False)
-    input_norm = obj.get("input_norm") or default_depth_input_norm()
-    return model.to(map_location), dict(input_norm)
 
 
 def load_upstream_teacher(checkpoint: dict | str | os.PathLike, map_location: str | torch.device = "cpu",
