@@ -120,17 +120,9 @@ def cmdr_fusion(d_image_map: torch.Tensor, d_depth_map: torch.Tensor, d_image_re
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian (truncated at 4σ) of (..., H, W) maps with zero padding (as CFM's box filters)."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(4.0 * sigma + 0.5))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
-    k = torch.exp(-0.5 * (x / sigma) ** 2)
-    k = k / k.sum()
-    lead = maps.shape[:-2]
-    m = maps.reshape(-1, 1, *maps.shape[-2:]).float()
-    m = F.conv2d(m, k.view(1, 1, 1, -1), padding=(0, radius))
-    m = F.conv2d(m, k.view(1, 1, -1, 1), padding=(radius, 0))
-    return m.reshape(*lead, *maps.shape[-2:])
+    from detect.modmap import gaussian_blur
+
+    return gaussian_blur(maps.float(), sigma, padding="zeros")
 
 
 def cfm_normalizations(score_map: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from detect.data.sim3d import InstanceRecord, SiM3DClass, SiM3DError
-from shared.cli import ArgumentParser, fail, run_main
+from shared.cli import ArgumentParser, fail, label_path, run_main
 from shared.io import atomic_write_bytes, atomic_write_json
 
 MANIFEST = "figures.json"
@@ -499,13 +499,6 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
     return path
 
 
-def _parse_log(text: str) -> tuple[str, Path]:
-    label, sep, path = text.rpartition("=")
-    if not sep or not label:
-        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
-    return label, Path(path)
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(
         prog="python detect/demo_figures.py",
@@ -516,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--detect", required=True, help="the --out folder of detect/run.py (--save-maps orig)")
     ap.add_argument("--out", required=True, help="output folder for the PNGs and figures.json")
     ap.add_argument("--ckpt", default=None, help="DINO-Depth export for the PCA picture (omit: no PCA picture)")
-    ap.add_argument("--pretrain-log", action="append", type=_parse_log, default=[], metavar="LABEL=PATH",
+    ap.add_argument("--pretrain-log", action="append", type=label_path, default=[], metavar="LABEL=PATH",
                     help="a pretraining run's metrics.jsonl (repeatable)")
     ap.add_argument("--volumes-out", default=None, help="write every volume densely (.npz) into this folder")
     ap.add_argument("--pca-size", type=int, default=None,
@@ -530,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from detect.encoders import EncoderError
 
     try:
-        path = make_figures(args.data, args.detect, args.out, args.ckpt, dict(args.pretrain_log) or None,
+        path = make_figures(args.data, args.detect, args.out, args.ckpt, {label: Path(path) for label, path in args.pretrain_log} or None,
                             args.volumes_out, args.pca_size, args.views)
     except (FigureError, SiM3DError, EncoderError, FileNotFoundError) as exc:
         return fail(exc)

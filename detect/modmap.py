@@ -238,20 +238,27 @@ def combine_maps(psi_image: torch.Tensor, psi_depth: torch.Tensor, aggregation: 
     raise ValueError(f"unknown aggregation {aggregation!r}; expected one of {AGGREGATIONS}")
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (..., H, W) maps (truncate 4σ, reflect padding)."""
+def gaussian_blur(maps: torch.Tensor, sigma: float, padding: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian smoothing of (..., H, W) maps (truncated at 4σ); ``padding`` ``reflect``
+    (ModMap's maps) or ``zeros`` (CFM's filters, used by the CMDR-IAD scoring)."""
     if sigma <= 0:
         return maps
+    if padding not in ("reflect", "zeros"):
+        raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}")
     radius = max(1, int(4.0 * sigma + 0.5))
     x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     k = k / k.sum()
     lead = maps.shape[:-2]
     m = maps.reshape(-1, 1, *maps.shape[-2:])
-    m = torch.nn.functional.pad(m, (radius, radius, 0, 0), mode="reflect")
-    m = torch.nn.functional.conv2d(m, k.view(1, 1, 1, -1))
-    m = torch.nn.functional.pad(m, (0, 0, radius, radius), mode="reflect")
-    m = torch.nn.functional.conv2d(m, k.view(1, 1, -1, 1))
+    if padding == "zeros":
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, 1, -1), padding=(0, radius))
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, -1, 1), padding=(radius, 0))
+    else:
+        m = torch.nn.functional.pad(m, (radius, radius, 0, 0), mode="reflect")
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, 1, -1))
+        m = torch.nn.functional.pad(m, (0, 0, radius, radius), mode="reflect")
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, -1, 1))
     return m.reshape(*lead, *maps.shape[-2:])
 
 

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
-from shared.cli import ArgumentParser, fail, run_main
+from shared.cli import ArgumentParser, fail, label_path, run_main
 from shared.io import atomic_write_text
 
 HEADLINE_METRICS = ("image_auroc", "voxel_aupro@0.01")
@@ -289,13 +289,6 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
     return out_html
 
 
-def _parse_link(text: str) -> tuple[str, str]:
-    label, sep, path = text.rpartition("=")
-    if not sep or not label:
-        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
-    return label, path
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = ArgumentParser(prog="python detect/report.py",
                         description="Static index.html report of a detect/run.py run (table, pictures, "
@@ -305,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="the HTML file to write (links are relative to its folder)")
     ap.add_argument("--figures", default=None, help="folder of detect/demo_figures.py (with figures.json)")
     ap.add_argument("--timings", default=None, help="stage timings log (stage, wall, user, sys; tab-separated)")
-    ap.add_argument("--link", action="append", type=_parse_link, default=[], metavar="LABEL=PATH",
+    ap.add_argument("--link", action="append", type=label_path, default=[], metavar="LABEL=PATH",
                     help="another file to list under Files (repeatable)")
     ap.add_argument("--title", default="DINO-Depth + ModMap: demo report", help="page title")
     return ap

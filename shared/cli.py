@@ -74,6 +74,14 @@ def error_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def label_path(text: str) -> tuple[str, str]:
+    """argparse ``type`` of ``LABEL=PATH`` options (the path may itself contain ``=``: the last one splits)."""
+    label, sep, path = text.rpartition("=")
+    if not sep or not label:
+        raise argparse.ArgumentTypeError(f"expected LABEL=PATH, got {text!r}")
+    return label, path
+
+
 def fail(exc: BaseException, status: int = EXIT_USAGE) -> int:
     """Report a user error caught by a script: ``error: <message>`` on stderr, return ``status``.
 

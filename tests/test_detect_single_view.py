@@ -31,17 +31,6 @@ TINY = ["--image-encoder", "random", "--random-encoder-arch", "vit_tiny_patch14"
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    from pretrain.export import default_depth_input_norm, write_export
-    from shared.vit import create_vit
-
-    torch.manual_seed(0)
-    vit = create_vit("vit_tiny_patch14", in_chans=1, depth=1)
-    return write_export(tmp_path_factory.mktemp("ckpt") / "dd.pth", vit.state_dict(), vit.cfg.to_dict(),
-                        default_depth_input_norm(), {}, safetensors=False)
-
-
-@pytest.fixture(scope="module")
 def mvtec(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mvtec3d")
     fixtures.write_mvtec3d(root, categories=("bagel",), hw=(30, 40),
