@@ -191,8 +191,11 @@ def write_eyecandies(root: str | Path, categories=("CandyCane", "GummyBear"), hw
                 (data / f"{idx}_depth.png").write_bytes(_png_bytes(u16))
                 (data / f"{idx}_info_depth.yaml").write_text(
                     yaml.safe_dump({"normalization": {"min": dmin, "max": dmax}}))
+                # a rigid camera-to-world pose (rotated about x, the way the camera looks down at the belt)
+                a = 0.3 + 0.1 * i
                 pose = np.eye(4)
-                pose[:3, 3] = [0.1 * i, 0.0, 0.5]
+                pose[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+                pose[:3, 3] = [0.1 * i, -0.2, 0.5]
                 np.savetxt(data / f"{idx}_pose.txt", pose)
                 (data / f"{idx}_image_0.png").write_bytes(_png_bytes(image))
                 if split != "test_private":
