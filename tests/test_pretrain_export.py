@@ -190,3 +190,21 @@ def test_hf_export_refuses_what_transformers_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="proj_bias=False"):
         export_hf(vit.state_dict(), vit.cfg.to_dict(), default_depth_input_norm(), {}, tmp_path / "x")
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_hf_export_of_a_training_run_carries_its_recipe(trained_run, tmp_path, monkeypatch):
+    from transformers import AutoModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run, trainer = trained_run
+    out = tmp_path / "hf"
+    assert main(["--ckpt", str(run), "--format", "hf", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "iterations 2" in card and "resolved training config" in card and "No probe or detection results" in card
+    hf = AutoModel.from_pretrained(out).eval()
+    x = _normalised_depth(1, 56)
+    with torch.no_grad():
+        ours = trainer.teacher.backbone.eval().get_patch_tokens(x)[0]
+        assert (hf(pixel_values=x).last_hidden_state[:, 1:] - ours).abs().max().item() <= 1e-4
+    assert main(["--ckpt", str(run), "--format", "hf", "--out", str(out)]) == 0  # replaces the folder
+    assert not list(tmp_path.glob(".hf.*"))
