@@ -182,8 +182,9 @@ def enumerate_mvtec_ad2(root: Path, splits: set[str] | None, categories: Iterabl
 VISA_RAW_LAYOUT = "<object>/Data/Images/{Normal,Anomaly}/*.JPG"
 VISA_1CLS_LAYOUT = "1cls/<object>/{train,test}/{good,bad}/*.JPG (+ ground_truth/bad/, from prepare_data.py)"
 # prepare_data.py's folder names → the raw layout's, so both layouts give the same keys
-_VISA_1CLS_FOLDERS = (("train", "good", "Normal", "normal"), ("test", "good", "Normal", "normal"),
-                      ("test", "bad", "Anomaly", "anomalous"))
+# (train/bad exists only in the script's 2cls_* layouts, which are read the same way)
+_VISA_1CLS_FOLDERS = (("train", "good", "Normal", "normal"), ("train", "bad", "Anomaly", "anomalous"),
+                      ("test", "good", "Normal", "normal"), ("test", "bad", "Anomaly", "anomalous"))
 
 
 def _is_visa_1cls_object(d: Path) -> bool:
@@ -205,7 +206,8 @@ def enumerate_visa_1cls(root: Path, splits: set[str] | None, categories: Iterabl
     ``split_csv/1cls.csv``. Splits come from the folders; stems are ``Normal_<stem>`` /
     ``Anomaly_<stem>`` as in the raw layout (the file names are copied unchanged), so both layouts give
     the same sample keys. ``ground_truth/bad/*.png`` (masks, binarised to 0/255 by the script) are never
-    inputs."""
+    inputs. The script's ``2cls_highshot`` / ``2cls_fewshot`` folders (anomalies in ``train/bad`` too)
+    are read the same way when passed as the root."""
     base = visa_1cls_root(root)
     if base is None:
         raise LayoutError(f"visa: no object folder under {root} has the layout {VISA_1CLS_LAYOUT}")

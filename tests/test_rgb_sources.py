@@ -152,6 +152,13 @@ def test_visa_1cls_layout_of_prepare_data_gives_the_raw_layouts_keys(tmp_path):
         "1cls/pcb1/test/good/0001.JPG", "1cls/pcb1/test/bad/000.JPG"]
     with pytest.raises(LayoutError, match="1cls layout"):
         enumerate_source("visa", out, "all", visa_split_csv=csv)
+    # a 2cls_* folder of the same script also has anomalies in train/bad: none is lost
+    two = tmp_path / "VisA_pytorch" / "2cls_highshot"
+    _img(two / "pcb1/train/bad/001.JPG")
+    _img(two / "pcb1/train/good/0002.JPG")
+    _img(two / "pcb1/ground_truth/train/bad/001.png", mode="L")
+    assert [(r.split, r.label, r.stem) for r in enumerate_source("visa", two, "all")] == [
+        ("train", "normal", "Normal_0002"), ("train", "anomalous", "Anomaly_001")]
 
 
 def test_wrong_root_and_unknown_category_are_clear_errors(tmp_path):
