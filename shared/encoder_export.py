@@ -121,4 +121,19 @@ def export_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["DINODEPTH_JSON", "default_depth_input_norm", "export_sha256", "load_dinodepth"]
+def export_train_meta(path: str | os.PathLike) -> dict:
+    """``train_meta`` recorded with an export (file or Hugging Face folder; {} when none is recorded or
+    the path is not an export) — what detection reports as the encoder's pretraining data."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            record = json.loads((path / DINODEPTH_JSON).read_text())
+        else:
+            record = load_checkpoint(path)
+    except (OSError, ValueError, CheckpointError):
+        return {}
+    meta = record.get("train_meta") if isinstance(record, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+__all__ = ["DINODEPTH_JSON", "default_depth_input_norm", "export_sha256", "export_train_meta", "load_dinodepth"]

@@ -206,5 +206,9 @@ def test_hf_export_of_a_training_run_carries_its_recipe(trained_run, tmp_path, m
     with torch.no_grad():
         ours = trainer.teacher.backbone.eval().get_patch_tokens(x)[0]
         assert (hf(pixel_values=x).last_hidden_state[:, 1:] - ours).abs().max().item() <= 1e-4
+    from shared.encoder_export import export_train_meta
+
+    assert export_train_meta(out)["iteration"] == 2 == export_train_meta(run / "dinodepth.pth")["iteration"]
+    assert export_train_meta(tmp_path / "missing") == {}
     assert main(["--ckpt", str(run), "--format", "hf", "--out", str(out)]) == 0  # replaces the folder
     assert not list(tmp_path.glob(".hf.*"))
