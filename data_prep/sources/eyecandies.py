@@ -5,17 +5,18 @@ Decode: ``d = u16 / 65535 · (max − min) + min`` with ``normalization: {min, m
 256 levels, so 8-bit PNGs are refused. Every pixel is valid (the conveyor belt is background, not
 missing data).
 
-Conventions (checked against the official eyecan-ai/eyecandies README and the M3DM/CFM
-preprocessing):
+Conventions (checked against the official eyecan-ai/eyecandies code and the M3DM/CFM preprocessing):
 
-* ``<idx>_pose.txt`` is the camera pose, **camera-to-world**; the official normals recipe decodes
-  ``n = rgb / 127.5 − 1``, then **flips Y and Z** (``n · diag(1, −1, −1)``) before rotating by the pose,
-  i.e. the normal maps are stored in the image-style camera frame (x right, y down, z forward) while
-  the pose's camera axes are y up, z backward (the Blender/OpenGL convention). This reader stores
-  ``camera.T_c2w`` = the file as is and does not read the normals.
-* M3DM/CFM back-project with ``inv(K4 · pose)``, which treats the file as **world-to-camera**. With
-  ``pose="cfm"`` (``--eyecandies-pose cfm``, parity experiments) ``T_c2w`` is the inverse of the file,
-  so points placed with it match their preprocessed clouds.
+* ``<idx>_pose.txt`` is **camera-to-world**: the official ``depth2pc`` stage places points with
+  ``X_world = pose · [d · K⁻¹ (u, v, 1); 1]`` in the image-style camera frame (x right, y down, z
+  forward). This reader stores ``camera.T_c2w`` = the file as is.
+* The normal maps (``n = rgb / 127.5 − 1``) are stored in a frame whose **Y and Z are flipped**
+  relative to that camera frame: the official code multiplies by ``diag(1, −1, −1)`` before rotating
+  with ``pose[:3, :3]``. This reader does not read the normals; whoever does must apply the flip.
+* The older README snippet, copied by M3DM/CFM preprocessing, back-projects with ``inv(K4 · pose)``,
+  i.e. treats the file as **world-to-camera**. With ``pose="cfm"`` (``--eyecandies-pose cfm``, parity
+  experiments only) ``T_c2w`` is the inverse of the file, so points placed with it match their
+  preprocessed clouds.
 """
 
 from __future__ import annotations
