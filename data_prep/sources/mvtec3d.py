@@ -8,8 +8,8 @@ Intrinsics come from the category's real ``calibration/camera_parameters.json`` 
 ``(cx, cy)`` the principal point in pixels (HALCON and OpenCV both put pixel centres on integer
 coordinates, so no half-pixel shift). ``kappa`` (1/m², radial division-model distortion) has no place
 in a pinhole ``K``: it is stored beside ``K`` as ``camera.kappa`` and not applied — the depth maps come
-from the organised xyz cloud, which needs no projection, and for the few-pixel distortion of these
-lenses the pinhole ``K`` is what peers use too.
+from the organised xyz cloud, which needs no projection; whoever projects points with ``K`` must undo
+the division model (``u_undist = u_dist / (1 + kappa · r²)``, r in metres on the sensor) first.
 """
 
 from __future__ import annotations
