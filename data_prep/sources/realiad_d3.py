@@ -67,7 +67,9 @@ class RealIADD3Source(DepthSource):
         return [self.root] + ([self.json_dir] if self.json_dir else [])
 
     def params(self) -> dict:
-        return {"realiad_unit": self.unit}
+        # the invalid-z rule travels in the parameters: shards written when negative z was still valid
+        # are rewritten, not mixed with new ones
+        return {"realiad_unit": self.unit, "invalid_z": "nonfinite_or_le0"}
 
     # -- JSON split files -------------------------------------------------------------------------
     def _load_jsons(self) -> tuple[dict[str, dict], str]:
