@@ -189,3 +189,21 @@ def test_cuda_crops_within_two_ulp_of_cpu():
     assert torch.equal(cpu_valid, gpu_valid.cpu())
     ulp = torch.abs(cpu.view(torch.int32).long() - gpu.cpu().view(torch.int32).long())
     assert int(ulp.max()) <= 2
+
+
+def test_bench_augment_device_variant(tmp_path, monkeypatch):
+    """bench/bench_augment.py's device-path code at toy size: worker rate, stage split, traffic count,
+    and the device path's crops equal to the numpy path's on the benchmark's shards."""
+    from bench import bench_augment
+    from shared import memory
+
+    monkeypatch.setattr(memory, "keep_freed_memory", lambda *a, **k: False)  # no allocator change in pytest
+    shards = bench_augment.make_shards(tmp_path, quick=True)
+    assert bench_augment.device_path_identical(shards, ["eyecandies"], 2)
+    row = bench_augment.loader_worker(str(shards), "eyecandies", "device", 2, 1)
+    assert row["samples"] == 2 and row["cpu_s_per_sample"] > 0 and row["warp_cpu_s_per_sample"] > 0
+    assert set(row["stages_ms"]) == {"read", "normalise", "params", "pack"}
+    assert row["bytes_per_sample"] == 5 * 128 * 128  # float32 map + bool validity
+    # at least the crops' output (float32 + bool) is written once
+    n_out = 2 * 224 ** 2 + 8 * 98 ** 2
+    assert row["warp_traffic_per_sample"] > 5 * n_out
