@@ -160,6 +160,7 @@ def warp_memory_traffic(batch: dict, cfg) -> float:
     """Bytes the eager warp reads and writes, summed over its torch ops (inputs + outputs; a gather
     counts its indices and result, not the whole map). The warp is a chain of elementwise ops and
     gathers, memory-bound on a GPU: bytes ÷ bandwidth estimates its GPU time."""
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -167,8 +168,9 @@ def warp_memory_traffic(batch: dict, cfg) -> float:
 
     total = [0]
 
-    def nbytes(tensors) -> int:
-        return sum(t.numel() * t.element_size() for t in tree_flatten(tensors)[0] if hasattr(t, "element_size"))
+    def nbytes(tensors) -> int:  # a broadcast (expanded) input is read from its storage, not per element
+        return sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+                   for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor))
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -97,83 +97,119 @@ def pack_sources(maps: Sequence[np.ndarray], valids: Sequence[np.ndarray], globa
             "global_crops_size": global_size, "local_crops_size": local_size}
 
 
-def _coordinates(params: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Source (y, x) of every output pixel centre, (n, size, size) float64 — augment._grid_coordinates
-    batched (flips and quarter turns as exact sign changes / swaps, rotation only where θ ≠ 0)."""
-    p = params[:, :, None, None]  # (n, columns, 1, 1)
-    centred = torch.arange(size, dtype=torch.float64, device=params.device) + 0.5 - size / 2
-    n = params.shape[0]
-    b = centred.view(1, size, 1).expand(n, size, size)  # rows (y)
-    a = centred.view(1, 1, size).expand(n, size, size)  # columns (x)
-    a = torch.where(p[:, _COL["hflip"]] != 0, -a, a)
-    b = torch.where(p[:, _COL["vflip"]] != 0, -b, b)
-    k = p[:, _COL["rot90_k"]]
-    # k quarter turns of (a, b) → (b, -a): k=1 (b, -a), k=2 (-a, -b), k=3 (-b, a)
-    a_k = torch.where(k == 1, b, torch.where(k == 2, -a, torch.where(k == 3, -b, a)))
-    b_k = torch.where(k == 1, -a, torch.where(k == 2, -b, torch.where(k == 3, a, b)))
-    x = a_k * p[:, _COL["sx"]]
-    y = b_k * p[:, _COL["sy"]]
-    cos, sin = p[:, _COL["cos"]], p[:, _COL["sin"]]
-    rotated = p[:, _COL["rotated"]] != 0
-    x, y = torch.where(rotated, cos * x - sin * y, x), torch.where(rotated, sin * x + cos * y, y)
-    return y + p[:, _COL["cy"]], x + p[:, _COL["cx"]]
+def _coordinates(params: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source (y, x) of every output pixel centre, (n, size, size) float64, in each crop's *canonical*
+    frame, and which crops are transposed in it (odd quarter turns).
+
+    augment._grid_coordinates with the structure made explicit: after flips and k quarter turns the
+    x offset varies along one output axis and the y offset along the other (columns / rows for even k,
+    rows / columns for odd k), each ± the centred pixel index times the scale, so both are vectors.
+    The full grid is ``cos·x − sin·y + cx`` and ``sin·x + cos·y + cy`` (x along columns, y along rows):
+    the true grid for even k, its transpose for odd k. Every element is the same IEEE expression as
+    numpy's (sign changes are exact; where θ = 0, cos = 1 and sin = 0 leave x and y unchanged before
+    the centre is added), and the per-pixel steps after this are position-independent, so warping in
+    the canonical frame and transposing the result gives numpy's crop bit for bit."""
+    col = {name: params[:, i:i + 1] for name, i in _COL.items()}  # (n, 1) each
+    u = torch.arange(size, dtype=torch.float64, device=params.device) + 0.5 - size / 2  # (S,)
+    k = col["rot90_k"]
+    odd = (k == 1) | (k == 3)
+    flip_a = torch.where(col["hflip"] != 0, -1.0, 1.0).to(torch.float64)
+    flip_b = torch.where(col["vflip"] != 0, -1.0, 1.0).to(torch.float64)
+    # (a, b) → k quarter turns → (A, B): k=0 (a, b), k=1 (b, −a), k=2 (−a, −b), k=3 (−b, a)
+    sign_x = torch.where(odd, flip_b, flip_a) * torch.where((k == 2) | (k == 3), -1.0, 1.0).to(torch.float64)
+    sign_y = torch.where(odd, flip_a, flip_b) * torch.where((k == 1) | (k == 2), -1.0, 1.0).to(torch.float64)
+    x = (sign_x * u) * col["sx"]  # (n, S): ±u exactly, then the scale, as numpy
+    y = (sign_y * u) * col["sy"]
+    cos, sin = col["cos"], col["sin"]
+    xs = ((cos * x)[:, None, :] - (sin * y)[:, :, None]) + col["cx"][:, :, None]
+    ys = ((sin * x)[:, None, :] + (cos * y)[:, :, None]) + col["cy"][:, :, None]
+    return ys, xs, odd[:, 0]
 
 
 def _warp_chunk(values: torch.Tensor, valid: torch.Tensor, shapes: torch.Tensor, params: torch.Tensor, size: int,
                 interp: str, edge_thresh: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    ys, xs = _coordinates(params, size)
+    ys, xs, transposed = _coordinates(params, size)
     src = shapes[params[:, _COL["sample"]].long()]  # (n, 3): offset, H, W
-    offset = src[:, 0].view(-1, 1, 1)
+    index_dtype = torch.int32 if int(values.numel()) < 2**31 else torch.int64
+    offset = src[:, 0].view(-1, 1, 1).to(index_dtype)
     H = src[:, 1].view(-1, 1, 1).to(torch.float64)
     W = src[:, 2].view(-1, 1, 1).to(torch.float64)
-    Wi = src[:, 2].view(-1, 1, 1)
-    zero = torch.zeros((), dtype=torch.float64, device=ys.device)
+    Hi = src[:, 1].view(-1, 1, 1).to(index_dtype)
+    Wi = src[:, 2].view(-1, 1, 1).to(index_dtype)
+    f0 = torch.zeros((), dtype=torch.float32, device=values.device)
     inside = ((ys >= 0) & (ys <= H)) & ((xs >= 0) & (xs <= W))
     if interp == "nearest":
-        index = (offset + torch.clamp(torch.floor(ys), zero, H - 1).long() * Wi
-                 + torch.clamp(torch.floor(xs), zero, W - 1).long())
+        # clip(floor(·), 0, H−1) in float64 then to int == to int then clip: the floors are integers
+        index = (torch.clamp(torch.floor(ys).to(index_dtype), 0).minimum(Hi - 1) * Wi + offset
+                 + torch.clamp(torch.floor(xs).to(index_dtype), 0).minimum(Wi - 1))
+        del ys, xs
         ok = inside & valid[index]
-        out = torch.where(ok, values[index], torch.zeros((), dtype=values.dtype, device=values.device))
-        return out, ok
+        out = torch.where(ok, values[index], f0)
+        return _untranspose(out, ok, transposed)
     if interp != "masked_bilinear":
         raise ValueError(f"unknown interpolation {interp!r}: use 'masked_bilinear' or 'nearest'")
-    yc, xc = ys - 0.5, xs - 0.5
-    y0f, x0f = torch.floor(yc), torch.floor(xc)
-    fy, fx = (yc - y0f).to(torch.float32), (xc - x0f).to(torch.float32)
-    row0 = offset + torch.clamp(y0f, zero, H - 1).long() * Wi
-    row1 = offset + torch.clamp(y0f + 1, zero, H - 1).long() * Wi
-    col0 = torch.clamp(x0f, zero, W - 1).long()
-    col1 = torch.clamp(x0f + 1, zero, W - 1).long()
-    del ys, xs, yc, xc, y0f, x0f
+    yc = ys - 0.5
+    del ys
+    y0f = torch.floor(yc)
+    fy = (yc - y0f).to(torch.float32)
+    del yc
+    y0 = y0f.to(index_dtype)  # integer-valued: exact (and clamping commutes with the conversion)
+    del y0f
+    xc = xs - 0.5
+    del xs
+    x0f = torch.floor(xc)
+    fx = (xc - x0f).to(torch.float32)
+    del xc
+    x0 = x0f.to(index_dtype)
+    del x0f
+    row0 = torch.clamp(y0, 0).minimum(Hi - 1) * Wi + offset
+    row1 = torch.clamp(y0 + 1, 0).minimum(Hi - 1) * Wi + offset
+    col0 = torch.clamp(x0, 0).minimum(Wi - 1)
+    col1 = torch.clamp(x0 + 1, 0).minimum(Wi - 1)
+    del y0, x0
     taps = (row0 + col0, row0 + col1, row1 + col0, row1 + col1)
     del row0, row1, col0, col1
     gy, gx = 1 - fy, 1 - fx
     weights = (gy * gx, gy * fx, fy * gx, fy * fx)
+    del gy, gx, fy, fx
     masks = [valid[t] for t in taps]
     wm = [w * m for w, m in zip(weights, masks)]  # float32 · bool → float32, as numpy
+    del weights
     wsum = wm[0] + wm[1] + wm[2] + wm[3]
     ok = inside & (wsum >= 0.5)
-    safe = wsum + (wsum == 0)
+    del inside
     v = [values[t] for t in taps]
-    acc = (v[0] * wm[0] + v[1] * wm[1] + v[2] * wm[2] + v[3] * wm[3]) / safe
+    del taps
+    acc = (v[0] * wm[0] + v[1] * wm[1] + v[2] * wm[2] + v[3] * wm[3]) / (wsum + (wsum == 0))
+    del wsum
+    # numpy: v ± (1e30 at invalid taps, 0 at valid ones) = v exactly at valid taps and ±1e30 at invalid
+    # ones (|v| ≪ the spacing of float32 around 1e30), i.e. where(valid, v, ±1e30).
     big = torch.tensor(_BIG, dtype=torch.float32, device=values.device)
-    f0 = torch.zeros((), dtype=torch.float32, device=values.device)
-    penalty = [torch.where(m, f0, big) for m in masks]
-    lo = [vi + p for vi, p in zip(v, penalty)]
+    lo = [torch.where(m, vi, big) for vi, m in zip(v, masks)]
     vmin = torch.minimum(torch.minimum(lo[0], lo[1]), torch.minimum(lo[2], lo[3]))
-    hi = [vi - p for vi, p in zip(v, penalty)]
+    del lo
+    hi = [torch.where(m, vi, -big) for vi, m in zip(v, masks)]
     vmax = torch.maximum(torch.maximum(hi[0], hi[1]), torch.maximum(hi[2], hi[3]))
-    del lo, hi, penalty
+    del hi, masks
     acc = torch.minimum(torch.maximum(acc, vmin), vmax)  # np.clip(acc, vmin, vmax)
     if edge_thresh is not None:
         # numpy compares the float32 span with the threshold as float32
         edge = (vmax - vmin) > torch.tensor(edge_thresh, dtype=torch.float32, device=values.device)
+        del vmin, vmax
         best_v, best_w = v[0], wm[0]
         for vi, wi in zip(v[1:], wm[1:]):  # largest weight, first on ties (np.argmax)
             take = wi > best_w
             best_v, best_w = torch.where(take, vi, best_v), torch.where(take, wi, best_w)
         acc = torch.where(edge, best_v, acc)
-    return torch.where(ok, acc, f0), ok
+    return _untranspose(torch.where(ok, acc, f0), ok, transposed)
+
+
+def _untranspose(out: torch.Tensor, ok: torch.Tensor, transposed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the canonical frame back to the crop's own (odd quarter turns were computed transposed)."""
+    if not bool(transposed.any()):
+        return out, ok
+    t = transposed.view(-1, 1, 1)
+    return torch.where(t, out.transpose(1, 2), out), torch.where(t, ok.transpose(1, 2), ok)
 
 
 def warp_crops(sources: torch.Tensor, sources_valid: torch.Tensor, source_shapes: torch.Tensor, params: torch.Tensor,
