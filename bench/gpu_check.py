@@ -24,7 +24,7 @@ skipped (with the reason), a failing step never stopping the others:
 is what CI's slow suite runs (``tests/test_gpu_check.py``). Without CUDA and without ``--dry-run`` the
 command refuses to start.
 
-    python bench/gpu_check.py [--out gpu_check.json] [--dry-run] [--only device_augment,table8]
+    python bench/gpu_check.py [--out bench/results_gpu_check.json] [--dry-run] [--only device_augment,table8]
 """
 
 from __future__ import annotations
@@ -453,7 +453,8 @@ def run_checks(dry_run: bool, only: list[str] | None = None, timeout_s: float = 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="gpu_check.json", help="the JSON of figures (default: gpu_check.json)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results_gpu_check.json"),
+                    help="the JSON of figures (default: bench/results_gpu_check.json, git-ignored)")
     ap.add_argument("--dry-run", action="store_true", help="the same sequence at toy sizes on the CPU")
     ap.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(STEPS)}")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per subprocess (tests, training runs)")
