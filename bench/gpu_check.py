@@ -134,9 +134,17 @@ def step_device_augment(ctx: Context) -> dict:
                          crops.global_crops_size, crops.local_crops_size)
     reference = warp_batch(batch, aug.interp, aug.edge_thresh)  # CPU torch (= numpy, bit for bit)
     on_dev = {k: (v.to(ctx.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    out = warp_batch(on_dev, aug.interp, aug.edge_thresh)
-    ctx.sync()
     result: dict = {"batch": B, "frames": ["x".join(map(str, s)) for s in shapes]}
+    ctx.sync()
+    if ctx.device == "cuda":  # the warp must never wait for the device
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = warp_batch(on_dev, aug.interp, aug.edge_thresh)
+        result["host_syncs"] = 0
+    finally:
+        if ctx.device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    ctx.sync()
     for kind in ("global", "local"):
         a, b = reference[f"{kind}_crops"], out[f"{kind}_crops"].cpu()
         ulp = (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()

@@ -12,7 +12,9 @@ the nearest-valid-neighbour edge rule, invalid = 0 — runs here as batched torc
   "largest weight, first on ties" as strict comparisons in tap order, ``clip`` as max-then-min;
 * so on CPU torch the crops and validity are **bit-identical** to numpy's (tests), and on CUDA they
   differ at most by rounding of the individual IEEE operations (none is fused in eager mode: in
-  practice equal, tested at ≤ 2 ulp by the GPU-marked test).
+  practice equal, tested at ≤ 2 ulp by the GPU-marked test);
+* no host–device synchronisation: scalars are device fills, nothing is read back (the GPU test runs
+  it under ``torch.cuda.set_sync_debug_mode("error")``).
 
 ``grid_sample`` on (value·valid, valid) would reproduce the masked average only, not the clamp and
 edge rule: the four neighbours are gathered explicitly.
@@ -184,7 +186,7 @@ def _warp_chunk(values: torch.Tensor, valid: torch.Tensor, shapes: torch.Tensor,
     del wsum
     # numpy: v ± (1e30 at invalid taps, 0 at valid ones) = v exactly at valid taps and ±1e30 at invalid
     # ones (|v| ≪ the spacing of float32 around 1e30), i.e. where(valid, v, ±1e30).
-    big = torch.tensor(_BIG, dtype=torch.float32, device=values.device)
+    big = torch.full((), _BIG, dtype=torch.float32, device=values.device)  # a fill, not a host copy
     lo = [torch.where(m, vi, big) for vi, m in zip(v, masks)]
     vmin = torch.minimum(torch.minimum(lo[0], lo[1]), torch.minimum(lo[2], lo[3]))
     del lo
@@ -194,7 +196,7 @@ def _warp_chunk(values: torch.Tensor, valid: torch.Tensor, shapes: torch.Tensor,
     acc = torch.minimum(torch.maximum(acc, vmin), vmax)  # np.clip(acc, vmin, vmax)
     if edge_thresh is not None:
         # numpy compares the float32 span with the threshold as float32
-        edge = (vmax - vmin) > torch.tensor(edge_thresh, dtype=torch.float32, device=values.device)
+        edge = (vmax - vmin) > torch.full((), edge_thresh, dtype=torch.float32, device=values.device)
         del vmin, vmax
         best_v, best_w = v[0], wm[0]
         for vi, wi in zip(v[1:], wm[1:]):  # largest weight, first on ties (np.argmax)
@@ -205,9 +207,8 @@ def _warp_chunk(values: torch.Tensor, valid: torch.Tensor, shapes: torch.Tensor,
 
 
 def _untranspose(out: torch.Tensor, ok: torch.Tensor, transposed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """From the canonical frame back to the crop's own (odd quarter turns were computed transposed)."""
-    if not bool(transposed.any()):
-        return out, ok
+    """From the canonical frame back to the crop's own (odd quarter turns were computed transposed).
+    Unconditional: asking whether any crop is transposed would synchronise with the device."""
     t = transposed.view(-1, 1, 1)
     return torch.where(t, out.transpose(1, 2), out), torch.where(t, ok.transpose(1, 2), ok)
 

@@ -185,7 +185,13 @@ def test_cuda_crops_within_two_ulp_of_cpu():
     rows = torch.from_numpy(params_rows(params, 98, samples))
     cpu, cpu_valid = warp_crops(batch["sources"], batch["sources_valid"], batch["source_shapes"], rows, 98)
     cuda = {k: v.cuda() for k, v in batch.items() if torch.is_tensor(v)}
-    gpu, gpu_valid = warp_crops(cuda["sources"], cuda["sources_valid"], cuda["source_shapes"], rows.cuda(), 98)
+    rows_cuda = rows.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # the warp never waits for the device
+    try:
+        gpu, gpu_valid = warp_crops(cuda["sources"], cuda["sources_valid"], cuda["source_shapes"], rows_cuda, 98)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(cpu_valid, gpu_valid.cpu())
     ulp = torch.abs(cpu.view(torch.int32).long() - gpu.cpu().view(torch.int32).long())
     assert int(ulp.max()) <= 2
