@@ -111,12 +111,15 @@ def sample_crop_params(height: int, width: int, scale: tuple[float, float], aug:
     return params
 
 
-def _grid_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid_coordinates(params: CropParams, size: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Source positions (y, x) of the output pixel centres as *broadcastable* float64 arrays: (S, 1) /
     (1, S) when the window is not freely rotated (flips and quarter turns only permute the axes), both
-    (S, S) otherwise. Element for element the same arithmetic as a full (S, S) evaluation."""
+    (S, S) otherwise. Element for element the same arithmetic as a full (S, S) evaluation.
+    ``rows``: only those output rows (the same values as those rows of the full grid)."""
     centred = np.arange(size, dtype=np.float64) + 0.5 - size / 2
     b, a = centred[:, None], centred[None, :]  # b: rows (y), a: columns (x)
+    if rows is not None:
+        b = b[rows]
     if params.hflip:
         a = -a
     if params.vflip:
@@ -245,7 +248,7 @@ def warp_crop(values: np.ndarray, valid: np.ndarray | None, params: CropParams, 
 
 
 def crop_valid_fraction_reaches(valid: np.ndarray, params: CropParams, size: int, interp: str,
-                                threshold: float, blocks: int = 8) -> bool:
+                                threshold: float, blocks: int = 16) -> bool:
     """Whether ``warp_crop(values, valid, params, size, interp)[1].mean() >= threshold`` — the same
     decision, without warping any value.
 
@@ -255,14 +258,11 @@ def crop_valid_fraction_reaches(valid: np.ndarray, params: CropParams, size: int
     full count), so a crop well above it costs one block. This is what lets the loader draw crop
     parameters, redraws included, without making the crops (``pretrain/device_augment.py``)."""
     H, W = valid.shape
-    ys, xs = _grid_coordinates(params, size)
     flat_valid = valid.reshape(H * W)
     n = size * size
     count = 0
     for first in range(blocks):
-        rows = slice(first, None, blocks)
-        y = ys[rows] if ys.shape[0] > 1 else ys
-        x = xs[rows] if xs.shape[0] > 1 else xs
+        y, x = _grid_coordinates(params, size, slice(first, None, blocks))  # those output rows only
         shape = np.broadcast_shapes(y.shape, x.shape)
         inside = ((y >= 0) & (y <= H)) & ((x >= 0) & (x <= W))
         if interp == "nearest":
