@@ -10,10 +10,12 @@
 #
 # Everything lives in one state folder (DINODEPTH_SLURM_DIR, default /tmp/dinodepth-slurm): its own
 # slurm.conf (clients find it through SLURM_CONF), its own munge key and socket, spool, logs and pid
-# files. Nothing under /etc is written and no system service is started (no systemd), so a machine's
-# own SLURM or munge, if any, is left alone; the daemons listen on localhost only (ports 16817/16818
-# unless DINODEPTH_SLURM_PORT sets the first). One node with this machine's CPUs and memory, one
-# partition `cpu`, no GPUs (job scripts run with --gpus-per-node=0), requeue allowed.
+# files. `up` writes nothing under /etc and starts no system service (no systemd), so a machine's own
+# SLURM or munge, if any, is left alone. Node and controller are addressed as 127.0.0.1 (ports
+# 16817/16818 unless DINODEPTH_SLURM_PORT sets the first; SLURM's daemons bind every interface, and
+# munge authenticates each message). One node with this machine's CPUs and memory, one partition
+# `cpu`, no GPUs (job scripts run with --gpus-per-node=0), requeue allowed. The state folder must
+# allow executing files (slurmd runs the batch scripts from its spool there).
 #
 # The daemons run as root (slurmd must switch to the job's user), so `up` needs root. Exit status:
 # 0 ready; 77 SLURM cannot run here (not root, packages missing and not installable), with the reason
@@ -23,7 +25,6 @@ set -uo pipefail
 STATE=${DINODEPTH_SLURM_DIR:-/tmp/dinodepth-slurm}
 PORT=${DINODEPTH_SLURM_PORT:-16817}
 PACKAGES=(slurmctld slurmd slurm-client munge)
-DAEMONS=(munged slurmctld slurmd)
 NODE=localhost  # slurmd is started with -N localhost: no dependence on the machine's host name resolving
 
 cant() { echo "local SLURM unavailable: $*" >&2; exit 77; }
