@@ -18,7 +18,9 @@
 # every task exits with status 75. This script then requeues the job (scontrol requeue; --requeue
 # allows it) and the next start resumes from the newest checkpoint in train.output_dir. Other exit statuses of the trainer:
 # 0 finished, 1 config/checkpoint error, 2 non-finite loss, 3 distributed failure (a rank died or a
-# collective timed out after dist.timeout_s) -- none of them is requeued.
+# collective timed out after dist.timeout_s) -- none of them is requeued. The step's status is the
+# highest of its tasks', so a rank killed by a signal (the OOM killer) ends the job with 128 + signal
+# (137), not requeued either.
 #
 # Environment knobs: PYTHON (interpreter, default <repo>/.venv/bin/python, else python3),
 # MAX_REQUEUES (default 30: requeues allowed before giving up), MASTER_PORT (default from the job id).

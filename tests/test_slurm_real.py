@@ -282,8 +282,9 @@ def test_preemption_by_sigterm_and_max_requeues(slurm, pretrain_config, referenc
 
 
 CRASHING_RANK = r"""#!/bin/bash
-# Interpreter for the test job: rank 1 runs the trainer and crashes (SIGKILL, then exit 1, as a process
-# killed by the OOM killer or a segfault under a wrapper) once training has started.
+# Interpreter for the test job: rank 1 runs the trainer and crashes once training has started. The
+# trainer is killed (SIGKILL); the task then exits with status 1 (a crash under a wrapper) or dies by
+# SIGKILL itself (the OOM killer): CRASH=exit|kill.
 if [[ ${RANK:-0} != 1 ]]; then exec "$REAL_PYTHON" "$@"; fi
 "$REAL_PYTHON" "$@" &
 trainer=$!
@@ -291,22 +292,27 @@ while kill -0 "$trainer" 2>/dev/null && [[ ! -s "$RUN_DIR/metrics.jsonl" ]]; do 
 kill -KILL "$trainer"
 wait "$trainer"
 echo "rank 1: trainer killed by the test" >&2
+if [[ $CRASH == kill ]]; then kill -KILL $$; fi
 exit 1
 """
 
 
 @pytest.mark.slow
-def test_a_crashed_rank_ends_the_job_with_status_3_without_requeue(slurm, pretrain_config, tmp_path):
+@pytest.mark.parametrize("crash,status", [("exit", 3), ("kill", 128 + 9)])
+def test_a_crashed_rank_fails_the_job_without_requeue(slurm, pretrain_config, tmp_path, crash, status):
+    """Rank 0 notices the lost peer (gloo) and exits 3 at once; the step status is the highest task
+    status, so a rank killed by a signal makes it 128 + signal (srun's rule). Neither is requeued."""
     run_dir = tmp_path / "run"
     wrapper = tmp_path / "crashing_python"
     wrapper.write_text(CRASHING_RANK)
     wrapper.chmod(0o755)
-    env = {**slurm, "PYTHON": str(wrapper), "REAL_PYTHON": sys.executable, "RUN_DIR": str(run_dir)}
+    env = {**slurm, "PYTHON": str(wrapper), "REAL_PYTHON": sys.executable, "RUN_DIR": str(run_dir), "CRASH": crash}
     job = submit_pretraining(env, pretrain_config, run_dir)
     (record,) = wait_done(slurm, job, 240, logs_of(run_dir, job))
     out, err = (p.read_text() for p in logs_of(run_dir, job))
-    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("FAILED", "3:0", "0"), out + err
-    assert "rank 1: trainer killed by the test" in err and "training step ended with status 3" in out
+    assert (record["JobState"], record["ExitCode"], record["Restarts"]) == ("FAILED", f"{status}:0", "0"), out + err
+    assert "rank 1: trainer killed by the test" in err and f"training step ended with status {status}" in out
+    assert "task 0: Exited with exit code 3" in err  # rank 0: distributed failure, not a hang until --wait
     assert "requeue" not in out
     assert not (run_dir / "dinodepth.pth").exists()
 

@@ -160,6 +160,9 @@ case "${1:-}" in
     up) up ;;
     down) down ;;
     env) echo "export SLURM_CONF=$STATE/slurm.conf" ;;
-    status) export PATH=$PATH:/usr/sbin:/sbin; SLURM_CONF=$STATE/slurm.conf sinfo && SLURM_CONF=$STATE/slurm.conf squeue ;;
+    status)  # (without the file, sinfo would spend a minute looking for a configuration elsewhere)
+        [[ -s $STATE/slurm.conf ]] && pid_alive "$STATE/run/slurmctld.pid" || { echo "local cluster not running" >&2; exit 1; }
+        export PATH=$PATH:/usr/sbin:/sbin SLURM_CONF=$STATE/slurm.conf
+        sinfo && squeue ;;
     *) echo "usage: $0 install|up|down|env|status" >&2; exit 2 ;;
 esac
