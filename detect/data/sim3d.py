@@ -639,7 +639,7 @@ def list_classes(root: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_image(path: Path, where: str) -> np.ndarray:
+def load_image(path: Path, where: str) -> np.ndarray:
     import cv2  # lazy
 
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -785,7 +785,7 @@ class SiM3DClass:
         """Load and check one view (image, depth, calibration, 2D mask)."""
         vf = record.views[view_id]
         where = f"class {record.class_name!r}, instance {record.name!r}, view {vf.stem!r}"
-        image = _load_image(vf.image_path, where)
+        image = load_image(vf.image_path, where)
         depth = load_depth(vf.depth_path, where)
         if image.shape != depth.shape:
             raise SiM3DError(f"{where}: image {vf.image_path} is {image.shape[1]}×{image.shape[0]} but depth "
@@ -806,7 +806,7 @@ class SiM3DClass:
                                  f"{vf.image_path} is {image.shape[1]}×{image.shape[0]}")
         mask = None
         if self.load_masks and vf.mask_path is not None:
-            m = _load_image(vf.mask_path, where)
+            m = load_image(vf.mask_path, where)
             if m.shape != image.shape:
                 raise SiM3DError(f"{where}: mask {vf.mask_path} is {m.shape[1]}×{m.shape[0]}, image is "
                                  f"{image.shape[1]}×{image.shape[0]}")

@@ -423,9 +423,9 @@ class SiM3DSingleViewClass(SingleViewClass):
         return self._train[setup]
 
     def _read_image(self, vf: ViewFiles, where: str) -> np.ndarray:
-        from detect.data.sim3d import _load_image
+        from detect.data.sim3d import load_image
 
-        return _load_image(vf.image_path, where)
+        return load_image(vf.image_path, where)
 
     def _read_depth(self, vf: ViewFiles, where: str) -> np.ndarray:
         return load_depth(vf.depth_path, where)
