@@ -14,7 +14,7 @@ from PIL import Image
 
 from data_prep import fixtures
 from detect.config import parse_config
-from detect.data.single_view import (
+from detect.data.single_view_datasets import (
     EyecandiesClass,
     MVTec3DClass,
     SiM3DSingleViewClass,

@@ -78,7 +78,7 @@ def _generator_command(root: Path) -> list[str]:
 
 
 def _data_summary(cfg, classes: list[str]) -> list[str]:
-    from detect.data.single_view import open_single_view_class
+    from detect.data.single_view_datasets import open_single_view_class
     from detect.pipeline.single_view import dataset_options
 
     lines = ["| class | training images | test images | anomalous | s.e. of an I-AUROC near 0.5 |",

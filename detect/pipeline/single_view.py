@@ -62,7 +62,7 @@ from shared.io import atomic_write_json, atomic_write_text
 if TYPE_CHECKING:
     from detect.cmdr import Decoders, ScoringSettings
     from detect.config import DetectConfig
-    from detect.data.single_view import SingleViewClass
+    from detect.data.single_view_datasets import SingleViewClass
     from detect.features import ModalityEncoder, ModalityTokens
     from detect.model import ModMap
 
@@ -259,7 +259,7 @@ class SingleViewRunner:
 
     # -- data -----------------------------------------------------------------------------------
     def dataset(self, class_name: str) -> SingleViewClass:
-        from detect.data.single_view import SingleViewError, open_single_view_class
+        from detect.data.single_view_datasets import SingleViewError, open_single_view_class
 
         try:
             return open_single_view_class(self.cfg.dataset, self.cfg.data_root, class_name,
@@ -268,7 +268,7 @@ class SingleViewRunner:
             raise RunError(str(exc)) from None
 
     def classes(self) -> list[str]:
-        from detect.data.single_view import SingleViewError, list_single_view_classes
+        from detect.data.single_view_datasets import SingleViewError, list_single_view_classes
 
         try:
             available = list_single_view_classes(self.cfg.dataset, self.cfg.data_root)
@@ -298,7 +298,7 @@ class SingleViewRunner:
         return out
 
     def _train_records(self, ds: SingleViewClass) -> list:
-        from detect.data.single_view import SingleViewError
+        from detect.data.single_view_datasets import SingleViewError
 
         setup = self.cfg.setup if self.cfg.setup != "both" else "real2real"
         try:
