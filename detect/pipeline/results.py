@@ -157,6 +157,6 @@ def write_single_view_results(out: Path, dataset: str, method: str, pro_limits: 
     atomic_write_text(out / "results.md", "\n".join(lines))
     classes = sorted(results)
     write_csv(out / "results.csv", [{k: ("" if v is None else v) for k, v in r.items()} for r in rows],
-               ["method", "metric", *classes, "mean"])
+              ["method", "metric", *classes, "mean"])
     atomic_write_json(out / "results.json", jsonable({"dataset": dataset, "method": method,
-                                                       "random_image_encoder": random_encoder, "results": results}))
+                                                      "random_image_encoder": random_encoder, "results": results}))
