@@ -74,3 +74,25 @@ def run_classes(mode: str, setups: Sequence[Setup], classes: Sequence[str],
             if evaluating:
                 results.setdefault(setup, {})[class_name] = evaluate(setup, class_name)
     return results
+
+
+def train_with_progress(total: int, desc: str, enabled: bool, train: Callable[[Callable, Callable], Any],
+                        log_fields: dict | None = None) -> tuple[Any, list[str], float]:
+    """The fit bookkeeping of every run: ``train(log, progress)`` under a progress bar showing the loss;
+    returns (its result, the JSON lines it logged (each with ``log_fields``), seconds)."""
+    import json
+    import time
+
+    lines: list[str] = []
+    bar = progress_bar(total, desc, enabled, "step")
+
+    def log(rec: dict) -> None:
+        lines.append(json.dumps({**(log_fields or {}), **rec}))
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+
+    t0 = time.perf_counter()
+    try:
+        result = train(log, bar.update)
+    finally:
+        bar.close()
+    return result, lines, time.perf_counter() - t0

@@ -31,7 +31,7 @@ from detect.pipeline.artifacts import (
     save_model,
     write_volume_ply,
 )
-from detect.pipeline.base import RunError, device, progress_bar, run_classes
+from detect.pipeline.base import RunError, device, progress_bar, run_classes, train_with_progress
 from detect.pipeline.results import jsonable, write_csv, write_results
 from detect.pipeline.settings import (
     cache_dir,
@@ -240,21 +240,9 @@ class MultiviewRunner:
             raise RunError(str(exc)) from None
 
     def _train(self, out_dir: Path, total: int, desc: str, train: Callable) -> tuple[ModMap, float]:
-        """Run ``train(log, progress)`` under a progress bar; writes ``train_log.jsonl``."""
+        """Run ``train(log, progress)`` (:func:`train_with_progress`); writes ``train_log.jsonl``."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        log_lines: list[str] = []
-        bar = progress_bar(total, desc, self.cfg.progress, "step")
-
-        def log(rec: dict) -> None:
-            log_lines.append(json.dumps(rec))
-            bar.set_postfix(loss=f"{rec['loss']:.4f}")
-
-        t0 = time.perf_counter()
-        try:
-            model = train(log, bar.update)
-        finally:
-            bar.close()
-        train_s = time.perf_counter() - t0
+        model, log_lines, train_s = train_with_progress(total, desc, self.cfg.progress, train)
         atomic_write_text(out_dir / "train_log.jsonl", "\n".join(log_lines) + "\n")
         return model, train_s
 

@@ -45,7 +45,7 @@ from detect.pipeline.artifacts import (
     save_maps,
     save_model,
 )
-from detect.pipeline.base import RunError, device, progress_bar, run_classes
+from detect.pipeline.base import RunError, device, progress_bar, run_classes, train_with_progress
 from detect.pipeline.results import jsonable, write_csv, write_single_view_results
 from detect.pipeline.settings import (
     cache_dir,
@@ -334,21 +334,15 @@ class SingleViewRunner:
         if self.scoring.uses_mapping or self.scoring.scoring != "cmdr":
             settings = train_settings(cfg, match_steps=False)
             _, iters = batch_plan(len(records), cfg.batch_size)
-            bar = progress_bar(cfg.epochs * iters, f"fit mapping {class_name}", cfg.progress, "step")
-
-            def log(rec: dict) -> None:
-                log_lines.append(json.dumps({"network": "mapping", **rec}))
-                bar.set_postfix(loss=f"{rec['loss']:.4f}")
-
-            t1 = time.perf_counter()
-            try:
-                model = fit_single_view_mapping(image, depth, settings, valid, log, bar.update)
-            finally:
-                bar.close()
+            model, lines, train_s = train_with_progress(
+                cfg.epochs * iters, f"fit mapping {class_name}", cfg.progress,
+                lambda log, progress: fit_single_view_mapping(image, depth, settings, valid, log, progress),
+                {"network": "mapping"})
+            log_lines += lines
             meta = {**meta_common, "variant": cfg.variant, "image_dim": int(image.shape[-1]),
                     "depth_dim": int(depth.shape[-1]), "modulator_hidden": cfg.modulator_hidden,
                     "train_settings": {**dataclasses.asdict(settings), "betas": list(settings.betas)},
-                    "total_steps": cfg.epochs * iters, "train_seconds": round(time.perf_counter() - t1, 3)}
+                    "total_steps": cfg.epochs * iters, "train_seconds": round(train_s, 3)}
             save_model(model, meta, out_dir / "model.pt")
         if self.scoring.scoring == "cmdr":
             dec_settings = decoder_settings(cfg)
