@@ -9,6 +9,11 @@ Cache entries live in ``<cache_dir>/<instance>-<key>/`` where the key hashes the
 sha256, every preprocessing setting and the view stems plus each source file's size and mtime; a
 stale entry simply gets a new key and is rebuilt. Entries are written to a temporary folder and
 renamed when complete, so an interrupted extraction never leaves a half entry behind.
+
+One protocol (:func:`read_entry`, :func:`writing_entry`, :func:`payload_key`) serves two entry layouts:
+:class:`FeatureCache` (both modalities of the N views of one multiview instance) and :class:`TokenCache`
+(one modality of the M samples of a single-view class, ``<cache_dir>/<dataset>-<class>-<role>-<modality>-<key>/``),
+because a single-view run encodes only the modalities its scoring uses.
 """
 
 from __future__ import annotations
