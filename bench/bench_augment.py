@@ -7,8 +7,8 @@ crops, collation and iBOT masks — from shards of the paper's split-B sources a
 sizes (MVTec 3D-AD 800², Eyecandies 512², Real-IAD D³ 584 × 1024), weighted by the split-B mix
 (4,147 : 15,500 : 4,249 samples). Two variants, each in a fresh process:
 
-* ``before``: the straightforward numpy crops and normalisation (``bench/augment_reference.py``) and
-  glibc's default allocator settings — the loader as it was;
+* ``before``: the straightforward numpy crops and normalisation (the code of commit 2c64201, loaded from
+  the git history by ``bench/frozen.py``) and glibc's default allocator settings — the loader as it was;
 * ``after``: :mod:`pretrain.augment`, :func:`shared.depth.normalize_depth` and
   :func:`shared.memory.keep_freed_memory` — the loader now.
 
@@ -124,10 +124,10 @@ def loader_worker(shards: str, source: str, variant: str, batch: int, iters: int
     elif variant == "device":
         kept = memory.keep_freed_memory()
     elif variant == "before":
-        from bench import augment_reference
+        from bench.frozen import reference_depth_multicrop, reference_normalize_depth
 
-        loader.depth_multicrop = augment_reference.depth_multicrop  # the loader as it was
-        loader.normalize_depth = augment_reference.normalize_depth
+        loader.depth_multicrop = reference_depth_multicrop  # the loader as it was (from the git history)
+        loader.normalize_depth = reference_normalize_depth
         kept = False
     else:
         raise ValueError(f"unknown variant {variant!r}")
@@ -283,7 +283,7 @@ def stage_split(cfg, table, dataset, n: int) -> dict:
 def bit_identical(shards: Path, sources, n: int = 3) -> bool:
     """Current normalised maps and crops == the reference ones (values and validity, bit for bit) on the
     benchmark samples."""
-    from bench import augment_reference
+    from bench.frozen import reference_depth_multicrop, reference_normalize_depth
     from pretrain.augment import depth_multicrop
     from pretrain.loader import _AUG_STREAM, _rng, open_sample_table, prepare_sample
 
@@ -292,14 +292,14 @@ def bit_identical(shards: Path, sources, n: int = 3) -> bool:
         table = open_sample_table(cfg)
         for i in range(min(n, len(table))):
             raw, meta = table.read(i)
-            ref_x, ref_valid, _ = augment_reference.normalize_depth(raw, meta["kind"])
+            ref_x, ref_valid, _ = reference_normalize_depth(raw, meta["kind"])
             p = prepare_sample(cfg, raw, meta)
             if p is None:
                 continue
             if p[0][0].tobytes() != ref_x.tobytes() or not np.array_equal(p[1], ref_valid):
                 return False
             a = depth_multicrop(p[0][0], p[1], cfg.crops, cfg.aug, _rng(1, _AUG_STREAM, i))
-            b = augment_reference.depth_multicrop(p[0][0], p[1], cfg.crops, cfg.aug, _rng(1, _AUG_STREAM, i))
+            b = reference_depth_multicrop(p[0][0], p[1], cfg.crops, cfg.aug, _rng(1, _AUG_STREAM, i))
             for x, y in ((a.global_crops, b.global_crops), (a.local_crops, b.local_crops),
                          (a.global_valid, b.global_valid), (a.local_valid, b.local_valid)):
                 if x.tobytes() != y.tobytes():

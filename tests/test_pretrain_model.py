@@ -7,7 +7,7 @@ import torch
 from test_pretrain_utils import single_thread, tiny_config  # noqa: F401
 
 from pretrain.heads import DINOHead
-from pretrain.train import SSLModel, ema_update
+from pretrain.ssl_model import SSLModel, ema_update
 from shared.vit import XFORMERS_AVAILABLE, create_vit
 
 
