@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ from detect.pipeline.artifacts import (
     save_maps,
     save_model,
 )
-from detect.pipeline.base import RunError, device, progress_bar, run_classes, train_with_progress
+from detect.pipeline.base import (
+    FinishedClasses,
+    RunError,
+    device,
+    progress_bar,
+    run_classes,
+    train_with_progress,
+)
 from detect.pipeline.results import jsonable, write_csv, write_single_view_results
 from detect.pipeline.settings import (
     cache_dir,
@@ -501,14 +509,19 @@ def run_single_view(cfg: DetectConfig) -> dict:
     runner = SingleViewRunner(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    finished = FinishedClasses(cfg, lambda _, c: runner.class_dir(c))
     try:
-        per_setup = run_classes(cfg.mode, [None], runner.classes(), lambda _, c: runner.fit(c),
-                                lambda _, c: runner.predict(c), lambda _, c: runner.evaluate(c))
+        classes = runner.classes()
+        if finished.all_finished([None], classes):  # a re-submitted task: every output stays as it is
+            print(f"every class is finished in {out}: nothing to do", file=sys.stderr)
+        else:
+            save_config(cfg, out / "config.yaml")
+        per_setup = run_classes(cfg.mode, [None], classes, lambda _, c: runner.fit(c),
+                                lambda _, c: runner.predict(c), lambda _, c: runner.evaluate(c), finished=finished)
     except (SiM3DError, FormatError) as exc:  # bad or missing dataset files: the message names them
         raise RunError(str(exc)) from None
     results: dict[str, dict] = per_setup.get(None, {})
-    if not results:
+    if not results or not finished.ran:
         return {}
     random_encoder = runner.random_encoder or any(m.get("random_image_encoder") for m in results.values())
     write_single_view_results(out, cfg.dataset, method_name(cfg), cfg.pro_limits, results, random_encoder)
