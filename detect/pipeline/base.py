@@ -42,17 +42,34 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "it"):
 
 
 @contextlib.contextmanager
+def cuda_precision(allow_tf32: bool) -> Iterator[None]:
+    """TF32 for CUDA matmuls and cuDNN convolutions as ``--allow-tf32`` says (off: strict fp32, the CPU's
+    results to rounding; cuDNN's own default would be on); the previous settings come back on exit.
+    bench/bench_table8.py times inference under the same switch."""
+    import torch
+
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+@contextlib.contextmanager
 def deterministic(cfg: DetectConfig) -> Iterator[None]:
-    """Deterministic algorithms (``cfg.deterministic``) and the run's seed; a library call must not leave
-    global torch state changed, so the previous algorithm setting comes back on exit."""
+    """Deterministic algorithms (``cfg.deterministic``), CUDA matmul precision (``cfg.allow_tf32``) and the
+    run's seed; a library call must not leave global torch state changed, so the previous settings come
+    back on exit."""
     import torch
 
     previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        torch.manual_seed(cfg.seed)
-        yield
+        with cuda_precision(cfg.allow_tf32):
+            torch.manual_seed(cfg.seed)
+            yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
