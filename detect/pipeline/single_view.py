@@ -164,18 +164,18 @@ def sample_map(inputs: SampleInputs, model: ModMap | None, decoders: Decoders | 
 
 
 # -- the runner ------------------------------------------------------------------------------------
-def depth_training_data(ckpt: str, dataset: str) -> dict:
-    """What the DINO-Depth export says it was pretrained on (``train_meta.data``), for the run report.
+def depth_training_data(export: str, dataset: str, name: str | None = None) -> dict:
+    """What the DINO-Depth export (a .pth, or the HF folder of ``pretrain.export --format hf``, e.g. a
+    hub id's snapshot) says it was pretrained on (``train_meta.data``), for the run report; ``name``:
+    what the user gave (``--ckpt``) for the warning.
 
     Evaluating an encoder that saw MVTec 3D-AD / Eyecandies *test* splits on that benchmark is
     transductive (``modmap.md`` §20): warn, and record it in ``predict_info.json``.
     """
-    from shared.checkpoint import CheckpointError, load_checkpoint
+    from shared.encoder_export import export_train_meta
 
-    try:
-        meta = load_checkpoint(ckpt).get("train_meta") or {}
-    except CheckpointError:
-        return {}
+    meta = export_train_meta(export)  # {} when none is recorded: the data is unknown, hence the risk
+    ckpt = name or export
     data = meta.get("data") or {}
     splits = list(data.get("splits") or [])
     sources = data.get("sources") or data.get("preset")
@@ -235,7 +235,7 @@ class SingleViewRunner:
             else:
                 stored = depth_enc.info.input_norm
                 if cfg.depth_encoder == "dino_depth":
-                    self.depth_training_data = depth_training_data(cfg.ckpt, cfg.dataset)
+                    self.depth_training_data = depth_training_data(depth_enc.info.weights, cfg.dataset, cfg.ckpt)
         self.depth_norm, settings = feature_settings(cfg, stored)
         if image_enc is not None and depth_enc is not None:
             grid = check_token_grids(image_enc, depth_enc, cfg.image_size, settings.depth_size,
