@@ -94,7 +94,7 @@ class SynthConfig:
     # configs/detect/demo_cpu.yaml: 224 px, patch 14), so that they are resolvable by its token grid.
     token_input_size: int = 224
     token_patch: int = 14
-    small_anomaly_prob: float = 0.25  # share of "small" defects (0.8–1.6 tokens across instead of 2–3.2)
+    small_anomaly_prob: float = 0.2  # share of "small" defects (1–1.8 tokens across instead of 2–3.2)
     mesh_spacing_m: float = 0.0035  # target triangle edge of the procedural meshes (chord error < 0.03 mm)
     workers: int = 1
 
@@ -686,10 +686,11 @@ class Anomaly:
     tangent: np.ndarray | None = None  # scratch direction
     length: float = 0.0  # scratch length
     noise_seed: int = 0
+    part: int = -1  # the mesh part it lies on (a defect never leaks onto another part, e.g. seat → leg); -1: any
 
     def to_json(self) -> dict[str, Any]:
         out = {"type": self.kind, "center": self.center.tolist(), "normal": self.normal.tolist(),
-               "radius": self.radius}
+               "radius": self.radius, "part": self.part}
         if self.kind in ("bump", "dent"):
             out["amplitude"] = self.amplitude
         if self.kind == "stain":
@@ -699,11 +700,14 @@ class Anomaly:
             out["length"] = self.length
         return out
 
-    def weight(self, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-        """Appearance weight in [0, 1] (stain, scratch) at surface points; 0 for geometric types."""
+    def weight(self, points: np.ndarray, normals: np.ndarray, parts: np.ndarray | None = None) -> np.ndarray:
+        """Appearance weight in [0, 1] (stain, scratch) at surface points of mesh ``parts``; 0 for
+        geometric types."""
         if self.kind not in ("stain", "scratch"):
             return np.zeros(len(points))
         same_sheet = (normals @ self.normal) > 0.2  # not the other side of a thin wall
+        if parts is not None and self.part >= 0:
+            same_sheet &= parts == self.part
         q = points - self.center
         if self.kind == "stain":
             wobble = 1.0 + 0.3 * (value_noise(points, 1.0 / (0.6 * self.radius), self.noise_seed) - 0.5)
@@ -722,6 +726,14 @@ class Anomaly:
 APPEARANCE_THRESHOLD = 0.5  # appearance weight above which a surface point counts as anomalous
 
 
+def _vertex_parts(mesh: Mesh) -> np.ndarray:
+    """Part id of every vertex (from its triangles; parts never share vertices)."""
+    out = np.zeros(len(mesh.vertices), np.int8)
+    for k in range(3):
+        out[mesh.triangles[:, k]] = mesh.part
+    return out
+
+
 def apply_geometric_anomaly(mesh: Mesh, anomaly: Anomaly, normals: np.ndarray, flags: np.ndarray,
                             rim_extra: float = 0.0) -> tuple[Mesh, np.ndarray, np.ndarray]:
     """Deform or cut ``mesh`` (``normals``: its welded vertex normals).
@@ -735,6 +747,8 @@ def apply_geometric_anomaly(mesh: Mesh, anomaly: Anomaly, normals: np.ndarray, f
     q = mesh.vertices - anomaly.center
     dist = np.linalg.norm(q, axis=1)
     same_sheet = (normals @ anomaly.normal) > 0.2  # never push the far side of a thin wall
+    on_part = _vertex_parts(mesh) == anomaly.part if anomaly.part >= 0 else np.ones(len(mesh.vertices), bool)
+    same_sheet &= on_part
     if anomaly.kind in ("bump", "dent"):
         s = dist / anomaly.radius
         disp = anomaly.amplitude * np.clip(1.0 - s * s, 0.0, None) ** 2 * same_sheet
@@ -746,14 +760,15 @@ def apply_geometric_anomaly(mesh: Mesh, anomaly: Anomaly, normals: np.ndarray, f
         # a chunk cut out of the shell: every triangle whose centroid lies in the ball is removed, so
         # thin walls get a through-hole and hollow parts show their inside
         centroid = mesh.vertices[mesh.triangles].mean(axis=1)
-        cut = np.linalg.norm(centroid - anomaly.center, axis=1) < anomaly.radius
+        tri_on_part = mesh.part == anomaly.part if anomaly.part >= 0 else np.ones(len(mesh.triangles), bool)
+        cut = (np.linalg.norm(centroid - anomaly.center, axis=1) < anomaly.radius) & tri_on_part
         rim_vertices = np.zeros(len(mesh.vertices), bool)
         rim_vertices[mesh.triangles[cut].ravel()] = True
         keep = ~cut
         new = Mesh(mesh.vertices.copy(), mesh.triangles[keep], mesh.part[keep])
         rim = rim_vertices[new.triangles].any(axis=1)  # the hole's edge is anomalous surface
-        band = np.linalg.norm(centroid[keep] - anomaly.center, axis=1) < (
-            (1.0 + MISSING_RIM) * anomaly.radius + rim_extra)  # ... and the damaged band around it
+        band = (np.linalg.norm(centroid[keep] - anomaly.center, axis=1) < (
+            (1.0 + MISSING_RIM) * anomaly.radius + rim_extra)) & tri_on_part[keep]  # ... the damaged band
         return new, flags[keep] | rim | band, mesh.vertices[mesh.triangles[cut]]
     raise ValueError(f"not a geometric anomaly: {anomaly.kind}")
 
@@ -847,7 +862,7 @@ def render_view(scene, mesh: Mesh, vnormals: np.ndarray, vnoise: np.ndarray, fla
     albedo = albedo_fn(points, mesh.part[prim_h], noise)
     appearance = np.zeros(len(idx))
     for an in anomalies:
-        w = an.weight(points, normal)
+        w = an.weight(points, normal, mesh.part[prim_h])
         if an.kind == "stain":
             albedo = albedo * (1.0 - an.amplitude * w)
         elif an.kind == "scratch":
@@ -1046,28 +1061,37 @@ def _instance_geometry(model: ObjectModel, job: InstanceJob, rng_shape: np.rando
 
 # How many tokens across a defect's labelled surface spans, per size class (before --anomaly-scale).
 REGULAR_ANOMALY_TOKENS = (2.0, 3.2)
-SMALL_ANOMALY_TOKENS = (0.8, 1.6)
-SCRATCH_WIDTH_TOKENS = (0.2, 0.35)
+SMALL_ANOMALY_TOKENS = (1.0, 1.8)
+SCRATCH_WIDTH_TOKENS = (0.35, 0.5)  # an abraded band: a token-level detector sees it
 # labelled span / radius of each kind: bump/dent surface displaced > 15 % of the height lies within
 # 0.78 r; a stain's weight exceeds ½ within 0.875 r; a cut's labelled rim reaches 1.3 r (MISSING_RIM)
 SPAN_PER_RADIUS = {"bump": 1.56, "dent": 1.56, "stain": 1.75, "missing": 2.6, "scratch": 1.6}
 MISSING_RIM = 0.3  # the rim band of a cut, as a fraction of its radius (plus one mesh spacing)
 
 
+def _fits(center: np.ndarray, normal: np.ndarray, part: int, reach: float, centroids: np.ndarray,
+          tri_normals: np.ndarray, tri_areas: np.ndarray, tri_parts: np.ndarray, min_fill: float = 0.6) -> bool:
+    """Whether a defect of radius ``reach`` around ``center`` lies on one sheet of one part: the surface
+    of that part facing the same way (normal · n > 0.5) within ``reach`` covers at least ``min_fill`` of a
+    flat disc of that radius (a thin leg or a rim offers far less)."""
+    near = (np.linalg.norm(centroids - center, axis=1) < reach) & (tri_parts == part) & (tri_normals @ normal > 0.5)
+    return float(tri_areas[near].sum()) >= min_fill * np.pi * reach ** 2
+
+
 def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, scene, cams: Sequence[Camera],
                       extent: float, token_m: float, rng: np.random.Generator, size_scale: float = 1.0,
-                      small_prob: float = 0.25) -> list[Anomaly]:
+                      small_prob: float = 0.2) -> list[Anomaly]:
     """Anomaly centres on surface points seen well by at least one camera; about a third are chosen
     among points seen by at most three views.
 
     Sizes are drawn in token units (``token_m`` metres per token): the labelled surface of a regular
-    defect spans 2–3.2 tokens, of a small one (probability ``small_prob``) 0.8–1.6 tokens; a scratch is
-    that long and 0.2–0.35 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
+    defect spans 2–3.2 tokens, of a small one (probability ``small_prob``) 1–1.8 tokens; a scratch is
+    that long and 0.35–0.5 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
     draws stay the same, so scale 1 is the default benchmark); heights and depths keep the class scale.
     """
     n_cand = min(4000, len(mesh.vertices))
     cand = rng.choice(len(mesh.vertices), n_cand, replace=False)
-    pts, nrm = mesh.vertices[cand], normals[cand]
+    pts, nrm, part = mesh.vertices[cand], normals[cand], _vertex_parts(mesh)[cand]
     seen = np.zeros(n_cand, np.int64)
     for cam in cams:
         d = pts - cam.center
@@ -1078,6 +1102,8 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
         seen += (cos > 0.4) & inside & (z > 0) & (t > 1.0 - 1e-3)
     ok = seen >= 1
     few = ok & (seen <= 3)
+    centroids = mesh.vertices[mesh.triangles].mean(axis=1)
+    tri_normals, tri_areas = mesh.face_normals_areas()
     out: list[Anomaly] = []
     scale = extent / 0.3  # heights and depths follow the class size
     for kind in kinds:
@@ -1091,23 +1117,25 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
             radius = width / SPAN_PER_RADIUS["scratch"]
         else:
             radius = span / SPAN_PER_RADIUS[kind]
+        reach = span / 2  # the defect must fit on one sheet of one part (not wrap a thin leg or rim)
         for _ in range(50):  # keep two anomalies of one instance apart
             i = int(rng.choice(pool))
-            if all(np.linalg.norm(pts[i] - a.center) > 1.2 * (a.radius + a.length / 2 + radius + span / 2 * (
-                    kind == "scratch")) for a in out):
+            apart = all(np.linalg.norm(pts[i] - a.center) > 1.2 * (a.radius + a.length / 2 + radius + span / 2 * (
+                kind == "scratch")) for a in out)
+            if apart and _fits(pts[i], nrm[i], int(part[i]), reach, centroids, tri_normals, tri_areas, mesh.part):
                 break
-        c, n = pts[i].copy(), nrm[i].copy()
+        c, n, on = pts[i].copy(), nrm[i].copy(), int(part[i])
         seed = int(rng.integers(1 << 30))
         if kind in ("bump", "dent"):
             amp = rng.uniform(0.003, 0.007) * scale * (1 if kind == "bump" else -1)
-            out.append(Anomaly(kind, c, n, radius, amp, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, amp, noise_seed=seed, part=on))
         elif kind == "missing":
-            out.append(Anomaly(kind, c, n, radius, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, noise_seed=seed, part=on))
         elif kind == "stain":
-            out.append(Anomaly(kind, c, n, radius, rng.uniform(0.35, 0.6), noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, rng.uniform(0.35, 0.6), noise_seed=seed, part=on))
         else:  # scratch: a bright line along a random tangent
             tangent = _unit(np.cross(n, rng.normal(size=3)))
-            out.append(Anomaly(kind, c, n, radius, tangent=tangent, length=span, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, tangent=tangent, length=span, noise_seed=seed, part=on))
     return out
 
 
@@ -1240,6 +1268,35 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
             "artefact_views": len(meta["artefacts"])}
 
 
+SPECKLE_MAX_VOXELS = 30  # a labelled piece this small ...
+SPECKLE_MAX_FRACTION = 0.1  # ... and below this fraction of its defect's main piece is a speckle
+
+
+def _speckles(labels: np.ndarray, grid: VoxelGrid, anomalies: Sequence[Anomaly]) -> np.ndarray:
+    """Label voxels forming speckles: pieces of a defect's observed surface (26-connected) that are
+    separate from its main piece and tiny (< ``SPECKLE_MAX_VOXELS`` voxels and < ``SPECKLE_MAX_FRACTION``
+    of the main piece) — a few pixels at a silhouette or past a gap in the measured surface. PRO counts
+    every region equally, so a one-voxel speckle would weigh as much as the defect itself."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(labels, structure=np.ones((3, 3, 3), bool))
+    if n <= 1 or not anomalies:
+        return np.zeros_like(labels)
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+    centroids = np.asarray(ndimage.center_of_mass(labels, comp, np.arange(1, n + 1)))
+    world = grid.origin + (centroids + 0.5) * grid.voxel_size
+    owner = np.argmin([np.linalg.norm(world - a.center, axis=1) for a in anomalies], axis=0)  # nearest defect
+    speck = np.zeros(n + 1, bool)
+    for k in range(len(anomalies)):
+        mine = np.flatnonzero(owner == k)
+        if mine.size <= 1:
+            continue
+        main = sizes[mine].max()
+        small = (sizes[mine] < SPECKLE_MAX_VOXELS) & (sizes[mine] < SPECKLE_MAX_FRACTION * main)
+        speck[mine[small] + 1] = True
+    return speck[comp]
+
+
 def _write_ground_truth(job: InstanceJob, mesh: Mesh, anomalies: Sequence[Anomaly],
                         renders: Sequence[ViewRender], rng: np.random.Generator) -> dict[str, Any]:
     """GT volume (anomalous observed surface voxels + occupancy) and per-view 2D masks (GT format 2).
@@ -1257,14 +1314,21 @@ def _write_ground_truth(job: InstanceJob, mesh: Mesh, anomalies: Sequence[Anomal
     pts, nrm, _ = sample_triangles(tris, 1.0 / vs ** 2, rng)
     occ_pts = [np.concatenate([rv.hits for rv in renders]), pts[visible_mask(pts, nrm, cams, depths, vs)]]
     labels = np.zeros(grid.shape, bool)
-    measured = [backproject_depth(rv.depth, cam.K, cam.T_c2w, mask=rv.mask)[0]
+    measured = [(rv, backproject_depth(rv.depth, cam.K, cam.T_c2w, mask=rv.mask))
                 for cam, rv in zip(cams, renders) if rv.mask.any()]
     if measured:
-        lab_pts = np.concatenate(measured)
+        lab_pts = np.concatenate([pts for _, (pts, _) in measured])
         _, inside = grid.index(lab_pts)
         if not inside.all():
             raise SynthError(f"{job.name}: {int((~inside).sum())} anomalous points fall outside the class GT grid")
         labels = grid.occupancy(lab_pts)
+        specks = _speckles(labels, grid, anomalies)
+        if specks.any():  # drop them in 3D and in 2D, so that masks and labels still agree
+            labels &= ~specks
+            for rv, (pts, pix) in measured:
+                idx, _ = grid.index(pts)
+                drop = specks[idx[:, 0], idx[:, 1], idx[:, 2]]
+                rv.mask[pix[drop, 0], pix[drop, 1]] = False
     occupancy = grid.occupancy(np.concatenate(occ_pts)) | labels
     _, inside = grid.index(np.concatenate(occ_pts))
     if not inside.all():

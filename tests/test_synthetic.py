@@ -341,7 +341,7 @@ def test_npy_synth_layout(tmp_path):
 def test_anomaly_scale_grows_the_same_anomaly(tmp_path):
     """--anomaly-scale multiplies the radius of the same random draw (same centre); the GT grows with it."""
     metas, gt_voxels = {}, {}
-    for scale in (1.0, 2.5):
+    for scale in (0.5, 1.25):
         cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=128, height=96, seed=11, depth_noise_m=0.0,
                               artefact_view_prob=0.0, specular_view_prob=0.0, anomaly_scale=scale)
         setup = syn.build_class_setup("bin", cfg)
@@ -349,9 +349,9 @@ def test_anomaly_scale_grows_the_same_anomaly(tmp_path):
         metas[scale] = syn.generate_instance(job)
         with np.load(tmp_path / str(scale) / "gt" / "volume.npz") as z:
             gt_voxels[scale] = int(z["labels"].sum())
-    small, large = (json.loads((tmp_path / str(s) / "meta.json").read_text())["anomalies"][0] for s in (1.0, 2.5))
+    small, large = (json.loads((tmp_path / str(s) / "meta.json").read_text())["anomalies"][0] for s in (0.5, 1.25))
     assert large["center"] == small["center"]
     assert large["radius"] == pytest.approx(2.5 * small["radius"])
-    assert gt_voxels[2.5] > 3 * gt_voxels[1.0] > 0
+    assert gt_voxels[1.25] > 3 * gt_voxels[0.5] > 0
     with pytest.raises(syn.SynthError, match="anomaly_scale"):
         syn.SynthConfig(anomaly_scale=0.0).validate()
