@@ -47,7 +47,13 @@ import numpy as np
 
 from shared.cli import ArgumentParser, fail, run_main
 from shared.exr import encode_exr
-from shared.geometry import VoxelGrid, backproject_depth, look_at_c2w, project_points, rays_to_pixels
+from shared.geometry import (
+    VoxelGrid,
+    backproject_depth,
+    look_at_c2w,
+    project_points,
+    rays_to_pixels,
+)
 
 FORMAT = "synthetic-sim3d"
 FORMAT_VERSION = 2  # 2: GT marks only observed surface, defect sizes in token units (issue 18)
@@ -94,7 +100,7 @@ class SynthConfig:
     # configs/detect/demo_cpu.yaml: 224 px, patch 14), so that they are resolvable by its token grid.
     token_input_size: int = 224
     token_patch: int = 14
-    small_anomaly_prob: float = 0.2  # share of "small" defects (1–1.8 tokens across instead of 2–3.2)
+    small_anomaly_prob: float = 0.2  # share of "small" defects (1.2–2 tokens across instead of 2.6–4)
     mesh_spacing_m: float = 0.0035  # target triangle edge of the procedural meshes (chord error < 0.03 mm)
     workers: int = 1
 
@@ -1060,12 +1066,13 @@ def _instance_geometry(model: ObjectModel, job: InstanceJob, rng_shape: np.rando
 
 
 # How many tokens across a defect's labelled surface spans, per size class (before --anomaly-scale).
-REGULAR_ANOMALY_TOKENS = (2.0, 3.2)
-SMALL_ANOMALY_TOKENS = (1.0, 1.8)
-SCRATCH_WIDTH_TOKENS = (0.35, 0.5)  # an abraded band: a token-level detector sees it
+REGULAR_ANOMALY_TOKENS = (2.6, 4.0)
+SMALL_ANOMALY_TOKENS = (1.2, 2.0)
+SCRATCH_WIDTH_TOKENS = (0.8, 1.1)  # an abraded band (a scuff): a token-level detector sees it
 # labelled span / radius of each kind: bump/dent surface displaced > 15 % of the height lies within
 # 0.78 r; a stain's weight exceeds ½ within 0.875 r; a cut's labelled rim reaches 1.3 r (MISSING_RIM)
 SPAN_PER_RADIUS = {"bump": 1.56, "dent": 1.56, "stain": 1.75, "missing": 2.6, "scratch": 1.6}
+FEW_VIEWS_PROB = 0.35  # share of defects placed where at most three views see the place at all (if any)
 MISSING_RIM = 0.3  # the rim band of a cut, as a fraction of its radius (plus one mesh spacing)
 
 
@@ -1085,29 +1092,34 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
     among points seen by at most three views.
 
     Sizes are drawn in token units (``token_m`` metres per token): the labelled surface of a regular
-    defect spans 2–3.2 tokens, of a small one (probability ``small_prob``) 1–1.8 tokens; a scratch is
-    that long and 0.35–0.5 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
+    defect spans 2.6–4 tokens, of a small one (probability ``small_prob``) 1.2–2 tokens; a scratch is
+    that long and 0.8–1.1 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
     draws stay the same, so scale 1 is the default benchmark); heights and depths keep the class scale.
     """
     n_cand = min(4000, len(mesh.vertices))
     cand = rng.choice(len(mesh.vertices), n_cand, replace=False)
     pts, nrm, part = mesh.vertices[cand], normals[cand], _vertex_parts(mesh)[cand]
-    seen = np.zeros(n_cand, np.int64)
+    seen = np.zeros(n_cand, np.int64)  # views that see the point well (cos > 0.4)
+    seen_any = np.zeros(n_cand, np.int64)  # views that see it at all
     for cam in cams:
         d = pts - cam.center
         cos = -np.sum(d * nrm, axis=1) / np.linalg.norm(d, axis=1)
         uv, z = project_points(pts, cam.K, cam.T_c2w)
         _, inside = rays_to_pixels(uv, cam.height, cam.width)
         t, _, _ = _cast(scene, cam.center, d)
-        seen += (cos > 0.4) & inside & (z > 0) & (t > 1.0 - 1e-3)
+        visible = inside & (z > 0) & (t > 1.0 - 1e-3)
+        seen += (cos > 0.4) & visible
+        seen_any += (cos > 0.05) & visible
     ok = seen >= 1
-    few = ok & (seen <= 3)
+    # at most three views see the place at all (inside a cavity, under a seat...): a defect there,
+    # even one several tokens across, is seen by few views
+    few = ok & (seen_any <= 3)
     centroids = mesh.vertices[mesh.triangles].mean(axis=1)
     tri_normals, tri_areas = mesh.face_normals_areas()
     out: list[Anomaly] = []
     scale = extent / 0.3  # heights and depths follow the class size
     for kind in kinds:
-        pool = np.nonzero(few if (few.any() and rng.random() < 0.35) else ok)[0]
+        pool = np.nonzero(few if (few.any() and rng.random() < FEW_VIEWS_PROB) else ok)[0]
         if len(pool) == 0:
             raise SynthError("no visible surface point to place an anomaly on; check the camera rig")
         lo, hi = SMALL_ANOMALY_TOKENS if rng.random() < small_prob else REGULAR_ANOMALY_TOKENS
@@ -1268,15 +1280,14 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
             "artefact_views": len(meta["artefacts"])}
 
 
-SPECKLE_MAX_VOXELS = 30  # a labelled piece this small ...
-SPECKLE_MAX_FRACTION = 0.1  # ... and below this fraction of its defect's main piece is a speckle
+SPECKLE_MAX_VOXELS = 60  # a piece of a defect's labels this small, apart from its largest piece, is a speckle
 
 
 def _speckles(labels: np.ndarray, grid: VoxelGrid, anomalies: Sequence[Anomaly]) -> np.ndarray:
-    """Label voxels forming speckles: pieces of a defect's observed surface (26-connected) that are
-    separate from its main piece and tiny (< ``SPECKLE_MAX_VOXELS`` voxels and < ``SPECKLE_MAX_FRACTION``
-    of the main piece) — a few pixels at a silhouette or past a gap in the measured surface. PRO counts
-    every region equally, so a one-voxel speckle would weigh as much as the defect itself."""
+    """Label voxels forming speckles: pieces of a defect's observed surface (26-connected) other than its
+    largest piece and smaller than ``SPECKLE_MAX_VOXELS`` — a few pixels at a silhouette, or the sparse
+    measured points of a surface seen obliquely, whose gaps split one defect into many tiny pieces. PRO
+    counts every region equally, so such pieces would weigh as much as the defect itself."""
     from scipy import ndimage
 
     comp, n = ndimage.label(labels, structure=np.ones((3, 3, 3), bool))
@@ -1291,8 +1302,8 @@ def _speckles(labels: np.ndarray, grid: VoxelGrid, anomalies: Sequence[Anomaly])
         mine = np.flatnonzero(owner == k)
         if mine.size <= 1:
             continue
-        main = sizes[mine].max()
-        small = (sizes[mine] < SPECKLE_MAX_VOXELS) & (sizes[mine] < SPECKLE_MAX_FRACTION * main)
+        small = sizes[mine] < SPECKLE_MAX_VOXELS
+        small[np.argmax(sizes[mine])] = False  # the largest piece always stays
         speck[mine[small] + 1] = True
     return speck[comp]
 
@@ -1302,9 +1313,9 @@ def _write_ground_truth(job: InstanceJob, mesh: Mesh, anomalies: Sequence[Anomal
     """GT volume (anomalous observed surface voxels + occupancy) and per-view 2D masks (GT format 2).
 
     ``labels`` are the voxels of the *measured* points of the masked pixels: the depth as written,
-    back-projected exactly as every reader does. So a label voxel is anomalous surface that the scan
-    observed (never removed material, never surface no view measured), and every masked pixel with
-    depth lands in a label voxel: the 2D masks and the 3D labels describe the same surface."""
+    back-projected exactly as every reader does — so every masked pixel with depth lands in a label
+    voxel, and every label voxel is reached by one. Never removed material, never surface that no view
+    measured. Speckles (``_speckles``) are dropped from both."""
     setup = job.class_setup
     grid, cams = setup.grid, setup.cameras
     vs = grid.voxel_size

@@ -11,7 +11,7 @@ pytest.importorskip("open3d")  # the generator ray-casts with open3d (needs libu
 
 from data_prep import synthetic as syn
 from detect.data.sim3d import SiM3DClass, load_depth
-from shared.geometry import backproject_depth, dilate_volume, project_points
+from shared.geometry import backproject_depth, project_points
 
 TINY = {"classes": ("stool", "bin"), "n_views": 6, "width": 192, "height": 144, "n_test": 4, "seed": 3,
         "depth_noise_m": 0.0, "voxels_across": 96}
@@ -342,7 +342,7 @@ def test_anomaly_scale_grows_the_same_anomaly(tmp_path):
     """--anomaly-scale multiplies the radius of the same random draw (same centre); the GT grows with it."""
     metas, gt_voxels = {}, {}
     for scale in (0.5, 1.25):
-        cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=128, height=96, seed=11, depth_noise_m=0.0,
+        cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=256, height=192, seed=11, depth_noise_m=0.0,
                               artefact_view_prob=0.0, specular_view_prob=0.0, anomaly_scale=scale)
         setup = syn.build_class_setup("bin", cfg)
         job = syn.InstanceJob(setup, "bin_01_bad", "test", True, ("stain",), [11, 17], tmp_path / str(scale), cfg)
@@ -355,3 +355,17 @@ def test_anomaly_scale_grows_the_same_anomaly(tmp_path):
     assert gt_voxels[1.25] > 3 * gt_voxels[0.5] > 0
     with pytest.raises(syn.SynthError, match="anomaly_scale"):
         syn.SynthConfig(anomaly_scale=0.0).validate()
+
+
+def test_speckles_are_the_small_pieces_beside_a_defects_largest_piece():
+    from shared.geometry import VoxelGrid
+
+    grid = VoxelGrid(np.zeros(3), 0.01, (40, 40, 40))
+    labels = np.zeros(grid.shape, bool)
+    labels[5:10, 5:10, 5:10] = True  # defect A: main piece (125 voxels) ...
+    labels[14, 5, 5] = True  # ... and a one-voxel piece nearby
+    labels[30:32, 30:32, 30:33] = True  # defect B: a lone small piece (12 voxels) stays
+    a = syn.Anomaly("stain", np.array([0.075, 0.075, 0.075]), np.array([0.0, 0.0, 1.0]), 0.05)
+    b = syn.Anomaly("bump", np.array([0.31, 0.31, 0.315]), np.array([0.0, 0.0, 1.0]), 0.02)
+    specks = syn._speckles(labels, grid, [a, b])
+    assert specks.sum() == 1 and specks[14, 5, 5]
