@@ -106,6 +106,10 @@ def check_class(root: str, class_name: str, limits: tuple[float, ...] = DEFAULT_
             out[o] = {"voxel_auroc": res["voxel_auroc"].to_dict(),
                       "voxel_aupro": {str(a): v.to_dict() for a, v in res["voxel_aupro"].items()},
                       "gt_voxels_reached": reached[o] / total if total else float("nan")}
+    first = out[oracles[0]]  # the flat keys of format 1 of this report (pixel oracle by default)
+    out["voxel_auroc"] = first["voxel_auroc"]["value"]
+    out["voxel_aupro"] = {a: v["value"] for a, v in first["voxel_aupro"].items()}
+    out["gt_voxels_reached"] = first["gt_voxels_reached"]
     return out
 
 
