@@ -79,6 +79,7 @@ from torch import Tensor, nn
 
 from pretrain import export as export_lib
 from pretrain import parallel
+from pretrain import probes as probes_lib  # [probes] issue 22
 from pretrain.augment import CropParams, warp_crop
 from pretrain.cli import train_parser
 from pretrain.config import PretrainConfig, validate
@@ -111,7 +112,7 @@ _RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress
                  "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
                  "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images"}
 # How the run is executed (world size, strategy, cluster) never changes its result beyond round-off.
-_RUNTIME_PREFIXES = ("dist.", "slurm.")
+_RUNTIME_PREFIXES = ("dist.", "slurm.", "probe.")  # [probes] evaluation settings never change the run
 
 
 # Exit status of `main` (module docstring); the SLURM script requeues on EXIT_REQUEUE.
@@ -298,6 +299,7 @@ class Trainer:
             self.load_checkpoint(resume_path, allow_data_change=allow_data_change)
         self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size)
         self.dataset.position_offset = self.position_offset
+        self.run_probes = probes_lib.build_run_probes(self)  # [probes] collapse monitor + held-out probes
 
     # -- set-up helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -752,6 +754,7 @@ class Trainer:
                                                                 "data": period_data / period_n})
                         self.metrics_tail = record
                         self._write_metrics(record)
+                        probes_lib.observe_log_record(self, record)  # [probes] collapse warning
                         period_time, period_data, period_n = 0.0, 0.0, 0
                         if progress is not None:
                             progress.set_postfix(loss=f"{record['total']:.3f}", dino=f"{record['dino_local'] + record['dino_global']:.3f}",
@@ -772,6 +775,7 @@ class Trainer:
                         self.export()
                     if cfg.train.eval_period > 0 and self.iteration % cfg.train.eval_period == 0:
                         self.evaluate_pca()
+                        probes_lib.run_probes(self)  # [probes] every eval_period
                     if self.on_iteration_end is not None:  # after the iteration's checkpoint/export/eval
                         self.on_iteration_end(self, metrics)
                     t_prev = time.perf_counter()
@@ -784,6 +788,8 @@ class Trainer:
                     self.export(self.out_dir / "dinodepth.pth")
                     if cfg.train.eval_period > 0:
                         self.evaluate_pca()
+                        if self.iteration % cfg.train.eval_period:  # [probes] at the end (unless just done)
+                            probes_lib.run_probes(self)
                 dist_utils.barrier()  # every file of rank 0 is written before any rank returns
         except Exception as exc:
             if self.world_size > 1 and dist_utils.is_collective_error(exc):
