@@ -150,3 +150,13 @@ def test_collapse_warning_fires_on_the_old_tiny_preset(tmp_path):
     warnings_ = [r for r in records if r.get("event") == "collapse_warning"]
     assert warnings_, "the old preset collapsed but no warning was logged"
     assert warnings_[0]["teacher_entropy_min"] >= math.log(cfg.dino.head_n_prototypes) - cfg.probe.collapse_margin
+
+
+def test_presets_validate_and_the_full_size_recipe_keeps_probes_off():
+    from pretrain.config import validate
+
+    for path in sorted((ROOT / "configs/pretrain").glob("*.yaml")):
+        cfg = load_config(PretrainConfig, path, [])
+        validate(cfg, require_data=False)
+        if path.name == "dinodepth_vits14.yaml":
+            assert cfg.probe.root is None  # no held-out probes unless asked: today's behaviour
