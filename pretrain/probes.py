@@ -350,6 +350,39 @@ def mask_knn_per_instance(ps: ProbeSet, patches: np.ndarray, pc: ProbeConfig) ->
     return _PerInstance("auroc", groups)
 
 
+def defect_score_maps(ps: ProbeSet, patches: np.ndarray, views: list[int]) -> np.ndarray:
+    """(len(views), h, w) mask-probe scores (cosine distance to the class's nominal bank; NaN where not
+    valid) of the chosen views, for the run's pictures."""
+    h, w = ps.grid
+    maps = np.full((len(views), h * w), np.nan, np.float32)
+    for j, v in enumerate(views):
+        bank_views = (ps.classes == ps.classes[v]) & ~ps.anomalous
+        bank = torch.from_numpy(patches[bank_views][ps.token_valid[bank_views]])
+        q = torch.from_numpy(patches[v][ps.token_valid[v]])
+        if len(bank) and len(q):
+            maps[j, ps.token_valid[v]] = (1 - (q @ bank.T).amax(dim=1)).numpy()
+    return maps.reshape(len(views), h, w)
+
+
+def probe_picture(ps: ProbeSet, views: list[int], trained: np.ndarray, random_init: np.ndarray) -> np.ndarray:
+    """Rows of [input | GT defect tokens | trained scores | random-init scores] (uint8 RGB); the two score
+    maps share one colour scale per row, so brighter = farther from the nominal bank."""
+    size = ps.inputs.shape[-1]
+    h, w = ps.grid
+    rows = []
+    for j, v in enumerate(views):
+        x = ps.inputs[v].float().mean(dim=0).numpy()
+        x = (x - x.min()) / max(float(x.max() - x.min()), 1e-6)
+        gt = np.nan_to_num(ps.token_defect[v]).reshape(h, w) if ps.token_defect is not None else np.zeros((h, w))
+        pair = np.stack([trained[j], random_init[j]])
+        lo, hi = np.nanpercentile(pair, 1), np.nanpercentile(pair, 99)
+        pair = np.nan_to_num((pair - lo) / max(hi - lo, 1e-6)).clip(0, 1)
+        tiles = [x] + [np.kron(t, np.ones((size // h, size // w))) for t in (gt, pair[0], pair[1])]
+        rows.append(np.concatenate(tiles, axis=1))
+    gray = (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
 def shape_ridge_per_instance(ps: ProbeSet, patches: np.ndarray, pc: ProbeConfig) -> _PerInstance | None:
     if ps.token_shape is None:
         return None
@@ -454,6 +487,13 @@ class PretrainProbes:
         cls, patches = encode(backbone, self.data.inputs, self.pc.batch_size)
         self.random_per_instance = compute_per_instance(self.data, cls, patches, self.pc)
         del backbone
+        # The run's pictures: the anomalous views with the most defect tokens (up to 4).
+        self.picture_views: list[int] = []
+        if self.data.token_defect is not None:
+            n_defect = np.nansum(self.data.token_defect >= self.pc.mask_min_fraction, axis=1)
+            self.picture_views = [int(v) for v in np.argsort(-n_defect, kind="stable")[:4] if n_defect[v] > 0]
+        self.random_maps = defect_score_maps(self.data, patches, self.picture_views)
+        self.last_picture: np.ndarray | None = None
         n = len(self.data.instance_names)
         log.info("probes: %d views of %d instances from %s at %d px; random-init reference: %s", len(self.data.labels), n,
                  self.pc.root, self.pc.size, ", ".join(f"{k}={_stat(v, np.array(sorted(v.groups))):.3f}"
@@ -464,6 +504,9 @@ class PretrainProbes:
         cls, patches = encode(backbone, self.data.inputs, self.pc.batch_size)
         trained = compute_per_instance(self.data, cls, patches, self.pc)
         record: dict[str, Any] = {"iteration": iteration, "event": "probe"}
+        if self.picture_views:
+            self.last_picture = probe_picture(self.data, self.picture_views,
+                                              defect_score_maps(self.data, patches, self.picture_views), self.random_maps)
         for name, per in trained.items():
             record[name] = bootstrap_compare(per, self.random_per_instance.get(name), self.pc.bootstrap,
                                              self.pc.bootstrap_seed)
@@ -520,7 +563,8 @@ def observe_log_record(trainer: Trainer, record: dict) -> None:
 
 def run_probes(trainer: Trainer) -> dict | None:
     """Every ``train.eval_period`` and at the end: probes of the teacher backbone → metrics.jsonl (event
-    ``probe``), TensorBoard (``probe/<name>``, ``probe/<name>_random``, ``probe/<name>_delta``) and the log."""
+    ``probe``), TensorBoard (``probe/<name>``, ``probe/<name>_random``, ``probe/<name>_delta``), the log,
+    and ``eval/probe_<it>.png`` (rows: input | GT defect tokens | trained | random-init defect scores)."""
     if not trainer.cfg.probe.root:
         return None
     state = trainer._teacher_backbone_state() if trainer.sharded else None  # FSDP: a collective, every rank
@@ -543,5 +587,15 @@ def run_probes(trainer: Trainer) -> dict | None:
             if "delta" in r:
                 tb.add_scalar(f"probe/{name}_random", r["random"], trainer.iteration)
                 tb.add_scalar(f"probe/{name}_delta", r["delta"], trainer.iteration)
+    if rp.probes.last_picture is not None:
+        import io
+
+        from PIL import Image
+
+        from shared.io import atomic_write_bytes
+
+        buffer = io.BytesIO()
+        Image.fromarray(rp.probes.last_picture).save(buffer, format="PNG")
+        atomic_write_bytes(trainer.out_dir / "eval" / f"probe_{trainer.iteration:08d}.png", buffer.getvalue())
     log.info("probes at iteration %d: %s", trainer.iteration, describe(record))
     return record

@@ -27,10 +27,11 @@ def heldout(tmp_path_factory) -> Path:
     return out
 
 
-def _tiny_cfg(root: Path, modality: str = "depth") -> PretrainConfig:
+def _tiny_cfg(root: Path, modality: str = "depth", extra: list[str] | None = None) -> PretrainConfig:
     preset = "tiny_image_cpu.yaml" if modality == "image" else "tiny_cpu.yaml"
     return load_config(PretrainConfig, ROOT / "configs/pretrain" / preset,
-                       [f"probe.root={root}", "probe.size=112", "probe.bootstrap=100", "probe.max_views_per_instance=0"])
+                       [f"probe.root={root}", "probe.size=112", "probe.bootstrap=100", "probe.max_views_per_instance=0",
+                        *(extra or [])])
 
 
 def test_auroc_matches_pair_counting():
@@ -160,3 +161,21 @@ def test_presets_validate_and_the_full_size_recipe_keeps_probes_off():
         validate(cfg, require_data=False)
         if path.name == "dinodepth_vits14.yaml":
             assert cfg.probe.root is None  # no held-out probes unless asked: today's behaviour
+
+
+def test_trainer_logs_probes_every_eval_period_and_at_the_end(heldout, tmp_path):
+    """The trainer's call sites: probe events in metrics.jsonl at eval_period and at the end, pictures."""
+    from pretrain.train import train
+
+    run = tmp_path / "run"
+    overrides = {"train.output_dir": str(run), "data.glob": f"{heldout}/*/*/depth/*.npy", "train.progress": False,
+                 "train.ckpt_period": 0, "train.eval_period": 2, "train.num_workers": 0, "train.batch_size_per_gpu": 4,
+                 "optim.epochs": 1, "train.epoch_length": 3}
+    cfg = _tiny_cfg(heldout, extra=[f"{k}={v}" for k, v in overrides.items()])
+    assert train(cfg)["status"] == "finished"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probe_its = [r["iteration"] for r in records if r.get("event") == "probe"]
+    assert probe_its == [2, 3]
+    last = [r for r in records if r.get("event") == "probe"][-1]
+    assert set(probes.PROBE_NAMES) <= set(last) and "beats_random" in last["mask_knn"]
+    assert (run / "eval" / "probe_00000002.png").is_file() and (run / "eval" / "probe_00000003.png").is_file()
