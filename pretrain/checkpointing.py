@@ -34,7 +34,7 @@ RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress"
                 "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
                 "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images"}
 # How the run is executed (world size, strategy, cluster) never changes its result beyond round-off.
-RUNTIME_PREFIXES = ("dist.", "slurm.")
+RUNTIME_PREFIXES = ("dist.", "slurm.", "probe.")  # evaluation settings never change the run
 
 
 # -- files -----------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ Additions to the §17 table (all optional, defaults keep the paper recipe):
 * ``image_aug``: the DINOv2 photometric augmentations, used **only** in image mode.
 * ``train.stop_at_iteration``: stop early (with a checkpoint) without changing the schedules,
   ``train.compile``, ``train.tensorboard``, ``train.eval_period`` (PCA images), ``train.device``.
+* ``probe``: evaluation during pretraining on a held-out set (k-NN class probe, dense probes of
+  defect masks and local shape, each next to random init; collapse warning), ``pretrain/probes.py``.
 * ``dist``: data-parallel strategy (DDP default, FSDP2 option), backend and collective timeout;
   ``slurm.job_name`` / ``mem_gb`` / ``folder`` / ``setup`` for ``pretrain/launch.py``.
 """
@@ -209,6 +211,31 @@ class TrainConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """Evaluation during pretraining (``pretrain/probes.py``, docs/pretraining.md "Probes").
+
+    ``root`` null (the default) disables the held-out probes (the full-size recipe's behaviour); the
+    collapse warning is on unless ``collapse_margin`` is 0."""
+
+    root: str | None = None  # held-out set: <root>/<class>/<instance>/{depth,rgb}/…, optional gt/masks
+    glob: str | None = None  # files under root; null: */*/depth/*.npy (depth) or */*/rgb/*.png (image)
+    size: int = 224  # probe input size: the token grid detection uses (16×16 at patch 14)
+    max_views_per_instance: int = 6  # evenly spaced views per instance (0 = all)
+    min_valid_fraction: float = 0.5  # a token takes part when this much of its patch is measured
+    batch_size: int = 32
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_label: Literal["class", "class_view"] = "class"
+    mask_min_fraction: float = 0.25  # defect token: at least this fraction of its pixels in the GT mask
+    ridge_lambda: float = 1e-3  # ridge penalty of the shape probe, per token
+    bootstrap: int = 500
+    bootstrap_seed: int = 0
+    random_init_seed: int = 0  # the random-init reference (computed once per run)
+    collapse_margin: float = 0.1  # nat; 0 disables the collapse warning
+    collapse_window: int = 0  # iterations; 0: the teacher-temperature warm-up, at least 100
+
+
+@dataclass
 class DistConfig:
     """Multi-process execution (§10); ignored by a single process. See ``pretrain/parallel.py``."""
 
@@ -254,6 +281,7 @@ class PretrainConfig:
     image_aug: ImageAugConfig = field(default_factory=ImageAugConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -314,6 +342,10 @@ def validate(cfg: PretrainConfig, require_data: bool = True) -> None:
             values = getattr(cfg.image_aug, key)
             if len(values) not in (1, cfg.student.in_chans):
                 raise ValueError(f"image_aug.{key} needs 1 or {cfg.student.in_chans} values, got {values}")
+    if cfg.probe.size % p:
+        raise ValueError(f"probe.size={cfg.probe.size} is not a multiple of the patch size {p}")
+    if cfg.probe.collapse_margin < 0 or cfg.probe.collapse_window < 0:
+        raise ValueError("probe.collapse_margin and probe.collapse_window must be >= 0")
     if cfg.dist.timeout_s < 1:
         raise ValueError("dist.timeout_s must be at least 1 second")
     if cfg.train.centering not in ("centering", "sinkhorn_knopp"):

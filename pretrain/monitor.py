@@ -55,6 +55,12 @@ class MetricsLog:
                 if key != "iteration":
                     self._tb.add_scalar(key, value, it)
 
+    def add_scalar(self, tag: str, value: float, iteration: int) -> None:
+        """One TensorBoard scalar (when TensorBoard is on), for records that ``write`` does not plot
+        (events such as the held-out probes)."""
+        if self._tb is not None:
+            self._tb.add_scalar(tag, value, iteration)
+
     def truncate(self, iteration: int) -> None:
         """Drop the records of iterations ≥ ``iteration``, where this run starts.
 

@@ -79,6 +79,7 @@ from torch import Tensor, nn
 
 from pretrain import export as export_lib
 from pretrain import parallel
+from pretrain import probes as probes_lib  # [probes] issue 22
 from pretrain.checkpointing import (
     CHECKPOINT_FORMAT_VERSION,
     compare_configs,
@@ -213,6 +214,7 @@ class Trainer:
             self.load_checkpoint(resume_path, allow_data_change=allow_data_change)
         self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size)
         self.dataset.position_offset = self.position_offset
+        self.run_probes = probes_lib.build_run_probes(self)  # [probes] collapse monitor + held-out probes
 
     # -- set-up helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -444,7 +446,7 @@ class Trainer:
                                 self.nonfinite_skipped, self.device)
 
     # -- hooks ------------------------------------------------------------------------------------------------
-    def _teacher_backbone_state(self) -> dict[str, Tensor] | None:
+    def teacher_backbone_state(self) -> dict[str, Tensor] | None:
         """Full teacher backbone weights on rank 0 (None elsewhere); a collective under FSDP."""
         if not (self.is_main or self.sharded):
             return None
@@ -455,7 +457,7 @@ class Trainer:
 
     def export(self, path: Path | None = None) -> Path | None:
         """Teacher backbone export (rank 0 writes; call on every rank: FSDP gathers first)."""
-        backbone = self._teacher_backbone_state()
+        backbone = self.teacher_backbone_state()
         if not self.is_main:
             return None
         if path is None:
@@ -472,7 +474,7 @@ class Trainer:
             return None
         backbone = self.teacher.backbone
         if self.sharded:
-            state = self._teacher_backbone_state()
+            state = self.teacher_backbone_state()
             if not self.is_main:
                 return None
             backbone = vit_from_config(self.teacher_vit_cfg).to(self.device)
@@ -547,6 +549,7 @@ class Trainer:
                                                                 "data": period_data / period_n})
                         self.metrics_tail = record
                         self._write_metrics(record)
+                        probes_lib.observe_log_record(self, record)  # [probes] collapse warning
                         period_time, period_data, period_n = 0.0, 0.0, 0
                         if progress is not None:
                             progress.set_postfix(loss=f"{record['total']:.3f}", dino=f"{record['dino_local'] + record['dino_global']:.3f}",
@@ -567,6 +570,7 @@ class Trainer:
                         self.export()
                     if cfg.train.eval_period > 0 and self.iteration % cfg.train.eval_period == 0:
                         self.evaluate_pca()
+                        probes_lib.run_probes(self)  # [probes] every eval_period
                     if self.on_iteration_end is not None:  # after the iteration's checkpoint/export/eval
                         self.on_iteration_end(self, metrics)
                     t_prev = time.perf_counter()
@@ -579,6 +583,8 @@ class Trainer:
                     self.export(self.out_dir / "dinodepth.pth")
                     if cfg.train.eval_period > 0:
                         self.evaluate_pca()
+                        if self.iteration % cfg.train.eval_period:  # [probes] at the end (unless just done)
+                            probes_lib.run_probes(self)
                 dist_utils.barrier()  # every file of rank 0 is written before any rank returns
         except Exception as exc:
             if self.world_size > 1 and dist_utils.is_collective_error(exc):
