@@ -225,11 +225,14 @@ def _sinkhorn_worker(rank: int, world: int, port: int, t: torch.Tensor, out: dic
 
 
 @pytest.mark.slow
-def test_sinkhorn_and_center_two_ranks_equal_single_process():
+def test_sinkhorn_and_center_two_ranks_equal_single_process(monkeypatch):
     t = torch.randn(12, 8, generator=torch.Generator().manual_seed(8))
     manager = mp.Manager()
     out = manager.dict()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # monkeypatch, not os.environ: a leaked OMP_NUM_THREADS=1 makes `nproc` say 1 for the rest of the
+    # session (the local SLURM cluster of tests/test_slurm_real.py was then built with one CPU)
+    if "OMP_NUM_THREADS" not in os.environ:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     mp.spawn(_sinkhorn_worker, args=(2, _free_port(), t, out), nprocs=2, join=True)
     single = sinkhorn_knopp(t, 0.07, 3)
     assert torch.allclose(torch.cat([out[0][0], out[1][0]]), single, atol=1e-6)

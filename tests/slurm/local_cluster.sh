@@ -59,7 +59,8 @@ pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 write_config() {
     local cpus mem_mb
-    cpus=$(nproc)
+    # the machine's CPUs: nproc also honours OMP_NUM_THREADS, which test runners often set to 1
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     mem_mb=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))  # leave 10 % to the system
     mkdir -p "$STATE"/{spool/ctld,spool/d,log,run,munge}
     chmod 700 "$STATE/munge"
