@@ -90,6 +90,7 @@ from pretrain.checkpointing import (
 )
 from pretrain.cli import train_parser
 from pretrain.config import PretrainConfig, validate
+from pretrain.device_augment import DevicePrefetcher, resolve_warp
 from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table
 from pretrain.monitor import (
     MetricsLog,
@@ -154,8 +155,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+        configure_determinism(cfg.train.deterministic)
         # Global batch G = B·W; the lr scaling rule (schedules) and the data positions use G.
         self.global_batch_size = cfg.train.batch_size_per_gpu * self.world_size
 
@@ -211,7 +211,10 @@ class Trainer:
         resume_path = find_resume(self.out_dir, resume)
         if resume_path is not None:
             self.load_checkpoint(resume_path, allow_data_change=allow_data_change)
-        self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size)
+        # Depth crops warped on the training device (CUDA by default) or in the loader workers (numpy).
+        self.warp = resolve_warp(cfg.aug.warp_on, self.device, cfg.data.modality)
+        self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size,
+                                        warp=self.warp)
         self.dataset.position_offset = self.position_offset
 
     # -- set-up helpers ---------------------------------------------------------------------------------
@@ -518,8 +521,11 @@ class Trainer:
         progress = None
         try:
             if start < end:
-                loader = build_loader(self.dataset, start, end, cfg.train.num_workers, pin_memory=self.device.type == "cuda",
-                                      generator_seed=cfg.train.seed)
+                # The prefetcher pins each batch itself and sends it one step ahead on a side stream (CUDA),
+                # then makes the crops of device-warp batches; the DataLoader must not pin a second time.
+                loader = DevicePrefetcher(build_loader(self.dataset, start, end, cfg.train.num_workers,
+                                                       pin_memory=False, generator_seed=cfg.train.seed),
+                                          self.device, cfg.aug.interp, cfg.aug.edge_thresh)
                 if cfg.train.progress and self.is_main:
                     from tqdm import tqdm
 
@@ -626,6 +632,21 @@ def _log_error(message: str, rank: int, exc: BaseException | None = None) -> Non
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """``train.deterministic``: deterministic kernels only, and the cuBLAS workspace setting they need.
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when its handle is created (the first matmul), so
+    :func:`run_job` calls this before any CUDA work; a user's own value is kept. cuDNN's autotuner
+    picks kernels by timing, which may differ between runs: off.
+    """
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
 def _set_cpu_threads(denv: dist_utils.DistEnv, device: str) -> None:
     # Several CPU ranks on one machine would each start one thread per core and fight over them.
     if denv.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ and (
@@ -641,6 +662,7 @@ def run_job(cfg: PretrainConfig, resume: bool | str = True, allow_data_change: b
     job (:mod:`pretrain.launch`). Returns ``(exit status, run result or None)``; see the module
     docstring for the statuses. The process group is destroyed on return.
     """
+    configure_determinism(cfg.train.deterministic)  # before the process group binds this rank's GPU
     backend = None if cfg.dist.backend == "auto" else cfg.dist.backend
     if backend is None and cfg.train.device == "cpu":
         backend = "gloo"
