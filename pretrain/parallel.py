@@ -31,6 +31,8 @@ __all__ = [
     "full_state_dict",
     "is_sharded",
     "load_full_state_dict",
+    "local_tensor",
+    "reshard",
     "scalar",
     "shard_optimizer_state",
     "wrap_models",
@@ -78,20 +80,40 @@ def wrap_models(student: nn.Module, teacher: nn.Module, strategy: str, device: t
         from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-        for model in (student, teacher):
+        # The teacher runs forward only: kept gathered after its forward it would stay unsharded through
+        # the EMA (plain tensors meeting the student's DTensor shards), so it always reshards;
+        # ``reshard_after_forward`` concerns the student, whose backward follows its forward.
+        for model, reshard in ((student, reshard_after_forward), (teacher, True)):
             # One FSDP unit per block bounds the gathered-parameter memory to about one block; the
             # heads (the large K-prototype layers) are separate units; patch embedding, tokens and
             # the final norm stay with the root.
             for block in model.backbone.blocks:
-                fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
             for head in (model.dino_head, model.ibot_head):
                 if head is not None:
-                    fully_shard(head, mesh=mesh, reshard_after_forward=reshard_after_forward)
-            fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+                    fully_shard(head, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
         # The teacher is called through teacher_logits, not forward: let FSDP gather around it too.
         register_fsdp_forward_method(teacher, "teacher_logits")
         return student
     raise ValueError(f"dist.strategy {strategy!r} unknown; expected 'ddp' or 'fsdp'")
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered parameters of every FSDP2 unit of ``module`` (no-op when not sharded).
+
+    Older FSDP2 versions never reshard the root unit after forward, whatever ``reshard_after_forward``
+    says; the EMA must see the sharded parameters of student and teacher alike."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
+
+
+def local_tensor(value: Tensor) -> Tensor:
+    """This rank's shard of a DTensor, or the tensor itself."""
+    return value.to_local() if isinstance(value, _dtensor_cls()) else value
 
 
 def _full(value: Any) -> Any:

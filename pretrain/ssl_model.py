@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from pretrain.config import PretrainConfig
 from pretrain.heads import DINOHead
 from pretrain.losses import TeacherTargets, dino_loss_terms, ibot_loss, koleo_loss
+from pretrain.parallel import local_tensor
 from shared.vit import ViTConfig, vit_from_config
 
 __all__ = ["SSLModel", "TeacherTargets", "ema_update", "loss_components", "mean_entropy", "teacher_targets"]
@@ -64,9 +65,16 @@ class SSLModel(nn.Module):
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (fp32); buffers are not averaged."""
-    t_params = [p for p in teacher.parameters()]
-    s_params = [p.detach() for p in student.parameters()]
+    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (fp32); buffers are not averaged.
+
+    Under FSDP2 both models are sharded alike: the update runs on this rank's local shards (no
+    communication). Call :func:`pretrain.parallel.reshard` on both first (gathered parameters are plain
+    tensors that would meet DTensor shards)."""
+    t_params = [local_tensor(p.detach()) for p in teacher.parameters()]
+    s_params = [local_tensor(p.detach()) for p in student.parameters()]
+    if any(t.shape != s.shape for t, s in zip(t_params, s_params)):
+        raise RuntimeError("EMA: teacher and student parameters differ in shape (one is gathered, the other "
+                           "sharded?): reshard both before the update")
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 

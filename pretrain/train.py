@@ -411,6 +411,9 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.sharded:
+            parallel.reshard(self.teacher)
+            parallel.reshard(self.student)
         ema_update(self.teacher, self.student, sched["momentum"])
         self.dino_targets.update(t_cls)
         self.ibot_targets.update(t_patch)

@@ -1,0 +1,43 @@
+"""Multi-rank GPU paths of the pretraining loop on CPU with gloo (issue 21 part B): the FSDP2 EMA with
+and without ``dist.fsdp_reshard_after_forward``, FSDP checkpoints through ``torch.distributed.checkpoint``
+and their resume, DDP and FSDP on a one-rank process group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_distributed_ddp import assert_losses_close, assert_weights_close, steps
+from test_distributed_utils import EXACT, check_ok, spawn, train_rank
+from test_pretrain_utils import memory_table, tiny_config
+
+from pretrain.train import Trainer
+
+SHORT = {**EXACT, "train.epoch_length": 3, "train.log_period": 1}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """One process without a process group, G = 8, three iterations."""
+    run = tmp_path_factory.mktemp("ref")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(tiny_config(run, **SHORT, **{"train.batch_size_per_gpu": 8}), table=memory_table(8)).run()
+    finally:
+        torch.set_num_threads(previous)
+    return run
+
+
+@pytest.mark.parametrize("reshard", ["true", "false"])
+def test_fsdp_ema_with_and_without_reshard_after_forward(reference, tmp_path, reshard):
+    run = tmp_path / f"fsdp_{reshard}"
+    results = check_ok(spawn(train_rank, 2, str(run), {**SHORT, "dist.strategy": "fsdp",
+                                                       "dist.fsdp_reshard_after_forward": reshard}))
+    assert [(r["status"], r["iteration"], r["sharded"]) for r in results] == [("finished", 3, True)] * 2
+    assert_losses_close(steps(reference), steps(run), range(3))
+    final = torch.load(run / "final_state.pt", weights_only=True)
+    ref = torch.load(reference / "checkpoints" / "checkpoint_00000003.pth", weights_only=True)
+    assert_weights_close(ref["student"], final["student"])
+    assert_weights_close(ref["teacher"], final["teacher"])
