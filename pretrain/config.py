@@ -218,6 +218,9 @@ class DistConfig:
     # rank). Must exceed the longest rank-0-only pause (checkpoint + export + PCA images).
     timeout_s: int = 900
     fsdp_reshard_after_forward: bool = True  # False: keep gathered params between forward and backward
+    # "always": a process group even for one rank, so DDP / FSDP run with one GPU (gpu-check, a first
+    # test of the multi-node job's code path); "auto": none for one rank (plain single-process training).
+    process_group: Literal["auto", "always"] = "auto"
 
 
 @dataclass

@@ -55,7 +55,7 @@ def wrap_models(student: nn.Module, teacher: nn.Module, strategy: str, device: t
                 reshard_after_forward: bool = True) -> nn.Module:
     """Prepare student and teacher for data-parallel training; return the module to call forward on.
 
-    Needs an initialised multi-rank process group. DDP: returns the DDP wrapper (``student`` itself
+    Needs an initialised process group (one rank is fine: ``dist.process_group=always``). DDP: returns the DDP wrapper (``student`` itself
     stays the plain module: state dicts, EMA and clipping use it). FSDP: shards ``student`` and
     ``teacher`` in place and returns ``student``. Build the optimizer **after** this call (FSDP
     replaces the parameters by DTensors).

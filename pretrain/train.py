@@ -179,13 +179,14 @@ class Trainer:
         if cfg.train.compile:
             self.student.backbone.compile()
             self.teacher.backbone.compile()
-        self.strategy = cfg.dist.strategy if self.world_size > 1 else "single"
+        # A process group (also a one-rank one, dist.process_group=always) means DDP or FSDP.
+        self.strategy = cfg.dist.strategy if dist_utils.is_initialized() else "single"
         if self.strategy == "fsdp" and self.precision == "fp16":
             # A GradScaler would check only this rank's gradient shards for inf: ranks could disagree on
             # skipping a step. bf16 needs no scaler.
             raise ConfigError("dist.strategy=fsdp supports train.precision bf16 or fp32, not fp16")
         self.student_forward: nn.Module = self.student
-        if self.world_size > 1:
+        if self.strategy != "single":
             self.student_forward = parallel.wrap_models(self.student, self.teacher, cfg.dist.strategy, self.device,
                                                         cfg.dist.fsdp_reshard_after_forward)
         self.sharded = parallel.is_sharded(self.student)
@@ -670,7 +671,7 @@ def run_job(cfg: PretrainConfig, resume: bool | str = True, allow_data_change: b
     if backend is None and cfg.train.device == "cpu":
         backend = "gloo"
     try:
-        denv = dist_utils.init(backend=backend, timeout_s=cfg.dist.timeout_s)
+        denv = dist_utils.init(backend=backend, timeout_s=cfg.dist.timeout_s, process_group=cfg.dist.process_group)
     except dist_utils.DistributedFailure as exc:
         dist_utils.setup_logging()
         _log_error(str(exc), dist_utils.detect_env().rank)

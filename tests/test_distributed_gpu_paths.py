@@ -41,3 +41,34 @@ def test_fsdp_ema_with_and_without_reshard_after_forward(reference, tmp_path, re
     ref = torch.load(reference / "checkpoints" / "checkpoint_00000003.pth", weights_only=True)
     assert_weights_close(ref["student"], final["student"])
     assert_weights_close(ref["teacher"], final["teacher"])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_rank_process_group_runs_ddp_and_fsdp(reference, tmp_path, strategy):
+    """dist.process_group=always: one rank gets a (gloo) group, the student is wrapped / sharded, and
+    the run equals the one without any group."""
+    from shared import distributed as sd
+
+    run = tmp_path / strategy
+    cfg = tiny_config(run, **SHORT, **{"train.batch_size_per_gpu": 8, "dist.strategy": strategy,
+                                       "dist.process_group": "always"})
+    sd.init(backend="gloo", environ={}, process_group=cfg.dist.process_group)
+    try:
+        assert sd.is_initialized() and sd.get_world_size() == 1
+        trainer = Trainer(cfg, table=memory_table(8))
+        assert trainer.strategy == strategy and trainer.sharded == (strategy == "fsdp")
+        assert (trainer.student_forward is not trainer.student) == (strategy == "ddp")
+        assert trainer.run()["status"] == "finished"
+    finally:
+        sd.cleanup()
+    assert not sd.is_initialized()
+    assert_losses_close(steps(reference), steps(run), range(3))
+
+
+def test_no_process_group_for_one_rank_by_default(tmp_path):
+    from shared import distributed as sd
+
+    denv = sd.init(backend="gloo", environ={})
+    assert denv.world_size == 1 and not sd.is_initialized()
+    with pytest.raises(ValueError, match="process_group"):
+        sd.init(backend="gloo", environ={}, process_group="sometimes")
