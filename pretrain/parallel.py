@@ -29,6 +29,7 @@ from torch import Tensor, nn
 __all__ = [
     "full_optimizer_state",
     "full_state_dict",
+    "full_value",
     "is_sharded",
     "load_full_state_dict",
     "local_tensor",
@@ -116,10 +117,14 @@ def local_tensor(value: Tensor) -> Tensor:
     return value.to_local() if isinstance(value, _dtensor_cls()) else value
 
 
-def _full(value: Any) -> Any:
+def full_value(value: Any) -> Any:
+    """The complete tensor of a DTensor (a collective, no host sync), anything else unchanged."""
     if isinstance(value, _dtensor_cls()):
         return value.full_tensor()
     return value
+
+
+_full = full_value
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:

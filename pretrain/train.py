@@ -92,6 +92,7 @@ from pretrain.cli import train_parser
 from pretrain.config import PretrainConfig, validate
 from pretrain.device_augment import DevicePrefetcher, resolve_warp
 from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table
+from pretrain.losses import apply_center_statistics, center_statistics
 from pretrain.monitor import (
     MetricsLog,
     fixed_eval_inputs,
@@ -106,7 +107,14 @@ from pretrain.optim import (
     optimizer_state_by_name,
 )
 from pretrain.schedules import Schedules, build_schedules
-from pretrain.ssl_model import SSLModel, ema_update, loss_components, mean_entropy, teacher_targets
+from pretrain.ssl_model import (
+    SSLModel,
+    distinct_prototypes,
+    ema_update,
+    entropy_tensor,
+    loss_components,
+    teacher_targets,
+)
 from shared import distributed as dist_utils
 from shared.checkpoint import CheckpointError
 from shared.cli import debug_enabled, fail, run_main
@@ -121,6 +129,11 @@ EXIT_OK, EXIT_ERROR, EXIT_NONFINITE, EXIT_DIST_FAILURE, EXIT_REQUEUE = 0, 1, 2, 
 # Signals that mean "checkpoint at the end of this iteration, then exit": SIGTERM (scancel, preemption),
 # SIGUSR1 (`#SBATCH --signal=USR1@120` of slurm/pretrain_dinodepth.sh), SIGUSR2 (submitit's default).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Gradient norms logged (and clipped) per submodule, in this order in the flat all-reduce.
+GRAD_NORM_MODULES = ("backbone", "dino_head", "ibot_head")
+# Device guard: iterations between read-backs of the stop flag when nothing else reads back (a
+# preemption signal is acted on within this many steps; SLURM gives 120 s).
+STOP_POLL_PERIOD = 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -216,6 +229,15 @@ class Trainer:
         self.warp = resolve_warp(cfg.aug.warp_on, self.device, cfg.data.modality)
         self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size,
                                         warp=self.warp)
+        # Non-finite guard on the device (CUDA, fused AdamW's found_inf): no host sync per step. The
+        # counters live on the device and are read back with the metrics (read_back).
+        self.device_guard = self.device.type == "cuda"
+        self._bad_count = torch.full((), self.nonfinite_skipped, dtype=torch.long, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._first_bad_values = torch.zeros(5 + len(GRAD_NORM_MODULES), device=self.device)
+        self._stop_flag_dev = torch.zeros((), device=self.device)
+        self._last_head = torch.zeros(5 + len(GRAD_NORM_MODULES), device=self.device)
+        self._last_teacher_metrics: Tensor | None = None
         self.dataset.position_offset = self.position_offset
 
     # -- set-up helpers ---------------------------------------------------------------------------------
@@ -347,11 +369,21 @@ class Trainer:
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # -- one iteration ----------------------------------------------------------------------------------------
-    def train_step(self, batch: dict, it: int) -> dict:
-        """Forward, losses, guard, backward, clip, step, EMA, centers. Returns the iteration's metrics."""
+    def train_step(self, batch: dict, it: int, read_back: bool = True) -> dict:
+        """Forward, losses, backward, clip, one all-reduce, guarded step, EMA, centers.
+
+        Everything the ranks must agree on — the loss components, the gradient norms, the stop flag and
+        both centers' statistics — travels in **one** flat all-reduce. With ``read_back`` (log
+        iterations, and whenever the loop needs the host to decide) the iteration's metrics are read
+        back with one ``.tolist()`` and returned; otherwise ``{}``. Under :attr:`device_guard` (CUDA)
+        the non-finite guard runs on the device: the fused AdamW skips the step through ``found_inf``
+        (as under GradScaler), the EMA and the centers are masked, skips are counted on the device and
+        reported at the next read-back; on CPU host reads cost nothing and the guard decides at once.
+        """
         cfg = self.cfg
         dev = self.device
         nb = dev.type == "cuda"
+        # Already on the device when they come through DevicePrefetcher (then these are no-ops).
         globals_ = batch["global_crops"].to(dev, non_blocking=nb)
         locals_ = batch["local_crops"].to(dev, non_blocking=nb)
         masks = batch["masks"].to(dev, non_blocking=nb)
@@ -362,49 +394,94 @@ class Trainer:
         sched = self.schedules.at(it)
         temp = sched["teacher_temp"]
 
-        # Teacher targets (fp32 from here on).
+        # Teacher targets (fp32 from here on). The centers' statistics and the entropy metrics are taken
+        # now, so that the teacher logits (two ~2.9 GB fp32 patch tensors at ViT-g scale) are freed
+        # before the student's forward instead of living through its backward.
         with self._autocast():
             t_cls, t_patch = self.teacher.teacher_logits(globals_, mask_indices)
         t_cls, t_patch = t_cls.float(), t_patch.float()
         p_cls = self.dino_targets(t_cls, temp)
         p_patch = self.ibot_targets(t_patch, temp)
+        center_stats = [center_statistics(t_cls), center_statistics(t_patch)]
+        teacher_metrics = (torch.stack([entropy_tensor(p_cls), distinct_prototypes(p_cls), entropy_tensor(p_patch)])
+                           if read_back else None)
+        del t_cls, t_patch
 
         # Student.
         with self._autocast():
             out = self.student_forward(globals_, locals_, masks, mask_indices)
         components = loss_components(cfg, out, p_cls, p_patch, masks, mask_weights, n_crops)
+        del out, p_cls, p_patch
         total = components["total"]
-        # One small all-reduce per iteration: the rank-mean of the components (what the gradient
-        # average optimises: the global-batch loss) plus "some rank got a stop signal". Every rank then
-        # takes the same decisions (skip / stop on a non-finite loss, checkpoint and exit on a signal);
-        # a rank deciding alone would leave the others waiting in the next collective.
-        stop_flag = torch.tensor([float(self._stop_signal is not None)], device=dev)
-        reduced = dist_utils.all_reduce(torch.cat([torch.stack([v.detach().float() for v in components.values()]),
-                                                   stop_flag]), op="sum").tolist()
-        self._stop_agreed = reduced[-1] > 0
-        values = {name: v / self.world_size for name, v in zip(components, reduced[:-1])}
-        bad = [name for name, v in values.items() if not math.isfinite(v)]
-        if bad:
-            return self._nonfinite(it, bad, values)
 
-        # Backward, clipping per submodule, optimizer step.
+        # Backward, clipping per submodule.
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             total.backward()
-        grad_norms = {}
         clip = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-        for name in ("backbone", "dino_head", "ibot_head"):
+        grad_norms = []
+        for name in GRAD_NORM_MODULES:
             module = getattr(self.student, name)
-            if module is not None:
-                grad_norms[name] = parallel.scalar(torch.nn.utils.clip_grad_norm_(module.parameters(), clip))
-        if self.scaler is None:
-            bad = [f"grad_norm/{k}" for k, v in grad_norms.items() if not math.isfinite(v)]
+            norm = (parallel.full_value(torch.nn.utils.clip_grad_norm_(module.parameters(), clip))
+                    if module is not None else None)
+            grad_norms.append(norm.float().reshape(()) if norm is not None else total.new_zeros((), dtype=torch.float32))
+
+        # The iteration's one all-reduce: [components, grad norms, stop flag, center statistics]. Every
+        # rank then takes the same decisions (skip / stop on a non-finite value, checkpoint and exit on a
+        # signal); a rank deciding alone would leave the others waiting in the next collective.
+        n_comp = len(components)
+        stop = total.new_full((1,), float(self._stop_signal is not None), dtype=torch.float32)
+        flat = dist_utils.all_reduce(torch.cat([torch.stack([v.detach().float() for v in components.values()]),
+                                                torch.stack(grad_norms), stop, *center_stats]), op="sum")
+        head = flat[: n_comp + len(GRAD_NORM_MODULES)] / self.world_size
+        stop_flag = flat[n_comp + len(GRAD_NORM_MODULES)]
+        k_dino = center_stats[0].numel()
+        dino_stats = flat[n_comp + len(GRAD_NORM_MODULES) + 1: n_comp + len(GRAD_NORM_MODULES) + 1 + k_dino]
+        ibot_stats = flat[n_comp + len(GRAD_NORM_MODULES) + 1 + k_dino:]
+        # A non-finite component, or (without a GradScaler, which finds those itself) gradient norm.
+        checked = head[:n_comp] if self.scaler is not None else head
+        ok = torch.isfinite(checked).all()
+
+        if not self.device_guard:  # CPU: the host decides now (a host read is free here)
+            host = head.tolist() + [float(stop_flag)]
+            self._stop_agreed = host[-1] > 0
+            values = dict(zip(components, host[:n_comp]))
+            norms = {k: v for k, v in zip(GRAD_NORM_MODULES, host[n_comp:-1]) if getattr(self.student, k) is not None}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if not bad and self.scaler is None:
+                bad = [f"grad_norm/{k}" for k, v in norms.items() if not math.isfinite(v)]
             if bad:
                 self.optimizer.zero_grad(set_to_none=True)
-                return self._nonfinite(it, bad, {**values, **{f"grad_norm/{k}": v for k, v in grad_norms.items()}})
+                return self._nonfinite(it, bad, {**values, **{f"grad_norm/{k}": v for k, v in norms.items()}})
+            self._optimizer_step(it)
+            self._after_step(sched["momentum"], dino_stats, ibot_stats, None)
+            metrics = {**values, "grad_norm": norms, "n_masked": int(mask_indices.numel())}
+            if teacher_metrics is not None:
+                entropy, distinct, ibot_entropy = teacher_metrics.tolist()
+                metrics.update(teacher_entropy=entropy, teacher_distinct_prototypes=int(distinct),
+                               ibot_teacher_entropy=ibot_entropy)
+            return metrics
+
+        # CUDA: guarded on the device, nothing read back unless asked.
+        if self.scaler is None:
+            self.optimizer.found_inf = (~ok).float()  # fused AdamW: skip the step (all ranks agree)
+        self._optimizer_step(it)
+        self._after_step(torch.where(ok, sched["momentum"], 1.0), dino_stats, ibot_stats, ok)
+        self._bad_count += (~ok).long()
+        first = (~ok) & (self._first_bad < 0)
+        self._first_bad = torch.where(first, it, self._first_bad)
+        self._first_bad_values = torch.where(first, head, self._first_bad_values)
+        self._stop_flag_dev = stop_flag
+        self._last_head = head
+        self._last_teacher_metrics = teacher_metrics
+        if not read_back:
+            return {}
+        return self.read_back(it, int(mask_indices.numel()))
+
+    def _optimizer_step(self, it: int) -> None:
         apply_schedules(self.optimizer, self.schedules, it)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -412,23 +489,52 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.sharded:
+
+    def _after_step(self, momentum: float | Tensor, dino_stats: Tensor, ibot_stats: Tensor, ok: Tensor | None) -> None:
+        if self.sharded:  # the EMA runs on local shards of both models (pretrain.parallel.reshard)
             parallel.reshard(self.teacher)
             parallel.reshard(self.student)
-        ema_update(self.teacher, self.student, sched["momentum"])
-        self.dino_targets.update(t_cls)
-        self.ibot_targets.update(t_patch)
+        ema_update(self.teacher, self.student, momentum)
+        for targets, stats in ((self.dino_targets, dino_stats), (self.ibot_targets, ibot_stats)):
+            if targets.mode == "centering":
+                apply_center_statistics(targets.center, stats, targets.center_momentum, ok)
 
-        return {
-            **values,
-            "grad_norm": grad_norms,
-            "teacher_entropy": mean_entropy(p_cls),
-            "teacher_distinct_prototypes": int(p_cls.argmax(dim=-1).unique().numel()),
-            "ibot_teacher_entropy": mean_entropy(p_patch),
-            "n_masked": int(mask_indices.numel()),
-        }
+    def read_back(self, it: int, n_masked: int | None = None) -> dict:
+        """Device guard: one ``.tolist()`` of the last step's reduced values, the stop flag, the
+        teacher metrics and the skip counters; reports the non-finite steps since the last read-back
+        (``_nonfinite``: raises under ``train.on_nonfinite: error``). Returns the metrics of ``it``."""
+        n_comp, n_norm = 5, len(GRAD_NORM_MODULES)
+        pieces = [self._last_head, self._stop_flag_dev.reshape(1), self._bad_count.float().reshape(1),
+                  self._first_bad.float().reshape(1), self._first_bad_values]
+        if self._last_teacher_metrics is not None:
+            pieces.append(self._last_teacher_metrics)
+        host = torch.cat(pieces).tolist()
+        head, stop, bad_count, first_bad = host[:n_comp + n_norm], host[n_comp + n_norm], host[n_comp + n_norm + 1], \
+            host[n_comp + n_norm + 2]
+        first_values = host[n_comp + n_norm + 3: 2 * (n_comp + n_norm) + 3]
+        self._stop_agreed = self._stop_agreed or stop > 0
+        names = ("dino_local", "dino_global", "ibot", "koleo", "total")
+        present = [k for k in GRAD_NORM_MODULES if getattr(self.student, k) is not None]
+        new_bad = int(bad_count) - self.nonfinite_skipped
+        if new_bad > 0:
+            values = dict(zip(names, first_values[:n_comp]))
+            norms = {f"grad_norm/{k}": v for k, v in zip(GRAD_NORM_MODULES, first_values[n_comp:]) if k in present}
+            bad = [k for k, v in {**values, **norms}.items() if not math.isfinite(v)]
+            self._first_bad.fill_(-1)
+            # The step was already skipped on the device; _nonfinite records it (and raises in error mode).
+            self._nonfinite(int(first_bad), bad, {**values, **norms}, skipped_on_device=True)
+            self.nonfinite_skipped = int(bad_count)
+        metrics = {**dict(zip(names, head[:n_comp])),
+                   "grad_norm": {k: v for k, v in zip(GRAD_NORM_MODULES, head[n_comp:]) if k in present}}
+        if self._last_teacher_metrics is not None:
+            entropy, distinct, ibot_entropy = host[-3:]
+            metrics.update(teacher_entropy=entropy, teacher_distinct_prototypes=int(distinct),
+                           ibot_teacher_entropy=ibot_entropy)
+        if n_masked is not None:
+            metrics["n_masked"] = n_masked
+        return metrics
 
-    def _nonfinite(self, it: int, bad: list[str], values: dict) -> dict:
+    def _nonfinite(self, it: int, bad: list[str], values: dict, skipped_on_device: bool = False) -> dict:
         message = (f"non-finite {', '.join(bad)} at iteration {it} "
                    f"({', '.join(f'{k}={v:.6g}' for k, v in values.items())})")
         self._write_metrics({"iteration": it, "event": "nonfinite", "components": bad, **values})
@@ -543,16 +649,25 @@ class Trainer:
                     if batch["iteration"] != it:
                         raise RuntimeError(f"loader delivered iteration {batch['iteration']} for {it}")
                     self.skipped_total += int(batch["skipped"])
-                    metrics = self.train_step(batch, it)
-                    self.iteration = it + 1
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
+                    n = it + 1
+                    log_step = it % cfg.train.log_period == 0 or n == end
+                    # The host must see this step's values (device guard) when it logs, writes files, hands
+                    # the trainer to a hook, or polls the stop flag; otherwise the device runs ahead.
+                    read_back = (log_step or self.on_iteration_end is not None or n % STOP_POLL_PERIOD == 0
+                                 or (cfg.train.ckpt_period > 0 and n % cfg.train.ckpt_period == 0)
+                                 or (cfg.train.export_period > 0 and n % cfg.train.export_period == 0)
+                                 or (cfg.train.eval_period > 0 and n % cfg.train.eval_period == 0))
+                    metrics = self.train_step(batch, it, read_back=read_back)
+                    self.iteration = n
+                    # No synchronize: the host runs ahead of the device; the period's mean time is exact
+                    # because every log step's read-back (one .tolist()) waits for the device.
                     t_now = time.perf_counter()
                     period_time += t_now - t_prev
                     period_data += t_data
                     period_n += 1
-                    last_metrics = metrics
-                    if it % cfg.train.log_period == 0 or self.iteration == end:
+                    if metrics:
+                        last_metrics = metrics
+                    if log_step:
                         record = self._log_record(it, metrics, {"time": period_time / period_n,
                                                                 "data": period_data / period_n})
                         self.metrics_tail = record

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from test_distributed_utils import EXACT
 from test_pretrain_utils import memory_table, single_thread, tiny_config  # noqa: F401
@@ -53,3 +54,98 @@ def test_deterministic_sets_cublas_workspace_and_disables_autotuning(monkeypatch
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def device_guarded(trainer: Trainer) -> Trainer:
+    """Switch a CPU trainer to the CUDA path of the step: non-finite guard on the device, fused AdamW
+    (which takes ``found_inf``), values read back only when the loop asks."""
+    from pretrain.optim import build_optimizer
+
+    cfg = trainer.cfg
+    trainer.device_guard = True
+    trainer.optimizer = build_optimizer(trainer.student.named_parameters(), trainer.vit_cfg.depth,
+                                        cfg.optim.layerwise_decay, cfg.optim.patch_embed_lr_mult,
+                                        (cfg.optim.adamw_beta1, cfg.optim.adamw_beta2), trainer.device, fused=True)
+    return trainer
+
+
+def test_device_guard_reads_the_host_once_per_logged_step_and_never_otherwise(tmp_path, monkeypatch):
+    """A fake device hook: every way a tensor reaches the host (.item, .tolist, float(), int(), bool())
+    is counted inside train_step. Logged steps: one .tolist(); the others: none."""
+    cfg = tiny_config(tmp_path, **{"train.epoch_length": 7, "train.log_period": 3, "train.ckpt_period": 0})
+    trainer = device_guarded(Trainer(cfg, table=memory_table(8)))
+    counting = {"on": False}
+    reads: list[str] = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def hooked(self, *a, _real=real, _name=name, **k):
+            if counting["on"]:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, hooked)
+    per_step: dict[int, list[str]] = {}
+    step = trainer.train_step
+
+    def counted(batch, it, read_back=True):
+        reads.clear()
+        counting["on"] = True
+        try:
+            return step(batch, it, read_back=read_back)
+        finally:
+            counting["on"] = False
+            per_step[it] = list(reads)
+
+    trainer.train_step = counted
+    assert trainer.run()["status"] == "finished"
+    logged = sorted(records(tmp_path))
+    assert logged == [0, 3, 6]
+    assert {it: per_step[it] for it in logged} == {it: ["tolist"] for it in logged}
+    assert all(per_step[it] == [] for it in range(7) if it not in logged), per_step
+    rec = records(tmp_path)[6]
+    assert set(rec["grad_norm"]) == {"backbone", "dino_head"} and rec["teacher_distinct_prototypes"] >= 1
+
+
+def test_device_guard_equals_the_host_guard(tmp_path):
+    over = {"train.epoch_length": 3, "train.log_period": 1, "train.ckpt_period": 0}
+    host = Trainer(tiny_config(tmp_path / "host", **over), table=memory_table(8))
+    host.optimizer = device_guarded(host).optimizer  # same fused optimizer, host-side guard
+    host.device_guard = False
+    host.run()
+    device_guarded(Trainer(tiny_config(tmp_path / "dev", **over), table=memory_table(8))).run()
+    a, b = records(tmp_path / "host"), records(tmp_path / "dev")
+    for it in range(3):
+        for key in ("total", "teacher_entropy", "ibot_teacher_entropy", "teacher_distinct_prototypes"):
+            assert a[it][key] == pytest.approx(b[it][key], rel=1e-5), (it, key)
+        assert a[it]["grad_norm"] == pytest.approx(b[it]["grad_norm"], rel=1e-5)
+
+
+def test_device_guard_skips_a_nonfinite_step_on_the_device(tmp_path):
+    from test_pretrain_train import PoisonedBatches
+
+    cfg = tiny_config(tmp_path, **{"train.on_nonfinite": "skip", "train.epoch_length": 5, "train.log_period": 4})
+    trainer = device_guarded(Trainer(cfg, table=memory_table(6)))
+    trainer.dataset = PoisonedBatches(trainer.dataset, 2)
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    assert trainer.run()["status"] == "finished" and trainer.nonfinite_skipped == 1
+    assert records(tmp_path)[4]["nonfinite_skipped"] == 1
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())
+    assert all(torch.isfinite(v).all() for v in trainer.teacher.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in trainer.teacher.state_dict().items())
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in events if r.get("event") == "nonfinite"]
+    assert [e["iteration"] for e in events] == [2] and "total" in events[0]["components"]
+
+
+def test_device_guard_error_mode_names_the_bad_iteration(tmp_path):
+    from test_pretrain_train import PoisonedBatches
+
+    from pretrain.train import NonFiniteLossError
+
+    cfg = tiny_config(tmp_path, **{"train.epoch_length": 6, "train.log_period": 5, "train.ckpt_period": 0})
+    trainer = device_guarded(Trainer(cfg, table=memory_table(6)))
+    trainer.dataset = PoisonedBatches(trainer.dataset, 2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .*dino_local.* at iteration 2"):
+        trainer.run()
+    assert trainer.iteration == 5  # noticed at the next read-back (log step 5), the step itself skipped
