@@ -32,7 +32,8 @@ CKPT_TMP_RE = re.compile(r"^\.(checkpoint_\d{8}\.pth|latest)\..*\.tmp$")
 # Keys that may change between a run and its resumption without affecting the result.
 RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress", "train.log_period",
                 "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
-                "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images"}
+                "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images",
+                "train.activation_checkpointing"}
 # How the run is executed (world size, strategy, cluster) never changes its result beyond round-off.
 RUNTIME_PREFIXES = ("dist.", "slurm.")
 

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "checkpoint_activations",
     "full_optimizer_state",
     "full_state_dict",
     "full_value",
@@ -53,13 +54,15 @@ def is_sharded(module: nn.Module) -> bool:
 
 
 def wrap_models(student: nn.Module, teacher: nn.Module, strategy: str, device: torch.device,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, param_dtype: torch.dtype | None = None) -> nn.Module:
     """Prepare student and teacher for data-parallel training; return the module to call forward on.
 
     Needs an initialised process group (one rank is fine: ``dist.process_group=always``). DDP: returns the DDP wrapper (``student`` itself
     stays the plain module: state dicts, EMA and clipping use it). FSDP: shards ``student`` and
     ``teacher`` in place and returns ``student``. Build the optimizer **after** this call (FSDP
-    replaces the parameters by DTensors).
+    replaces the parameters by DTensors). ``param_dtype`` (FSDP, bf16 training): parameters are
+    all-gathered in that dtype (half the traffic of fp32) while gradients are reduced in fp32
+    (``MixedPrecisionPolicy``); the sharded parameters and the optimizer stay fp32.
     """
     if strategy == "ddp":
         import inspect
@@ -78,9 +81,11 @@ def wrap_models(student: nn.Module, teacher: nn.Module, strategy: str, device: t
                                        find_unused_parameters=False, **no_sync)
     if strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        policy = {} if param_dtype is None else {
+            "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
         # The teacher runs forward only: kept gathered after its forward it would stay unsharded through
         # the EMA (plain tensors meeting the student's DTensor shards), so it always reshards;
         # ``reshard_after_forward`` concerns the student, whose backward follows its forward.
@@ -89,15 +94,36 @@ def wrap_models(student: nn.Module, teacher: nn.Module, strategy: str, device: t
             # heads (the large K-prototype layers) are separate units; patch embedding, tokens and
             # the final norm stay with the root.
             for block in model.backbone.blocks:
-                fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+                fully_shard(block, mesh=mesh, reshard_after_forward=reshard, **policy)
             for head in (model.dino_head, model.ibot_head):
                 if head is not None:
-                    fully_shard(head, mesh=mesh, reshard_after_forward=reshard)
-            fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+                    fully_shard(head, mesh=mesh, reshard_after_forward=reshard, **policy)
+            fully_shard(model, mesh=mesh, reshard_after_forward=reshard, **policy)
         # The teacher is called through teacher_logits, not forward: let FSDP gather around it too.
         register_fsdp_forward_method(teacher, "teacher_logits")
         return student
     raise ValueError(f"dist.strategy {strategy!r} unknown; expected 'ddp' or 'fsdp'")
+
+
+def checkpoint_activations(blocks: nn.ModuleList) -> None:
+    """Activation checkpointing of each block (``torch.utils.checkpoint``, non-reentrant): its
+    activations are recomputed in backward. The block's ``forward`` is wrapped in place, so parameter
+    names, state dicts and FSDP units stay as they are; the RNG state is replayed in the recomputation
+    (same drop-path draws), so loss and gradients equal those without."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        inner = block.forward
+
+        @functools.wraps(inner)
+        def forward(*args, _inner=inner, **kwargs):
+            if not torch.is_grad_enabled():
+                return _inner(*args, **kwargs)
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
 
 
 def reshard(module: nn.Module) -> None:

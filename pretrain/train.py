@@ -186,12 +186,12 @@ class Trainer:
         # must never depend on identical RNG streams for correctness).
         dist_utils.broadcast_module(self.student)
         dist_utils.broadcast_module(self.teacher)
+        # Per-rank random streams from here on (stochastic depth, KoLeo ties): ranks with the same stream
+        # would draw the same drop-path masks for different samples. All ranks' states are checkpointed.
+        torch.manual_seed(cfg.train.seed + self.rank)
 
         self.dino_targets, self.ibot_targets = teacher_targets(cfg, self.device)
 
-        if cfg.train.compile:
-            self.student.backbone.compile()
-            self.teacher.backbone.compile()
         # A process group (also a one-rank one, dist.process_group=always) means DDP or FSDP.
         self.strategy = cfg.dist.strategy if dist_utils.is_initialized() else "single"
         if self.strategy == "fsdp" and self.precision == "fp16":
@@ -199,10 +199,19 @@ class Trainer:
             # skipping a step. bf16 needs no scaler.
             raise ConfigError("dist.strategy=fsdp supports train.precision bf16 or fp32, not fp16")
         self.student_forward: nn.Module = self.student
+        if cfg.train.activation_checkpointing:  # before sharding and compiling: they see the wrapped forward
+            parallel.checkpoint_activations(self.student.backbone.blocks)
         if self.strategy != "single":
-            self.student_forward = parallel.wrap_models(self.student, self.teacher, cfg.dist.strategy, self.device,
-                                                        cfg.dist.fsdp_reshard_after_forward)
+            self.student_forward = parallel.wrap_models(
+                self.student, self.teacher, cfg.dist.strategy, self.device, cfg.dist.fsdp_reshard_after_forward,
+                param_dtype=self.autocast_dtype if self.precision == "bf16" else None)
         self.sharded = parallel.is_sharded(self.student)
+        if cfg.train.compile:
+            # After wrapping (compiling first would trace FSDP's hooks out of the graph), and per block:
+            # FSDP's unit boundaries (all-gather / reshard) then fall between compiled regions.
+            for model in (self.student, self.teacher):
+                for block in model.backbone.blocks:
+                    block.compile()
 
         # After wrapping: FSDP replaces the parameters by DTensor shards.
         self.optimizer = build_optimizer(self.student.named_parameters(), self.vit_cfg.depth, cfg.optim.layerwise_decay,
@@ -307,7 +316,7 @@ class Trainer:
             "optimizer": parallel.full_optimizer_state(optimizer_state_by_name(self.optimizer)),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "schedule": {"global_batch_size": self.schedule_batch_size},
-            "rng": get_rng_state(),
+            "rng": get_rng_state(),  # this (rank 0's) state; every rank's in rng_per_rank
             "data_state": {"seed": self.cfg.train.seed, "position": self.position_offset
                            + self.iteration * self.global_batch_size, "fingerprint": self.fingerprint,
                            "table_size": len(self.table), "skipped_total": self.skipped_total},
@@ -319,7 +328,10 @@ class Trainer:
         """Atomically write ``checkpoint_<it>.pth``, move ``latest``, prune to the last ``keep`` (rank 0).
 
         Call on every rank: under FSDP the full tensors are gathered first (a collective)."""
+        rng_per_rank = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank's stream
         state = self.checkpoint_state() if self.is_main or self.sharded else None
+        if state is not None:
+            state["rng_per_rank"] = rng_per_rank
         self._last_ckpt_iteration = self.iteration
         if not self.is_main:
             return None
@@ -364,7 +376,13 @@ class Trainer:
         self.skipped_total = int(data_state.get("skipped_total", 0))
         self.nonfinite_skipped = int(ckpt.get("counters", {}).get("nonfinite_skipped", 0))
         self.metrics_tail = dict(ckpt.get("metrics_tail") or {})
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank") or []
+        if self.rank < len(per_rank):
+            set_rng_state(per_rank[self.rank])
+        else:  # written by fewer ranks (or before per-rank states): rank 0's, this rank's own seed
+            set_rng_state(ckpt["rng"])
+            if self.rank:
+                torch.manual_seed(self.cfg.train.seed + self.rank + self.iteration)
         self._last_ckpt_iteration = self.iteration
         log.info("resumed from %s at iteration %d", path, self.iteration)
 

@@ -294,6 +294,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return tensor
 
 
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (pickled; small objects only); ``[obj]`` without a group."""
+    if not is_enabled():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if is_enabled():
         dist.barrier()

@@ -72,3 +72,15 @@ def test_no_process_group_for_one_rank_by_default(tmp_path):
     assert denv.world_size == 1 and not sd.is_initialized()
     with pytest.raises(ValueError, match="process_group"):
         sd.init(backend="gloo", environ={}, process_group="sometimes")
+
+
+def test_every_rank_has_its_own_rng_stream_and_checkpoints_it(tmp_path):
+    run = tmp_path / "rng"
+    over = {**SHORT, "student.drop_path_rate": 0.1, "train.ckpt_period": 3}
+    results = check_ok(spawn(train_rank, 2, str(run), over))
+    assert [r["status"] for r in results] == ["finished"] * 2
+    assert results[0]["sha256"] == results[1]["sha256"]  # replicas agree although the streams differ
+    ckpt = torch.load(run / "checkpoints" / "checkpoint_00000003.pth", weights_only=True)
+    states = ckpt["rng_per_rank"]
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+    assert torch.equal(states[0]["torch"], ckpt["rng"]["torch"])

@@ -149,3 +149,43 @@ def test_device_guard_error_mode_names_the_bad_iteration(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"non-finite .*dino_local.* at iteration 2"):
         trainer.run()
     assert trainer.iteration == 5  # noticed at the next read-back (log step 5), the step itself skipped
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tmp_path):
+    """Student forward + backward with drop path, with and without train.activation_checkpointing."""
+    from pretrain import parallel
+    from pretrain.ssl_model import SSLModel
+
+    cfg = tiny_config(tmp_path)
+    torch.manual_seed(0)
+    plain = SSLModel(cfg.vit_config(), cfg)
+    checkpointed = SSLModel(cfg.vit_config(), cfg)
+    checkpointed.load_state_dict(plain.state_dict())
+    parallel.checkpoint_activations(checkpointed.backbone.blocks)
+    assert checkpointed.state_dict().keys() == plain.state_dict().keys()
+    g = torch.randn(4, 1, 56, 56)
+    loc = torch.randn(8, 1, 28, 28)
+    masks = torch.zeros(4, 16, dtype=torch.bool)
+    masks[:2, :5] = True
+    idx = masks.flatten().nonzero().squeeze(1)
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        torch.manual_seed(7)  # the same drop-path draws
+        out = model(g, loc, masks, idx)
+        loss = out["cls_logits"].logsumexp(-1).mean() + out["patch_logits"].square().mean()
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    assert torch.equal(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_training_with_activation_checkpointing_equals_without(tmp_path):
+    over = {"train.epoch_length": 2, "train.log_period": 1, "train.ckpt_period": 0}
+    Trainer(tiny_config(tmp_path / "a", **over), table=memory_table(8)).run()
+    Trainer(tiny_config(tmp_path / "b", **over, **{"train.activation_checkpointing": "true"}),
+            table=memory_table(8)).run()
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    for it in (0, 1):
+        assert a[it]["total"] == pytest.approx(b[it]["total"], rel=1e-6, abs=1e-7)
