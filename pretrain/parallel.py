@@ -154,8 +154,10 @@ _full = full_value
 
 
 def full_state_dict(module: nn.Module) -> dict[str, Tensor]:
-    """The module's state dict with every tensor complete (all-gathers shards; collective under FSDP)."""
-    return {k: _full(v).detach() for k, v in module.state_dict().items()}
+    """The module's state dict with every tensor complete, in host memory (all-gathers shards one
+    tensor at a time, each moved to the CPU at once: the device never holds the whole model; a
+    collective under FSDP)."""
+    return {k: _full(v).detach().cpu() for k, v in module.state_dict().items()}
 
 
 def load_full_state_dict(module: nn.Module, state: Mapping[str, Tensor]) -> None:

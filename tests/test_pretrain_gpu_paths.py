@@ -189,3 +189,29 @@ def test_training_with_activation_checkpointing_equals_without(tmp_path):
     a, b = records(tmp_path / "a"), records(tmp_path / "b")
     for it in (0, 1):
         assert a[it]["total"] == pytest.approx(b[it]["total"], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.gpu
+def test_cuda_step_without_read_back_never_synchronises(tmp_path):
+    """On CUDA a step that does not read back runs under ``set_sync_debug_mode("error")``: any
+    host–device synchronisation (item(), a pageable copy, a data-dependent shape) raises."""
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from pretrain.device_augment import DevicePrefetcher
+    from pretrain.loader import build_loader
+
+    cfg = tiny_config(tmp_path, **{"train.device": "cuda", "train.precision": "bf16", "train.epoch_length": 4})
+    trainer = Trainer(cfg, table=memory_table(8))
+    assert trainer.device_guard and trainer.warp == "device"
+    batches = list(DevicePrefetcher(build_loader(trainer.dataset, 0, 4, 0), trainer.device, cfg.aug.interp,
+                                    cfg.aug.edge_thresh))
+    trainer.train_step(batches[0], 0, read_back=True)  # warm-up: lazy state (optimizer moments, caches)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for it in (1, 2):
+            assert trainer.train_step(batches[it], it, read_back=False) == {}
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    metrics = trainer.train_step(batches[3], 3, read_back=True)
+    assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("total", "teacher_entropy"))
