@@ -179,13 +179,11 @@ def local_device_index(local_rank: int, device_count: int, environ: Mapping[str,
     ``local_rank % device_count`` there. Several ranks sharing one GPU fail obscurely in NCCL: refused.
     """
     env = os.environ if environ is None else environ
-    if device_count <= 0:
-        raise DistributedFailure("no CUDA device is visible to this process")
-    if local_rank < device_count:
+    if 0 <= local_rank < device_count:
         return local_rank
     visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     one_per_task = env.get("SLURM_GPUS_PER_TASK", "").split(":")[-1] == "1" or len(visible) == device_count == 1
-    if one_per_task:
+    if one_per_task and device_count > 0:
         return local_rank % device_count
     # Upstream's launcher assumes 8 GPUs per node; several ranks on one GPU fail obscurely in NCCL.
     raise DistributedFailure(
@@ -209,16 +207,16 @@ def init(backend: str | None = None, environ: Mapping[str, str] | None = None, t
     denv = detect_env(environ)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     device = None
-    if torch.cuda.is_available():
-        try:
-            index = local_device_index(denv.local_rank, torch.cuda.device_count(), environ)
-        except DistributedFailure as exc:
-            if backend == "nccl" and denv.is_distributed:
-                raise DistributedFailure(f"rank {denv.rank}: {exc}") from None
-            index = None  # gloo ranks may share a GPU (or run on CPU)
-        if index is not None:
-            torch.cuda.set_device(index)
-            device = torch.device("cuda", index)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        index = local_device_index(denv.local_rank, count, environ)
+    except DistributedFailure as exc:
+        if backend == "nccl" and denv.is_distributed:
+            raise DistributedFailure(f"rank {denv.rank}: {exc}") from None
+        index = None  # gloo ranks may share a GPU (or run on the CPU)
+    if index is not None:
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
     want_group = denv.is_distributed or process_group == "always"
     if not want_group or (dist.is_available() and dist.is_initialized()):
         return denv

@@ -93,3 +93,10 @@ def test_local_device_index_one_gpu_per_task():
         local_device_index(1, 1, {})  # two ranks, one shared GPU
     with pytest.raises(DistributedFailure, match="at most one process per GPU"):
         local_device_index(4, 2, {"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_local_device_index_without_gpus_is_refused():
+    from shared.distributed import DistributedFailure, local_device_index
+
+    with pytest.raises(DistributedFailure, match="only 0 GPU"):
+        local_device_index(0, 0, {"SLURM_GPUS_PER_TASK": "1"})
