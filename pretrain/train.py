@@ -574,6 +574,14 @@ class Trainer:
                                 (it + 1) * self.global_batch_size / len(self.table), self.skipped_total,
                                 self.nonfinite_skipped, self.device)
 
+    def _cuda_event(self) -> torch.cuda.Event | None:
+        """A timing event recorded on this device's current stream (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
     # -- hooks ------------------------------------------------------------------------------------------------
     def _teacher_backbone_state(self) -> dict[str, Tensor] | None:
         """Full teacher backbone weights on rank 0 (None elsewhere); a collective under FSDP."""
@@ -661,6 +669,7 @@ class Trainer:
                 self.student.train()
                 self.teacher.eval()
                 period_time, period_data, period_n = 0.0, 0.0, 0
+                period_start = self._cuda_event()
                 t_prev = time.perf_counter()
                 for it, batch in zip(range(start, end), loader):
                     t_data = time.perf_counter() - t_prev
@@ -686,8 +695,14 @@ class Trainer:
                     if metrics:
                         last_metrics = metrics
                     if log_step:
+                        gpu_time = None
+                        if period_start is not None:  # the log step's read-back already waited for the device
+                            period_end = self._cuda_event()
+                            period_end.synchronize()
+                            gpu_time = period_start.elapsed_time(period_end) / 1000.0 / period_n
+                            period_start = period_end
                         record = self._log_record(it, metrics, {"time": period_time / period_n,
-                                                                "data": period_data / period_n})
+                                                                "data": period_data / period_n, "gpu": gpu_time})
                         self.metrics_tail = record
                         self._write_metrics(record)
                         period_time, period_data, period_n = 0.0, 0.0, 0

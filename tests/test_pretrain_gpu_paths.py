@@ -215,3 +215,17 @@ def test_cuda_step_without_read_back_never_synchronises(tmp_path):
         torch.cuda.set_sync_debug_mode("default")
     metrics = trainer.train_step(batches[3], 3, read_back=True)
     assert all(torch.isfinite(torch.tensor(metrics[k])) for k in ("total", "teacher_entropy"))
+
+
+@pytest.mark.gpu
+def test_cuda_run_logs_event_timing_and_trains_with_the_device_warp(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    cfg = tiny_config(tmp_path, **{"train.device": "cuda", "train.epoch_length": 3, "train.log_period": 1,
+                                   "train.ckpt_period": 0})
+    trainer = Trainer(cfg, table=memory_table(8))
+    assert trainer.warp == "device"
+    assert trainer.run()["status"] == "finished"
+    recs = records(tmp_path)
+    assert sorted(recs) == [0, 1, 2]
+    assert all(r["gpu_time_per_iteration"] > 0 for r in recs.values())
