@@ -224,6 +224,9 @@ class DistConfig:
     # "always": a process group even for one rank, so DDP / FSDP run with one GPU (gpu-check, a first
     # test of the multi-node job's code path); "auto": none for one rank (plain single-process training).
     process_group: Literal["auto", "always"] = "auto"
+    # FSDP checkpoints: "dcp" = each rank writes its own shards (torch.distributed.checkpoint folder
+    # checkpoint_<it>.dcp next to the .pth, which keeps everything else); "full" = gathered into the .pth.
+    fsdp_checkpoint: Literal["full", "dcp"] = "dcp"
 
 
 @dataclass

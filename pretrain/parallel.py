@@ -15,7 +15,9 @@ Every rank holds the same student and teacher and processes its own B of the G =
 Checkpoints are world-size agnostic in both cases: :func:`full_state_dict` and
 :func:`full_optimizer_state` gather full tensors (collectives: call them on **every** rank under
 FSDP), and :func:`load_full_state_dict` / :func:`shard_optimizer_state` cut a full checkpoint back
-into this run's shards. Under DDP they are plain state dicts.
+into this run's shards. Under DDP they are plain state dicts. Under FSDP the checkpoint's tensors
+normally go through ``torch.distributed.checkpoint`` instead (:func:`save_sharded`: every rank writes
+its own shards, nothing is gathered; :func:`load_sharded_full` reads them back full, any world size).
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ __all__ = [
     "load_full_state_dict",
     "local_tensor",
     "reshard",
+    "load_sharded_full",
+    "save_sharded",
     "scalar",
+    "sharded_tensors",
     "shard_optimizer_state",
     "wrap_models",
 ]
@@ -203,6 +208,45 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> dict
                        if isinstance(v, Tensor) and tuple(v.shape) == tuple(param.shape) else v
                        for k, v in entry.items()}
     return {"state": state, "param_groups": saved["param_groups"]}
+
+
+# -- sharded checkpoints (torch.distributed.checkpoint) -------------------------------------------------------
+def sharded_tensors(student: nn.Module, teacher: nn.Module, optimizer_state_by_name: dict) -> dict[str, Tensor]:
+    """The tensors of a training checkpoint as one flat dict for ``torch.distributed.checkpoint``:
+    ``student/<name>``, ``teacher/<name>``, ``optimizer/<param name>/<key>`` (DTensor shards stay
+    shards: each rank writes its own)."""
+    out = {f"student/{k}": v for k, v in student.state_dict().items()}
+    out.update({f"teacher/{k}": v for k, v in teacher.state_dict().items()})
+    for name, entry in optimizer_state_by_name["state"].items():
+        out.update({f"optimizer/{name}/{k}": v for k, v in entry.items() if isinstance(v, Tensor)})
+    return out
+
+
+def save_sharded(directory: str, tensors: dict[str, Tensor]) -> None:
+    """Every rank writes its shards of ``tensors`` to the DCP folder ``directory`` (a collective)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(tensors, checkpoint_id=directory)
+
+
+def load_sharded_full(directory: str) -> tuple[dict, dict, dict]:
+    """The full (unsharded, CPU) student and teacher state dicts and by-name optimizer moments of a DCP
+    folder written by :func:`save_sharded`; any world size, with or without a process group (a
+    collective when one exists). Tensors only: nothing is unpickled."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    flat = _load_state_dict_from_keys(checkpoint_id=directory)
+    student, teacher, moments = {}, {}, {}
+    for key, value in flat.items():
+        part, rest = key.split("/", 1)
+        if part == "student":
+            student[rest] = value
+        elif part == "teacher":
+            teacher[rest] = value
+        elif part == "optimizer":
+            name, field = rest.rsplit("/", 1)
+            moments.setdefault(name, {})[field] = value
+    return student, teacher, moments
 
 
 def scalar(value: Tensor | float) -> float:

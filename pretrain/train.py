@@ -17,7 +17,8 @@ One iteration (§3–§7):
 
 Run directory (``train.output_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl`` (a run that
 resumes, or starts over, first drops the records of the iterations it is about to redo),
-``checkpoints/checkpoint_<it>.pth`` + ``checkpoints/latest`` (atomic; last ``train.keep`` kept),
+``checkpoints/checkpoint_<it>.pth`` + ``checkpoints/latest`` (atomic; last ``train.keep`` kept; under
+FSDP the tensors in ``checkpoint_<it>.dcp/``, written by every rank, ``dist.fsdp_checkpoint``),
 ``dinodepth.pth`` (+ ``.safetensors``, ``.sha256``) at the end, ``exports/`` (periodic),
 ``eval/pca_<it>.png`` (PCA of teacher patch features of fixed samples).
 
@@ -300,8 +301,18 @@ class Trainer:
         }
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
-        """The full training state; under FSDP a collective (gathers shards): call it on every rank."""
+    def checkpoint_state(self, weights: bool = True) -> dict:
+        """The full training state; under FSDP a collective (gathers shards): call it on every rank.
+        ``weights=False``: without student, teacher and optimizer moments (they go to a DCP folder)."""
+        if not weights:
+            return {**self._checkpoint_state_rest(),
+                    "optimizer": {"state": {}, "param_groups": optimizer_state_by_name(self.optimizer)["param_groups"]}}
+        return {**self._checkpoint_state_rest(),
+                "student": parallel.full_state_dict(self.student),
+                "teacher": parallel.full_state_dict(self.teacher),
+                "optimizer": parallel.full_optimizer_state(optimizer_state_by_name(self.optimizer))}
+
+    def _checkpoint_state_rest(self) -> dict:
         return {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "iteration": self.iteration,
@@ -310,10 +321,7 @@ class Trainer:
             "arch": self.teacher_vit_cfg.to_dict(),
             "input_norm": self.input_norm(),
             "train_meta": self.train_meta(),
-            "student": parallel.full_state_dict(self.student),
-            "teacher": parallel.full_state_dict(self.teacher),
             "centers": {"dino": self.dino_targets.center.clone(), "ibot": self.ibot_targets.center.clone()},
-            "optimizer": parallel.full_optimizer_state(optimizer_state_by_name(self.optimizer)),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "schedule": {"global_batch_size": self.schedule_batch_size},
             "rng": get_rng_state(),  # this (rank 0's) state; every rank's in rng_per_rank
@@ -329,7 +337,17 @@ class Trainer:
 
         Call on every rank: under FSDP the full tensors are gathered first (a collective)."""
         rng_per_rank = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank's stream
-        state = self.checkpoint_state() if self.is_main or self.sharded else None
+        if self.sharded and self.cfg.dist.fsdp_checkpoint == "dcp":
+            # Each rank writes its own shards (no gather); the .pth written last (atomically) by rank 0
+            # names the folder, so a folder without its .pth (a killed save) is never resumed from.
+            folder = f"checkpoint_{self.iteration:08d}.dcp"
+            parallel.save_sharded(str(self.ckpt_dir / folder), parallel.sharded_tensors(
+                self.student, self.teacher, optimizer_state_by_name(self.optimizer)))
+            state = self.checkpoint_state(weights=False) if self.is_main else None
+            if state is not None:
+                state["dcp"] = folder
+        else:
+            state = self.checkpoint_state() if self.is_main or self.sharded else None
         if state is not None:
             state["rng_per_rank"] = rng_per_rank
         self._last_ckpt_iteration = self.iteration
@@ -347,6 +365,10 @@ class Trainer:
             raise CheckpointError(f"the sample table changed since {path} was written (fingerprint "
                                   f"{data_state['fingerprint'][:12]}… → {self.fingerprint[:12]}…); "
                                   "pass --allow-data-change to continue on the new data")
+        if "dcp" in ckpt:  # sharded tensors in a DCP folder: read back full, whatever the world size
+            student, teacher, moments = parallel.load_sharded_full(str(Path(path).parent / ckpt["dcp"]))
+            ckpt = {**ckpt, "student": student, "teacher": teacher,
+                    "optimizer": {"state": moments, "param_groups": ckpt["optimizer"]["param_groups"]}}
         # Full tensors, whatever the world size at save time; each rank loads the same file and, under
         # FSDP, cuts its own shards.
         parallel.load_full_state_dict(self.student, ckpt["student"])

@@ -4,6 +4,7 @@ and their resume, DDP and FSDP on a one-rank process group."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,28 @@ def test_every_rank_has_its_own_rng_stream_and_checkpoints_it(tmp_path):
     states = ckpt["rng_per_rank"]
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
     assert torch.equal(states[0]["torch"], ckpt["rng"]["torch"])
+
+
+def test_fsdp_dcp_checkpoints_resume_on_two_ranks_and_on_one(reference, tmp_path):
+    """dist.fsdp_checkpoint=dcp: each rank writes its shards (checkpoint_<it>.dcp); the run resumes from
+    them with 2 ranks and with 1 (no process group) like the uninterrupted run; exports read them."""
+    from pretrain.export import backbone_from_checkpoint
+
+    over = {**SHORT, "dist.strategy": "fsdp", "dist.fsdp_checkpoint": "dcp", "train.ckpt_period": 2}
+    run = tmp_path / "dcp"
+    first = check_ok(spawn(train_rank, 2, str(run), {**over, "train.stop_at_iteration": 2}))
+    assert [r["iteration"] for r in first] == [2, 2]
+    ckpt = torch.load(run / "checkpoints" / "checkpoint_00000002.pth", weights_only=True)
+    assert ckpt["dcp"] == "checkpoint_00000002.dcp" and "student" not in ckpt
+    assert (run / "checkpoints" / "checkpoint_00000002.dcp").is_dir()
+    backbone, arch, _, meta = backbone_from_checkpoint(run / "checkpoints" / "checkpoint_00000002.pth")
+    assert meta["iteration"] == 2 and "pos_embed" in backbone
+    one = tmp_path / "one"
+    shutil.copytree(run, one)
+    results = check_ok(spawn(train_rank, 2, str(run), over))
+    assert [r["iteration"] for r in results] == [3, 3]
+    assert_losses_close(steps(reference), steps(run), range(3))
+    trainer = Trainer(tiny_config(one, **over, **{"train.batch_size_per_gpu": 8}), table=memory_table(8))
+    assert trainer.iteration == 2 and not trainer.sharded
+    trainer.run()
+    assert_losses_close(steps(reference), steps(one), range(3))
