@@ -379,19 +379,22 @@ def step_train_single(ctx: Context) -> dict:
     return _train(ctx, "train_single", [])
 
 
-def step_train_ddp(ctx: Context) -> dict:
-    result = _train(ctx, "train_ddp", ["dist.strategy=ddp"], launcher="torchrun")
-    if result["strategy_ran"] != "ddp":
-        result["note"] = ("one rank ran without a process group (issue 21 item 6: DDP is not exercised at "
-                          "world size 1 until the one-rank process group lands in pretrain/train.py)")
+def _train_parallel(ctx: Context, strategy: str) -> dict:
+    # dist.process_group=always: the one rank gets a process group, so DDP / FSDP2 really run.
+    result = _train(ctx, f"train_{strategy}", [f"dist.strategy={strategy}", "dist.process_group=always"],
+                    launcher="torchrun")
+    if result["strategy_ran"] != strategy:
+        raise AssertionError(f"dist.strategy={strategy} with a one-rank process group ran as "
+                             f"{result['strategy_ran']!r}")
     return result
+
+
+def step_train_ddp(ctx: Context) -> dict:
+    return _train_parallel(ctx, "ddp")
 
 
 def step_train_fsdp(ctx: Context) -> dict:
-    result = _train(ctx, "train_fsdp", ["dist.strategy=fsdp"], launcher="torchrun")
-    if result["strategy_ran"] != "fsdp":
-        result["note"] = "one rank ran without a process group (issue 21 item 6): FSDP2 not exercised"
-    return result
+    return _train_parallel(ctx, "fsdp")
 
 
 def step_train_fp16(ctx: Context) -> dict:

@@ -147,13 +147,15 @@ def load_depth_anything(model: str = DEFAULT_MODEL, device: str = "auto", dtype:
     else:
         source = model
         try:  # already cached? then no network is needed at all
-            AutoModelForDepthEstimation.from_pretrained(source, local_files_only=True, dtype=torch_dtype)
+            AutoModelForDepthEstimation.from_pretrained(source, local_files_only=True)
             kwargs["local_files_only"] = True
         except OSError:
             if not hub_reachable():
                 raise ModelUnavailableError(_offline_help(model)) from None
     try:
-        net = AutoModelForDepthEstimation.from_pretrained(source, dtype=torch_dtype, **kwargs)
+        # No dtype= here: transformers < 4.56 does not know it (torch_dtype=) and would load fp32 weights
+        # that then meet fp16/bf16 inputs; the weights are cast with the model's move below instead.
+        net = AutoModelForDepthEstimation.from_pretrained(source, **kwargs)
         processor = AutoImageProcessor.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelUnavailableError(f"could not load {model!r}: {exc}") from None
@@ -162,7 +164,7 @@ def load_depth_anything(model: str = DEFAULT_MODEL, device: str = "auto", dtype:
         if size % patch:
             raise ValueError(f"--da-size {size} is not a multiple of the model's patch size {patch}")
         processor.size = {"height": size, "width": size}
-    net = net.to(dev).eval()
+    net = net.to(dev, torch_dtype).eval()
     return DepthAnythingRunner(
         model=net, processor=processor, device=dev, dtype=torch_dtype, model_id=model,
         model_revision=getattr(net.config, "_commit_hash", None), transformers_version=transformers.__version__,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ CKPT_TMP_RE = re.compile(r"^\.(checkpoint_\d{8}\.pth|latest)\..*\.tmp$")
 # Keys that may change between a run and its resumption without affecting the result.
 RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress", "train.log_period",
                 "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
-                "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images"}
+                "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images",
+                "train.activation_checkpointing"}
 # How the run is executed (world size, strategy, cluster) never changes its result beyond round-off.
 RUNTIME_PREFIXES = ("dist.", "slurm.", "probe.")  # evaluation settings never change the run
 
@@ -54,6 +56,7 @@ def write_checkpoint(ckpt_dir: Path, iteration: int, state: dict, keep: int) -> 
     existing = sorted(p for p in ckpt_dir.iterdir() if CKPT_RE.match(p.name))
     for old in existing[: max(0, len(existing) - max(1, keep))]:
         old.unlink(missing_ok=True)
+        shutil.rmtree(old.with_suffix(".dcp"), ignore_errors=True)  # its sharded tensors (FSDP, DCP)
     # Only this rank writes here, and its writes are complete: any temp file is a killed write's.
     for stale in (p for p in ckpt_dir.iterdir() if CKPT_TMP_RE.match(p.name)):
         stale.unlink(missing_ok=True)
@@ -82,7 +85,7 @@ def find_resume(out_dir: Path, resume: bool | str) -> Path | None:
 def read_training_checkpoint(path: Path) -> dict:
     """A DINO-Depth training checkpoint (``weights_only`` load), or a :class:`CheckpointError`."""
     ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION or "student" not in ckpt:
+    if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION or not ("student" in ckpt or "dcp" in ckpt):
         raise CheckpointError(f"{path} is not a DINO-Depth training checkpoint")
     return ckpt
 

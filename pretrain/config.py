@@ -208,6 +208,9 @@ class TrainConfig:
     progress: bool = True
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False
+    # Recompute each student block's activations in backward instead of keeping them (memory for
+    # compute: ~1/3 more step time, activations of one block at a time). Same loss and gradients.
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -245,6 +248,12 @@ class DistConfig:
     # rank). Must exceed the longest rank-0-only pause (checkpoint + export + PCA images).
     timeout_s: int = 900
     fsdp_reshard_after_forward: bool = True  # False: keep gathered params between forward and backward
+    # "always": a process group even for one rank, so DDP / FSDP run with one GPU (gpu-check, a first
+    # test of the multi-node job's code path); "auto": none for one rank (plain single-process training).
+    process_group: Literal["auto", "always"] = "auto"
+    # FSDP checkpoints: "dcp" = each rank writes its own shards (torch.distributed.checkpoint folder
+    # checkpoint_<it>.dcp next to the .pth, which keeps everything else); "full" = gathered into the .pth.
+    fsdp_checkpoint: Literal["full", "dcp"] = "dcp"
 
 
 @dataclass

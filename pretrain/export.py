@@ -137,7 +137,12 @@ def backbone_from_checkpoint(checkpoint: dict | str | os.PathLike
     """(backbone state, architecture record, input_norm, train_meta) of a training checkpoint (ours or
     upstream's, a run folder or a file) or of an existing ``dinodepth.pth`` / ``.safetensors`` export."""
     if not isinstance(checkpoint, dict):
-        checkpoint = load_checkpoint(resolve_checkpoint_path(checkpoint))
+        path = resolve_checkpoint_path(checkpoint)
+        checkpoint = load_checkpoint(path)
+        if "dcp" in checkpoint and "teacher" not in checkpoint:  # FSDP: the tensors are in a DCP folder
+            from pretrain.parallel import load_sharded_full
+
+            checkpoint = {**checkpoint, "teacher": load_sharded_full(str(Path(path).parent / checkpoint["dcp"]))[1]}
     if "teacher" not in checkpoint:
         if isinstance(checkpoint.get("model"), dict) and isinstance(checkpoint.get("config"), dict):  # an export
             arch = dict(checkpoint["config"], drop_path_rate=0.0)

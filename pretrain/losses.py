@@ -34,6 +34,8 @@ __all__ = [
     "sinkhorn_knopp",
     "softmax_center",
     "update_center",
+    "center_statistics",
+    "apply_center_statistics",
 ]
 
 
@@ -118,7 +120,8 @@ def ibot_loss(student_patch_logits: Tensor, teacher_patch_probs: Tensor, masks: 
     """
     if masks.ndim != 2:
         raise ValueError(f"masks must be (G, N), got shape {tuple(masks.shape)}")
-    n_masked = int(masks.sum())
+    # With the collated weights the row count is known on the host (their length): no device read.
+    n_masked = int(masks.sum()) if token_weights is None else token_weights.shape[0]
     if student_patch_logits.shape[0] != n_masked or teacher_patch_probs.shape[0] != n_masked:
         raise ValueError(f"{n_masked} masked tokens but {student_patch_logits.shape[0]} student / "
                          f"{teacher_patch_probs.shape[0]} teacher rows")
@@ -177,20 +180,32 @@ def softmax_center(teacher_logits: Tensor, center: Tensor, teacher_temp: float) 
 
 
 @torch.no_grad()
+def center_statistics(teacher_logits: Tensor) -> Tensor:
+    """(K + 1,) fp32: the row sum of ``teacher_logits`` and the row count — what the center update
+    needs, so the logits can be freed right after the targets are made; sum-reducible over ranks."""
+    t = teacher_logits.detach().float()
+    return torch.cat([t.sum(dim=0), t.new_full((1,), float(t.shape[0]))])
+
+
+@torch.no_grad()
+def apply_center_statistics(center: Tensor, stats: Tensor, momentum: float, apply: Tensor | None = None) -> Tensor:
+    """In place: c ← m·c + (1 − m)·sum/count from (all-reduced) :func:`center_statistics`; unchanged when
+    the count is 0 or ``apply`` (a device bool) is False. Decided on the device: no host sync."""
+    count = stats[-1]
+    mean = (stats[:-1] / count.clamp_min(1)).reshape(center.shape).to(center.dtype)
+    keep = count > 0 if apply is None else (count > 0) & apply
+    center.copy_(torch.where(keep, center.mul(momentum).add_(mean, alpha=1.0 - momentum), center))
+    return center
+
+
+@torch.no_grad()
 def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9) -> Tensor:
     """In place: c ← m·c + (1 − m)·mean(t), the mean taken over the rows of **all** ranks.
 
     Sum and row count are both all-reduced, so the result does not depend on how rows are spread
     over ranks. With no rows anywhere (e.g. no masked token in the global batch) c is unchanged.
     """
-    stats = torch.cat([teacher_logits.detach().float().sum(dim=0),
-                       teacher_logits.new_tensor([teacher_logits.shape[0]], dtype=torch.float32)])
-    all_reduce(stats, op="sum")
-    count = stats[-1]
-    if count > 0:
-        mean = (stats[:-1] / count).reshape(center.shape)
-        center.mul_(momentum).add_(mean.to(center.dtype), alpha=1.0 - momentum)
-    return center
+    return apply_center_statistics(center, all_reduce(center_statistics(teacher_logits), op="sum"), momentum)
 
 
 @torch.no_grad()

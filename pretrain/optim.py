@@ -72,10 +72,11 @@ def build_param_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], dep
 
 def build_optimizer(named_parameters: Iterable[tuple[str, nn.Parameter]], depth: int, layerwise_decay: float,
                     patch_embed_lr_mult: float, betas: tuple[float, float], device: torch.device,
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the §6 groups (fused kernel on CUDA). lr and wd are set every iteration."""
+                    eps: float = 1e-8, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the §6 groups (fused kernel on CUDA, or where ``fused``: it skips a step on the device
+    through ``found_inf``). lr and wd are set every iteration."""
     groups = build_param_groups(named_parameters, depth, layerwise_decay, patch_embed_lr_mult)
-    kwargs = {"fused": True} if device.type == "cuda" else {}
+    kwargs = {"fused": True} if (device.type == "cuda" if fused is None else fused) else {}
     return torch.optim.AdamW(groups, lr=0.0, betas=betas, eps=eps, weight_decay=0.0, **kwargs)
 
 

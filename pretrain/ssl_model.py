@@ -13,9 +13,11 @@ from torch import Tensor, nn
 from pretrain.config import PretrainConfig
 from pretrain.heads import DINOHead
 from pretrain.losses import TeacherTargets, dino_loss_terms, ibot_loss, koleo_loss
+from pretrain.parallel import local_tensor
 from shared.vit import ViTConfig, vit_from_config
 
-__all__ = ["SSLModel", "TeacherTargets", "ema_update", "loss_components", "mean_entropy", "teacher_targets"]
+__all__ = ["SSLModel", "TeacherTargets", "ema_update", "distinct_prototypes", "entropy_tensor", "loss_components",
+           "mean_entropy", "teacher_targets"]
 
 
 # -- student and teacher --------------------------------------------------------------------------------
@@ -63,17 +65,44 @@ class SSLModel(nn.Module):
 
 
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (fp32); buffers are not averaged."""
-    t_params = [p for p in teacher.parameters()]
-    s_params = [p.detach() for p in student.parameters()]
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float | Tensor) -> None:
+    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (fp32); buffers are not averaged.
+
+    Under FSDP2 both models are sharded alike: the update runs on this rank's local shards (no
+    communication). Call :func:`pretrain.parallel.reshard` on both first (gathered parameters are plain
+    tensors that would meet DTensor shards)."""
+    t_params = [local_tensor(p.detach()) for p in teacher.parameters()]
+    s_params = [local_tensor(p.detach()) for p in student.parameters()]
+    if any(t.shape != s.shape for t, s in zip(t_params, s_params)):
+        raise RuntimeError("EMA: teacher and student parameters differ in shape (one is gathered, the other "
+                           "sharded?): reshard both before the update")
+    if isinstance(momentum, Tensor):  # a device value (1 = skip the update): decided without a host sync
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, torch._foreach_mul(s_params, 1.0 - momentum))
+        return
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
 
 
 def mean_entropy(probs: Tensor) -> float:
     """Mean Shannon entropy (nats) of the rows of ``probs``; NaN when empty."""
-    return float(-(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1).mean()) if probs.numel() else float("nan")
+    return float(entropy_tensor(probs))
+
+
+@torch.no_grad()
+def entropy_tensor(probs: Tensor) -> Tensor:
+    """:func:`mean_entropy` as a 0-d fp32 device tensor (NaN when empty): no host read."""
+    if not probs.numel():
+        return probs.new_full((), float("nan"), dtype=torch.float32)
+    return -(probs.float() * torch.log(probs.float().clamp_min(1e-30))).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def distinct_prototypes(probs: Tensor) -> Tensor:
+    """How many prototypes are some row's argmax, as a 0-d fp32 device tensor (``unique()`` would sync)."""
+    hits = probs.new_zeros(probs.shape[-1], dtype=torch.float32)
+    hits.index_fill_(0, probs.argmax(dim=-1), 1.0)
+    return hits.sum()
 
 
 # -- targets and losses ----------------------------------------------------------------------------------

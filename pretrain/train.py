@@ -17,7 +17,8 @@ One iteration (§3–§7):
 
 Run directory (``train.output_dir``): ``config.yaml`` (resolved config), ``metrics.jsonl`` (a run that
 resumes, or starts over, first drops the records of the iterations it is about to redo),
-``checkpoints/checkpoint_<it>.pth`` + ``checkpoints/latest`` (atomic; last ``train.keep`` kept),
+``checkpoints/checkpoint_<it>.pth`` + ``checkpoints/latest`` (atomic; last ``train.keep`` kept; under
+FSDP the tensors in ``checkpoint_<it>.dcp/``, written by every rank, ``dist.fsdp_checkpoint``),
 ``dinodepth.pth`` (+ ``.safetensors``, ``.sha256``) at the end, ``exports/`` (periodic),
 ``eval/pca_<it>.png`` (PCA of teacher patch features of fixed samples).
 
@@ -91,7 +92,9 @@ from pretrain.checkpointing import (
 )
 from pretrain.cli import train_parser
 from pretrain.config import PretrainConfig, validate
+from pretrain.device_augment import DevicePrefetcher, resolve_warp
 from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table
+from pretrain.losses import apply_center_statistics, center_statistics
 from pretrain.monitor import (
     MetricsLog,
     fixed_eval_inputs,
@@ -106,7 +109,14 @@ from pretrain.optim import (
     optimizer_state_by_name,
 )
 from pretrain.schedules import Schedules, build_schedules
-from pretrain.ssl_model import SSLModel, ema_update, loss_components, mean_entropy, teacher_targets
+from pretrain.ssl_model import (
+    SSLModel,
+    distinct_prototypes,
+    ema_update,
+    entropy_tensor,
+    loss_components,
+    teacher_targets,
+)
 from shared import distributed as dist_utils
 from shared.checkpoint import CheckpointError
 from shared.cli import debug_enabled, fail, run_main
@@ -121,6 +131,11 @@ EXIT_OK, EXIT_ERROR, EXIT_NONFINITE, EXIT_DIST_FAILURE, EXIT_REQUEUE = 0, 1, 2, 
 # Signals that mean "checkpoint at the end of this iteration, then exit": SIGTERM (scancel, preemption),
 # SIGUSR1 (`#SBATCH --signal=USR1@120` of slurm/pretrain_dinodepth.sh), SIGUSR2 (submitit's default).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+# Gradient norms logged (and clipped) per submodule, in this order in the flat all-reduce.
+GRAD_NORM_MODULES = ("backbone", "dino_head", "ibot_head")
+# Device guard: iterations between read-backs of the stop flag when nothing else reads back (a
+# preemption signal is acted on within this many steps; SLURM gives 120 s).
+STOP_POLL_PERIOD = 10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -155,8 +170,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if cfg.train.deterministic:
-            torch.use_deterministic_algorithms(True)
+        configure_determinism(cfg.train.deterministic)
         # Global batch G = B·W; the lr scaling rule (schedules) and the data positions use G.
         self.global_batch_size = cfg.train.batch_size_per_gpu * self.world_size
 
@@ -174,22 +188,32 @@ class Trainer:
         # must never depend on identical RNG streams for correctness).
         dist_utils.broadcast_module(self.student)
         dist_utils.broadcast_module(self.teacher)
+        # Per-rank random streams from here on (stochastic depth, KoLeo ties): ranks with the same stream
+        # would draw the same drop-path masks for different samples. All ranks' states are checkpointed.
+        torch.manual_seed(cfg.train.seed + self.rank)
 
         self.dino_targets, self.ibot_targets = teacher_targets(cfg, self.device)
 
-        if cfg.train.compile:
-            self.student.backbone.compile()
-            self.teacher.backbone.compile()
-        self.strategy = cfg.dist.strategy if self.world_size > 1 else "single"
+        # A process group (also a one-rank one, dist.process_group=always) means DDP or FSDP.
+        self.strategy = cfg.dist.strategy if dist_utils.is_initialized() else "single"
         if self.strategy == "fsdp" and self.precision == "fp16":
             # A GradScaler would check only this rank's gradient shards for inf: ranks could disagree on
             # skipping a step. bf16 needs no scaler.
             raise ConfigError("dist.strategy=fsdp supports train.precision bf16 or fp32, not fp16")
         self.student_forward: nn.Module = self.student
-        if self.world_size > 1:
-            self.student_forward = parallel.wrap_models(self.student, self.teacher, cfg.dist.strategy, self.device,
-                                                        cfg.dist.fsdp_reshard_after_forward)
+        if cfg.train.activation_checkpointing:  # before sharding and compiling: they see the wrapped forward
+            parallel.checkpoint_activations(self.student.backbone.blocks)
+        if self.strategy != "single":
+            self.student_forward = parallel.wrap_models(
+                self.student, self.teacher, cfg.dist.strategy, self.device, cfg.dist.fsdp_reshard_after_forward,
+                param_dtype=self.autocast_dtype if self.precision == "bf16" else None)
         self.sharded = parallel.is_sharded(self.student)
+        if cfg.train.compile:
+            # After wrapping (compiling first would trace FSDP's hooks out of the graph), and per block:
+            # FSDP's unit boundaries (all-gather / reshard) then fall between compiled regions.
+            for model in (self.student, self.teacher):
+                for block in model.backbone.blocks:
+                    block.compile()
 
         # After wrapping: FSDP replaces the parameters by DTensor shards.
         self.optimizer = build_optimizer(self.student.named_parameters(), self.vit_cfg.depth, cfg.optim.layerwise_decay,
@@ -212,7 +236,19 @@ class Trainer:
         resume_path = find_resume(self.out_dir, resume)
         if resume_path is not None:
             self.load_checkpoint(resume_path, allow_data_change=allow_data_change)
-        self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size)
+        # Depth crops warped on the training device (CUDA by default) or in the loader workers (numpy).
+        self.warp = resolve_warp(cfg.aug.warp_on, self.device, cfg.data.modality)
+        self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size,
+                                        warp=self.warp)
+        # Non-finite guard on the device (CUDA, fused AdamW's found_inf): no host sync per step. The
+        # counters live on the device and are read back with the metrics (read_back).
+        self.device_guard = self.device.type == "cuda"
+        self._bad_count = torch.full((), self.nonfinite_skipped, dtype=torch.long, device=self.device)
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._first_bad_values = torch.zeros(5 + len(GRAD_NORM_MODULES), device=self.device)
+        self._stop_flag_dev = torch.zeros((), device=self.device)
+        self._last_head = torch.zeros(5 + len(GRAD_NORM_MODULES), device=self.device)
+        self._last_teacher_metrics: Tensor | None = None
         self.dataset.position_offset = self.position_offset
         self.run_probes = probes_lib.build_run_probes(self)  # [probes] collapse monitor + held-out probes
 
@@ -267,8 +303,18 @@ class Trainer:
         }
 
     # -- checkpoints ------------------------------------------------------------------------------------
-    def checkpoint_state(self) -> dict:
-        """The full training state; under FSDP a collective (gathers shards): call it on every rank."""
+    def checkpoint_state(self, weights: bool = True) -> dict:
+        """The full training state; under FSDP a collective (gathers shards): call it on every rank.
+        ``weights=False``: without student, teacher and optimizer moments (they go to a DCP folder)."""
+        if not weights:
+            return {**self._checkpoint_state_rest(),
+                    "optimizer": {"state": {}, "param_groups": optimizer_state_by_name(self.optimizer)["param_groups"]}}
+        return {**self._checkpoint_state_rest(),
+                "student": parallel.full_state_dict(self.student),
+                "teacher": parallel.full_state_dict(self.teacher),
+                "optimizer": parallel.full_optimizer_state(optimizer_state_by_name(self.optimizer))}
+
+    def _checkpoint_state_rest(self) -> dict:
         return {
             "format_version": CHECKPOINT_FORMAT_VERSION,
             "iteration": self.iteration,
@@ -277,13 +323,10 @@ class Trainer:
             "arch": self.teacher_vit_cfg.to_dict(),
             "input_norm": self.input_norm(),
             "train_meta": self.train_meta(),
-            "student": parallel.full_state_dict(self.student),
-            "teacher": parallel.full_state_dict(self.teacher),
             "centers": {"dino": self.dino_targets.center.clone(), "ibot": self.ibot_targets.center.clone()},
-            "optimizer": parallel.full_optimizer_state(optimizer_state_by_name(self.optimizer)),
             "grad_scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "schedule": {"global_batch_size": self.schedule_batch_size},
-            "rng": get_rng_state(),
+            "rng": get_rng_state(),  # this (rank 0's) state; every rank's in rng_per_rank
             "data_state": {"seed": self.cfg.train.seed, "position": self.position_offset
                            + self.iteration * self.global_batch_size, "fingerprint": self.fingerprint,
                            "table_size": len(self.table), "skipped_total": self.skipped_total},
@@ -295,7 +338,20 @@ class Trainer:
         """Atomically write ``checkpoint_<it>.pth``, move ``latest``, prune to the last ``keep`` (rank 0).
 
         Call on every rank: under FSDP the full tensors are gathered first (a collective)."""
-        state = self.checkpoint_state() if self.is_main or self.sharded else None
+        rng_per_rank = dist_utils.all_gather_object(get_rng_state())  # a collective: every rank's stream
+        if self.sharded and self.cfg.dist.fsdp_checkpoint == "dcp":
+            # Each rank writes its own shards (no gather); the .pth written last (atomically) by rank 0
+            # names the folder, so a folder without its .pth (a killed save) is never resumed from.
+            folder = f"checkpoint_{self.iteration:08d}.dcp"
+            parallel.save_sharded(str(self.ckpt_dir / folder), parallel.sharded_tensors(
+                self.student, self.teacher, optimizer_state_by_name(self.optimizer)))
+            state = self.checkpoint_state(weights=False) if self.is_main else None
+            if state is not None:
+                state["dcp"] = folder
+        else:
+            state = self.checkpoint_state() if self.is_main or self.sharded else None
+        if state is not None:
+            state["rng_per_rank"] = rng_per_rank
         self._last_ckpt_iteration = self.iteration
         if not self.is_main:
             return None
@@ -311,6 +367,10 @@ class Trainer:
             raise CheckpointError(f"the sample table changed since {path} was written (fingerprint "
                                   f"{data_state['fingerprint'][:12]}… → {self.fingerprint[:12]}…); "
                                   "pass --allow-data-change to continue on the new data")
+        if "dcp" in ckpt:  # sharded tensors in a DCP folder: read back full, whatever the world size
+            student, teacher, moments = parallel.load_sharded_full(str(Path(path).parent / ckpt["dcp"]))
+            ckpt = {**ckpt, "student": student, "teacher": teacher,
+                    "optimizer": {"state": moments, "param_groups": ckpt["optimizer"]["param_groups"]}}
         # Full tensors, whatever the world size at save time; each rank loads the same file and, under
         # FSDP, cuts its own shards.
         parallel.load_full_state_dict(self.student, ckpt["student"])
@@ -340,16 +400,32 @@ class Trainer:
         self.skipped_total = int(data_state.get("skipped_total", 0))
         self.nonfinite_skipped = int(ckpt.get("counters", {}).get("nonfinite_skipped", 0))
         self.metrics_tail = dict(ckpt.get("metrics_tail") or {})
-        set_rng_state(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank") or []
+        if self.rank < len(per_rank):
+            set_rng_state(per_rank[self.rank])
+        else:  # written by fewer ranks (or before per-rank states): rank 0's, this rank's own seed
+            set_rng_state(ckpt["rng"])
+            if self.rank:
+                torch.manual_seed(self.cfg.train.seed + self.rank + self.iteration)
         self._last_ckpt_iteration = self.iteration
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
     # -- one iteration ----------------------------------------------------------------------------------------
-    def train_step(self, batch: dict, it: int) -> dict:
-        """Forward, losses, guard, backward, clip, step, EMA, centers. Returns the iteration's metrics."""
+    def train_step(self, batch: dict, it: int, read_back: bool = True) -> dict:
+        """Forward, losses, backward, clip, one all-reduce, guarded step, EMA, centers.
+
+        Everything the ranks must agree on — the loss components, the gradient norms, the stop flag and
+        both centers' statistics — travels in **one** flat all-reduce. With ``read_back`` (log
+        iterations, and whenever the loop needs the host to decide) the iteration's metrics are read
+        back with one ``.tolist()`` and returned; otherwise ``{}``. Under :attr:`device_guard` (CUDA)
+        the non-finite guard runs on the device: the fused AdamW skips the step through ``found_inf``
+        (as under GradScaler), the EMA and the centers are masked, skips are counted on the device and
+        reported at the next read-back; on CPU host reads cost nothing and the guard decides at once.
+        """
         cfg = self.cfg
         dev = self.device
         nb = dev.type == "cuda"
+        # Already on the device when they come through DevicePrefetcher (then these are no-ops).
         globals_ = batch["global_crops"].to(dev, non_blocking=nb)
         locals_ = batch["local_crops"].to(dev, non_blocking=nb)
         masks = batch["masks"].to(dev, non_blocking=nb)
@@ -360,49 +436,94 @@ class Trainer:
         sched = self.schedules.at(it)
         temp = sched["teacher_temp"]
 
-        # Teacher targets (fp32 from here on).
+        # Teacher targets (fp32 from here on). The centers' statistics and the entropy metrics are taken
+        # now, so that the teacher logits (two ~2.9 GB fp32 patch tensors at ViT-g scale) are freed
+        # before the student's forward instead of living through its backward.
         with self._autocast():
             t_cls, t_patch = self.teacher.teacher_logits(globals_, mask_indices)
         t_cls, t_patch = t_cls.float(), t_patch.float()
         p_cls = self.dino_targets(t_cls, temp)
         p_patch = self.ibot_targets(t_patch, temp)
+        center_stats = [center_statistics(t_cls), center_statistics(t_patch)]
+        teacher_metrics = (torch.stack([entropy_tensor(p_cls), distinct_prototypes(p_cls), entropy_tensor(p_patch)])
+                           if read_back else None)
+        del t_cls, t_patch
 
         # Student.
         with self._autocast():
             out = self.student_forward(globals_, locals_, masks, mask_indices)
         components = loss_components(cfg, out, p_cls, p_patch, masks, mask_weights, n_crops)
+        del out, p_cls, p_patch
         total = components["total"]
-        # One small all-reduce per iteration: the rank-mean of the components (what the gradient
-        # average optimises: the global-batch loss) plus "some rank got a stop signal". Every rank then
-        # takes the same decisions (skip / stop on a non-finite loss, checkpoint and exit on a signal);
-        # a rank deciding alone would leave the others waiting in the next collective.
-        stop_flag = torch.tensor([float(self._stop_signal is not None)], device=dev)
-        reduced = dist_utils.all_reduce(torch.cat([torch.stack([v.detach().float() for v in components.values()]),
-                                                   stop_flag]), op="sum").tolist()
-        self._stop_agreed = reduced[-1] > 0
-        values = {name: v / self.world_size for name, v in zip(components, reduced[:-1])}
-        bad = [name for name, v in values.items() if not math.isfinite(v)]
-        if bad:
-            return self._nonfinite(it, bad, values)
 
-        # Backward, clipping per submodule, optimizer step.
+        # Backward, clipping per submodule.
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(total).backward()
             self.scaler.unscale_(self.optimizer)
         else:
             total.backward()
-        grad_norms = {}
         clip = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else float("inf")
-        for name in ("backbone", "dino_head", "ibot_head"):
+        grad_norms = []
+        for name in GRAD_NORM_MODULES:
             module = getattr(self.student, name)
-            if module is not None:
-                grad_norms[name] = parallel.scalar(torch.nn.utils.clip_grad_norm_(module.parameters(), clip))
-        if self.scaler is None:
-            bad = [f"grad_norm/{k}" for k, v in grad_norms.items() if not math.isfinite(v)]
+            norm = (parallel.full_value(torch.nn.utils.clip_grad_norm_(module.parameters(), clip))
+                    if module is not None else None)
+            grad_norms.append(norm.float().reshape(()) if norm is not None else total.new_zeros((), dtype=torch.float32))
+
+        # The iteration's one all-reduce: [components, grad norms, stop flag, center statistics]. Every
+        # rank then takes the same decisions (skip / stop on a non-finite value, checkpoint and exit on a
+        # signal); a rank deciding alone would leave the others waiting in the next collective.
+        n_comp = len(components)
+        stop = total.new_full((1,), float(self._stop_signal is not None), dtype=torch.float32)
+        flat = dist_utils.all_reduce(torch.cat([torch.stack([v.detach().float() for v in components.values()]),
+                                                torch.stack(grad_norms), stop, *center_stats]), op="sum")
+        head = flat[: n_comp + len(GRAD_NORM_MODULES)] / self.world_size
+        stop_flag = flat[n_comp + len(GRAD_NORM_MODULES)]
+        k_dino = center_stats[0].numel()
+        dino_stats = flat[n_comp + len(GRAD_NORM_MODULES) + 1: n_comp + len(GRAD_NORM_MODULES) + 1 + k_dino]
+        ibot_stats = flat[n_comp + len(GRAD_NORM_MODULES) + 1 + k_dino:]
+        # A non-finite component, or (without a GradScaler, which finds those itself) gradient norm.
+        checked = head[:n_comp] if self.scaler is not None else head
+        ok = torch.isfinite(checked).all()
+
+        if not self.device_guard:  # CPU: the host decides now (a host read is free here)
+            host = head.tolist() + [float(stop_flag)]
+            self._stop_agreed = host[-1] > 0
+            values = dict(zip(components, host[:n_comp]))
+            norms = {k: v for k, v in zip(GRAD_NORM_MODULES, host[n_comp:-1]) if getattr(self.student, k) is not None}
+            bad = [k for k, v in values.items() if not math.isfinite(v)]
+            if not bad and self.scaler is None:
+                bad = [f"grad_norm/{k}" for k, v in norms.items() if not math.isfinite(v)]
             if bad:
                 self.optimizer.zero_grad(set_to_none=True)
-                return self._nonfinite(it, bad, {**values, **{f"grad_norm/{k}": v for k, v in grad_norms.items()}})
+                return self._nonfinite(it, bad, {**values, **{f"grad_norm/{k}": v for k, v in norms.items()}})
+            self._optimizer_step(it)
+            self._after_step(sched["momentum"], dino_stats, ibot_stats, None)
+            metrics = {**values, "grad_norm": norms, "n_masked": int(mask_indices.numel())}
+            if teacher_metrics is not None:
+                entropy, distinct, ibot_entropy = teacher_metrics.tolist()
+                metrics.update(teacher_entropy=entropy, teacher_distinct_prototypes=int(distinct),
+                               ibot_teacher_entropy=ibot_entropy)
+            return metrics
+
+        # CUDA: guarded on the device, nothing read back unless asked.
+        if self.scaler is None:
+            self.optimizer.found_inf = (~ok).float()  # fused AdamW: skip the step (all ranks agree)
+        self._optimizer_step(it)
+        self._after_step(torch.where(ok, sched["momentum"], 1.0), dino_stats, ibot_stats, ok)
+        self._bad_count += (~ok).long()
+        first = (~ok) & (self._first_bad < 0)
+        self._first_bad = torch.where(first, it, self._first_bad)
+        self._first_bad_values = torch.where(first, head, self._first_bad_values)
+        self._stop_flag_dev = stop_flag
+        self._last_head = head
+        self._last_teacher_metrics = teacher_metrics
+        if not read_back:
+            return {}
+        return self.read_back(it, int(mask_indices.numel()))
+
+    def _optimizer_step(self, it: int) -> None:
         apply_schedules(self.optimizer, self.schedules, it)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -410,20 +531,52 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        ema_update(self.teacher, self.student, sched["momentum"])
-        self.dino_targets.update(t_cls)
-        self.ibot_targets.update(t_patch)
 
-        return {
-            **values,
-            "grad_norm": grad_norms,
-            "teacher_entropy": mean_entropy(p_cls),
-            "teacher_distinct_prototypes": int(p_cls.argmax(dim=-1).unique().numel()),
-            "ibot_teacher_entropy": mean_entropy(p_patch),
-            "n_masked": int(mask_indices.numel()),
-        }
+    def _after_step(self, momentum: float | Tensor, dino_stats: Tensor, ibot_stats: Tensor, ok: Tensor | None) -> None:
+        if self.sharded:  # the EMA runs on local shards of both models (pretrain.parallel.reshard)
+            parallel.reshard(self.teacher)
+            parallel.reshard(self.student)
+        ema_update(self.teacher, self.student, momentum)
+        for targets, stats in ((self.dino_targets, dino_stats), (self.ibot_targets, ibot_stats)):
+            if targets.mode == "centering":
+                apply_center_statistics(targets.center, stats, targets.center_momentum, ok)
 
-    def _nonfinite(self, it: int, bad: list[str], values: dict) -> dict:
+    def read_back(self, it: int, n_masked: int | None = None) -> dict:
+        """Device guard: one ``.tolist()`` of the last step's reduced values, the stop flag, the
+        teacher metrics and the skip counters; reports the non-finite steps since the last read-back
+        (``_nonfinite``: raises under ``train.on_nonfinite: error``). Returns the metrics of ``it``."""
+        n_comp, n_norm = 5, len(GRAD_NORM_MODULES)
+        pieces = [self._last_head, self._stop_flag_dev.reshape(1), self._bad_count.float().reshape(1),
+                  self._first_bad.float().reshape(1), self._first_bad_values]
+        if self._last_teacher_metrics is not None:
+            pieces.append(self._last_teacher_metrics)
+        host = torch.cat(pieces).tolist()
+        head, stop, bad_count, first_bad = host[:n_comp + n_norm], host[n_comp + n_norm], host[n_comp + n_norm + 1], \
+            host[n_comp + n_norm + 2]
+        first_values = host[n_comp + n_norm + 3: 2 * (n_comp + n_norm) + 3]
+        self._stop_agreed = self._stop_agreed or stop > 0
+        names = ("dino_local", "dino_global", "ibot", "koleo", "total")
+        present = [k for k in GRAD_NORM_MODULES if getattr(self.student, k) is not None]
+        new_bad = int(bad_count) - self.nonfinite_skipped
+        if new_bad > 0:
+            values = dict(zip(names, first_values[:n_comp]))
+            norms = {f"grad_norm/{k}": v for k, v in zip(GRAD_NORM_MODULES, first_values[n_comp:]) if k in present}
+            bad = [k for k, v in {**values, **norms}.items() if not math.isfinite(v)]
+            self._first_bad.fill_(-1)
+            # The step was already skipped on the device; _nonfinite records it (and raises in error mode).
+            self._nonfinite(int(first_bad), bad, {**values, **norms}, skipped_on_device=True)
+            self.nonfinite_skipped = int(bad_count)
+        metrics = {**dict(zip(names, head[:n_comp])),
+                   "grad_norm": {k: v for k, v in zip(GRAD_NORM_MODULES, head[n_comp:]) if k in present}}
+        if self._last_teacher_metrics is not None:
+            entropy, distinct, ibot_entropy = host[-3:]
+            metrics.update(teacher_entropy=entropy, teacher_distinct_prototypes=int(distinct),
+                           ibot_teacher_entropy=ibot_entropy)
+        if n_masked is not None:
+            metrics["n_masked"] = n_masked
+        return metrics
+
+    def _nonfinite(self, it: int, bad: list[str], values: dict, skipped_on_device: bool = False) -> dict:
         message = (f"non-finite {', '.join(bad)} at iteration {it} "
                    f"({', '.join(f'{k}={v:.6g}' for k, v in values.items())})")
         self._write_metrics({"iteration": it, "event": "nonfinite", "components": bad, **values})
@@ -444,6 +597,14 @@ class Trainer:
         return iteration_record(it, self.schedules.at(it), metrics, timing,
                                 (it + 1) * self.global_batch_size / len(self.table), self.skipped_total,
                                 self.nonfinite_skipped, self.device)
+
+    def _cuda_event(self) -> torch.cuda.Event | None:
+        """A timing event recorded on this device's current stream (None on the CPU)."""
+        if self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def teacher_backbone_state(self) -> dict[str, Tensor] | None:
@@ -520,8 +681,11 @@ class Trainer:
         progress = None
         try:
             if start < end:
-                loader = build_loader(self.dataset, start, end, cfg.train.num_workers, pin_memory=self.device.type == "cuda",
-                                      generator_seed=cfg.train.seed)
+                # The prefetcher pins each batch itself and sends it one step ahead on a side stream (CUDA),
+                # then makes the crops of device-warp batches; the DataLoader must not pin a second time.
+                loader = DevicePrefetcher(build_loader(self.dataset, start, end, cfg.train.num_workers,
+                                                       pin_memory=False, generator_seed=cfg.train.seed),
+                                          self.device, cfg.aug.interp, cfg.aug.edge_thresh)
                 if cfg.train.progress and self.is_main:
                     from tqdm import tqdm
 
@@ -529,24 +693,40 @@ class Trainer:
                 self.student.train()
                 self.teacher.eval()
                 period_time, period_data, period_n = 0.0, 0.0, 0
+                period_start = self._cuda_event()
                 t_prev = time.perf_counter()
                 for it, batch in zip(range(start, end), loader):
                     t_data = time.perf_counter() - t_prev
                     if batch["iteration"] != it:
                         raise RuntimeError(f"loader delivered iteration {batch['iteration']} for {it}")
                     self.skipped_total += int(batch["skipped"])
-                    metrics = self.train_step(batch, it)
-                    self.iteration = it + 1
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize(self.device)
+                    n = it + 1
+                    log_step = it % cfg.train.log_period == 0 or n == end
+                    # The host must see this step's values (device guard) when it logs, writes files, hands
+                    # the trainer to a hook, or polls the stop flag; otherwise the device runs ahead.
+                    read_back = (log_step or self.on_iteration_end is not None or n % STOP_POLL_PERIOD == 0
+                                 or (cfg.train.ckpt_period > 0 and n % cfg.train.ckpt_period == 0)
+                                 or (cfg.train.export_period > 0 and n % cfg.train.export_period == 0)
+                                 or (cfg.train.eval_period > 0 and n % cfg.train.eval_period == 0))
+                    metrics = self.train_step(batch, it, read_back=read_back)
+                    self.iteration = n
+                    # No synchronize: the host runs ahead of the device; the period's mean time is exact
+                    # because every log step's read-back (one .tolist()) waits for the device.
                     t_now = time.perf_counter()
                     period_time += t_now - t_prev
                     period_data += t_data
                     period_n += 1
-                    last_metrics = metrics
-                    if it % cfg.train.log_period == 0 or self.iteration == end:
+                    if metrics:
+                        last_metrics = metrics
+                    if log_step:
+                        gpu_time = None
+                        if period_start is not None:  # the log step's read-back already waited for the device
+                            period_end = self._cuda_event()
+                            period_end.synchronize()
+                            gpu_time = period_start.elapsed_time(period_end) / 1000.0 / period_n
+                            period_start = period_end
                         record = self._log_record(it, metrics, {"time": period_time / period_n,
-                                                                "data": period_data / period_n})
+                                                                "data": period_data / period_n, "gpu": gpu_time})
                         self.metrics_tail = record
                         self._write_metrics(record)
                         probes_lib.observe_log_record(self, record)  # [probes] collapse warning
@@ -632,6 +812,21 @@ def _log_error(message: str, rank: int, exc: BaseException | None = None) -> Non
         traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """``train.deterministic``: deterministic kernels only, and the cuBLAS workspace setting they need.
+
+    cuBLAS reads ``CUBLAS_WORKSPACE_CONFIG`` when its handle is created (the first matmul), so
+    :func:`run_job` calls this before any CUDA work; a user's own value is kept. cuDNN's autotuner
+    picks kernels by timing, which may differ between runs: off.
+    """
+    if not deterministic:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True)
+
+
 def _set_cpu_threads(denv: dist_utils.DistEnv, device: str) -> None:
     # Several CPU ranks on one machine would each start one thread per core and fight over them.
     if denv.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ and (
@@ -647,11 +842,12 @@ def run_job(cfg: PretrainConfig, resume: bool | str = True, allow_data_change: b
     job (:mod:`pretrain.launch`). Returns ``(exit status, run result or None)``; see the module
     docstring for the statuses. The process group is destroyed on return.
     """
+    configure_determinism(cfg.train.deterministic)  # before the process group binds this rank's GPU
     backend = None if cfg.dist.backend == "auto" else cfg.dist.backend
     if backend is None and cfg.train.device == "cpu":
         backend = "gloo"
     try:
-        denv = dist_utils.init(backend=backend, timeout_s=cfg.dist.timeout_s)
+        denv = dist_utils.init(backend=backend, timeout_s=cfg.dist.timeout_s, process_group=cfg.dist.process_group)
     except dist_utils.DistributedFailure as exc:
         dist_utils.setup_logging()
         _log_error(str(exc), dist_utils.detect_env().rank)

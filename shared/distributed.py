@@ -170,36 +170,75 @@ def _slurm_tasks_per_node(env: Mapping[str, str], world: int) -> int:
     return max(1, world // max(1, nnodes))
 
 
-def init(backend: str | None = None, environ: Mapping[str, str] | None = None, timeout_s: int = 1800) -> DistEnv:
+def local_device_index(local_rank: int, device_count: int, environ: Mapping[str, str] | None = None) -> int:
+    """This rank's CUDA device among the visible ones.
+
+    One GPU per node-local rank (``torchrun --nproc_per_node``, ``--gpus-per-node``): the local rank.
+    Clusters that give every task its own GPU (``--gpus-per-task=1``, or a launcher that sets
+    ``CUDA_VISIBLE_DEVICES`` per task) show each task one device, numbered 0, whatever its local rank:
+    ``local_rank % device_count`` there. Several ranks sharing one GPU fail obscurely in NCCL: refused.
+    """
+    env = os.environ if environ is None else environ
+    if 0 <= local_rank < device_count:
+        return local_rank
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    one_per_task = env.get("SLURM_GPUS_PER_TASK", "").split(":")[-1] == "1" or len(visible) == device_count == 1
+    if one_per_task and device_count > 0:
+        return local_rank % device_count
+    # Upstream's launcher assumes 8 GPUs per node; several ranks on one GPU fail obscurely in NCCL.
+    raise DistributedFailure(
+        f"local rank {local_rank} but only {device_count} GPU(s) are visible on this node: start at most one "
+        f"process per GPU (torchrun --nproc_per_node, #SBATCH --ntasks-per-node / --gpus-per-node, "
+        f"slurm.gpus_per_node), or give each task its own GPU (--gpus-per-task=1)")
+
+
+def init(backend: str | None = None, environ: Mapping[str, str] | None = None, timeout_s: int = 1800,
+         process_group: str = "auto") -> DistEnv:
     """Initialise ``torch.distributed`` when the job has more than one rank; return the environment.
 
-    ``backend`` defaults to NCCL when CUDA is available, else gloo. A single process gets no process
-    group at all (every collective helper is then the identity). On CUDA the process is bound to
-    its local GPU.
+    ``backend`` defaults to NCCL when CUDA is available, else gloo. ``process_group``: ``"auto"`` = a
+    single process gets no process group at all (every collective helper is then the identity);
+    ``"always"`` = a one-rank group as well, so that DDP and FSDP run (and are tested) on one GPU.
+    On CUDA the process is bound to its local GPU (:func:`local_device_index`), which is also passed
+    to ``init_process_group`` (``device_id``: NCCL connects eagerly, to the right device).
     """
+    if process_group not in ("auto", "always"):
+        raise ValueError(f"process_group must be 'auto' or 'always', got {process_group!r}")
     denv = detect_env(environ)
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl" and denv.is_distributed and denv.local_rank >= torch.cuda.device_count():
-        # Upstream's launcher assumes 8 GPUs per node; several ranks on one GPU fail obscurely in NCCL.
-        raise DistributedFailure(
-            f"rank {denv.rank} has local rank {denv.local_rank} but only {torch.cuda.device_count()} GPU(s) are "
-            f"visible on this node: start at most one process per GPU (torchrun --nproc_per_node, "
-            f"#SBATCH --ntasks-per-node / --gpus-per-node, slurm.gpus_per_node)")
-    if torch.cuda.is_available() and denv.local_rank < torch.cuda.device_count():
-        torch.cuda.set_device(denv.local_rank)
-    if not denv.is_distributed or (dist.is_available() and dist.is_initialized()):
+    device = None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    try:
+        index = local_device_index(denv.local_rank, count, environ)
+    except DistributedFailure as exc:
+        if backend == "nccl" and denv.is_distributed:
+            raise DistributedFailure(f"rank {denv.rank}: {exc}") from None
+        index = None  # gloo ranks may share a GPU (or run on the CPU)
+    if index is not None:
+        torch.cuda.set_device(index)
+        device = torch.device("cuda", index)
+    want_group = denv.is_distributed or process_group == "always"
+    if not want_group or (dist.is_available() and dist.is_initialized()):
         return denv
-    os.environ.setdefault("MASTER_ADDR", denv.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(denv.master_port))
     import datetime
+    import inspect
 
+    kwargs = {}
+    if backend == "nccl" and device is not None and "device_id" in inspect.signature(dist.init_process_group).parameters:
+        kwargs["device_id"] = device
+    if denv.is_distributed:
+        os.environ.setdefault("MASTER_ADDR", denv.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(denv.master_port))
+        kwargs["init_method"] = f"tcp://{denv.master_addr}:{denv.master_port}"
+    else:  # one rank: an in-process store, no port to bind or to collide with another job's
+        kwargs["store"] = dist.HashStore()
     try:
         dist.init_process_group(
             backend=backend,
-            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
             rank=denv.rank,
             world_size=denv.world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            **kwargs,
         )
     except (RuntimeError, dist.DistError) as exc:  # e.g. DistStoreError: a peer never showed up
         raise DistributedFailure(
@@ -214,6 +253,11 @@ def cleanup() -> None:
     """Destroy the process group if one exists."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_initialized() -> bool:
+    """A process group exists (possibly a one-rank one: ``init(process_group="always")``)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_enabled() -> bool:
@@ -246,6 +290,15 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if op == "mean":
         tensor /= dist.get_world_size()
     return tensor
+
+
+def all_gather_object(obj: object) -> list:
+    """Every rank's ``obj``, in rank order (pickled; small objects only); ``[obj]`` without a group."""
+    if not is_enabled():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

@@ -121,7 +121,7 @@ def test_checkpoint_of_one_rank_resumes_on_two(reference, tmp_path):
 @pytest.mark.slow
 def test_fsdp_equals_one_rank_and_writes_full_checkpoints(reference, tmp_path):
     run = tmp_path / "fsdp"
-    results = check_ok(spawn(train_rank, 2, str(run), {**EXACT, "dist.strategy": "fsdp"}))
+    results = check_ok(spawn(train_rank, 2, str(run), {**EXACT, "dist.strategy": "fsdp", "dist.fsdp_checkpoint": "full"}))
     assert [(r["status"], r["sharded"], r["strategy"]) for r in results] == [("finished", True, "fsdp")] * 2
     assert_losses_close(steps(reference), steps(run), range(6))
     ckpt = load_checkpoint(run / "checkpoints" / "checkpoint_00000006.pth")

@@ -69,8 +69,9 @@ def test_shards_metadata_and_mixed_size_batching(tmp_path, tiny_model_dir):
     make_mvtec_ad(root)
     Image.new("RGB", (48, 24)).save(root / "bottle/train/good/002.png")  # another size in the same run
     out = tmp_path / "shards"
+    # device="cpu": compared below with a CPU fp32 run at rtol 1e-5 (a GPU's fp16 would not hold it).
     summary = pseudo_depth("mvtec_ad", root, out, model=str(tiny_model_dir), batch_size=3, workers=0,
-                           progress=False, save_preview_n=2)
+                           progress=False, save_preview_n=2, device="cpu")
     assert summary["ok"] and summary["written"] == 5 and summary["skipped"] == 0
     samples = _read_shards(out)
     assert set(samples) == {"mvtec_ad/bottle/train/good_000", "mvtec_ad/bottle/train/good_001",
@@ -148,3 +149,32 @@ def test_default_model_agrees_in_code_help_and_docs():
     assert f"default{DEFAULT_MODEL}" in "".join(parser.format_help().split())
     docs = (Path(__file__).resolve().parents[1] / "docs" / "data_prep.md").read_text()
     assert f"default `{DEFAULT_MODEL}`" in docs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_on_cuda_agrees_with_fp32_relative_to_the_depth_range(tiny_model_dir, dtype):
+    """CUDA fp16/bf16 vs CUDA fp32 of the same random-weight model: weights and inputs in the
+    requested dtype (the loader casts the weights), and the prediction within a few percent of the
+    depth range (bf16 keeps 8 mantissa bits: ~0.4 % per rounding, accumulated over the layers)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    image = Image.open(_an_image(tiny_model_dir.parent)).convert("RGB")
+    ref_runner = load_depth_anything(str(tiny_model_dir), device="cuda", dtype="fp32")
+    runner = load_depth_anything(str(tiny_model_dir), device="cuda", dtype=dtype)
+    assert next(runner.model.parameters()).dtype == {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    ref = ref_runner.predict(ref_runner.preprocess(image)[None])[0]
+    out = runner.predict(runner.preprocess(image)[None])[0]
+    span = float(ref.max() - ref.min())
+    assert span > 0 and np.isfinite(out).all()
+    tol = {"fp16": 0.01, "bf16": 0.05}[dtype]
+    assert float(np.abs(out - ref).max()) <= tol * span, (float(np.abs(out - ref).max()), span)
+
+
+def _an_image(folder: Path) -> Path:
+    path = folder / "gpu_probe.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(path)
+    return path

@@ -80,3 +80,23 @@ def test_two_process_gloo_collectives():
         assert p.exitcode == 0
     results = sorted(queue.get(timeout=5) for _ in procs)
     assert results == [(0, 3.0, 1.0, 0.0), (1, 3.0, 1.0, 0.0)]
+
+
+def test_local_device_index_one_gpu_per_task():
+    from shared.distributed import DistributedFailure, local_device_index
+
+    assert local_device_index(3, 8, {}) == 3  # one GPU per local rank (torchrun, --gpus-per-node)
+    # --gpus-per-task=1: every task sees its own GPU as device 0, whatever its local rank.
+    assert local_device_index(5, 1, {"SLURM_GPUS_PER_TASK": "1"}) == 0
+    assert local_device_index(2, 1, {"CUDA_VISIBLE_DEVICES": "6"}) == 0
+    with pytest.raises(DistributedFailure, match="at most one process per GPU"):
+        local_device_index(1, 1, {})  # two ranks, one shared GPU
+    with pytest.raises(DistributedFailure, match="at most one process per GPU"):
+        local_device_index(4, 2, {"CUDA_VISIBLE_DEVICES": "0,1"})
+
+
+def test_local_device_index_without_gpus_is_refused():
+    from shared.distributed import DistributedFailure, local_device_index
+
+    with pytest.raises(DistributedFailure, match="only 0 GPU"):
+        local_device_index(0, 0, {"SLURM_GPUS_PER_TASK": "1"})
