@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-slow test-all demo lint bench clean-venv help \
+.PHONY: setup test test-slow test-all demo lint bench gpu-check clean-venv help \
 	demo-data demo-shards demo-pretrain demo-image-encoder demo-fit demo-detect demo-report demo-clean
 
 help:
@@ -21,6 +21,8 @@ help:
 	@echo "make test-slow  run the slow end-to-end tests"
 	@echo "make lint       ruff check"
 	@echo "make bench      run the benchmark suite (bench/)"
+	@echo "make gpu-check  every CUDA path in one run (<= 8 min on one H100) -> bench/results_gpu_check.json"
+	@echo "                 (GPU_CHECK_ARGS=--dry-run runs the same sequence at toy sizes on CPU)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +47,13 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# One command for every CUDA path (issue 21). On a GPU machine without .venv it runs with the system python
+# (the device machines have torch/timm/transformers preinstalled; carry webdataset and submitit as wheels).
+GPU_CHECK_PY ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_CHECK_PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -7,14 +7,21 @@ crops, collation and iBOT masks — from shards of the paper's split-B sources a
 sizes (MVTec 3D-AD 800², Eyecandies 512², Real-IAD D³ 584 × 1024), weighted by the split-B mix
 (4,147 : 15,500 : 4,249 samples). Two variants, each in a fresh process:
 
-* ``before``: the straightforward numpy crops and normalisation (``bench/augment_reference.py``) and
-  glibc's default allocator settings — the loader as it was;
+* ``before``: the straightforward numpy crops and normalisation (the code of commit 2c64201, loaded from
+  the git history by ``bench/frozen.py``) and glibc's default allocator settings — the loader as it was;
 * ``after``: :mod:`pretrain.augment`, :func:`shared.depth.normalize_depth` and
   :func:`shared.memory.keep_freed_memory` — the loader now.
 
+* ``device``: the loader of ``aug.warp_on=device`` (issue 21): the worker reads, normalises, draws the
+  crop parameters (redraw decisions from validity alone, :func:`pretrain.augment.depth_crop_params`)
+  and packs the maps (:func:`pretrain.device_augment.pack_sources`); the warp runs on the training
+  device. Its cost is measured separately on CPU torch (one thread, ``warp_s_per_sample``) and, on a
+  CUDA machine, on the GPU.
+
 The current normalised maps and crops are checked to be bit-identical to the reference ones on the
-benchmark samples.
-A per-stage split (read / normalise / crops, ``after``) is reported too.
+benchmark samples, and the device path's crops (CPU torch) to the numpy path's.
+A per-stage split (read / normalise / crops, ``after``; read / normalise / params / pack, ``device``)
+is reported too.
 
 **Consumption** (samples/s the step eats):
 
@@ -29,6 +36,10 @@ A per-stage split (read / normalise / crops, ``after``) is reported too.
 ``ratio`` = workers × per-worker samples/s ÷ consumption, for the default ``train.num_workers`` (8)
 and for 15 workers (all but one core of the node); target ≥ 1. Per-worker throughput on the node is
 taken as this machine's per-CPU-second rate (this VM is shared: its wall-clock rate is lower).
+For the device path the GPU also spends time on the warp: without CUDA that time is **estimated**
+from the warp's memory traffic, counted op by op on CPU torch (:func:`warp_memory_traffic`: it is a
+chain of gathers and elementwise ops, memory-bound), at 60 % of the H100's spec bandwidth; the
+consumption is then that of step + warp. Everything on the node is an **estimate** unless measured there.
 
     python bench/bench_augment.py [--full]      (or python bench/run.py augment)
 """
@@ -59,6 +70,8 @@ TARGET_RATIO = 1.0
 GPU_MFU_TARGET = 0.40
 CPU_MFU_TARGET = 0.35
 ASSUMED_GPU_BF16_PEAK = 989e12  # H100 SXM dense bf16 (spec sheet); used only without a CUDA device
+ASSUMED_GPU_BANDWIDTH = 3.35e12  # H100 SXM HBM3 bytes/s (spec sheet); used only without a CUDA device
+GPU_BANDWIDTH_EFFICIENCY = 0.6  # share of it eager elementwise/gather kernels reach (assumption, conservative)
 
 
 def _sizes(quick: bool) -> dict:
@@ -108,27 +121,140 @@ def loader_worker(shards: str, source: str, variant: str, batch: int, iters: int
     torch.set_num_threads(1)
     if variant == "after":
         kept = memory.keep_freed_memory()  # as loader._worker_init does
+    elif variant == "device":
+        kept = memory.keep_freed_memory()
     elif variant == "before":
-        from bench import augment_reference
+        from bench.frozen import reference_depth_multicrop, reference_normalize_depth
 
-        loader.depth_multicrop = augment_reference.depth_multicrop  # the loader as it was
-        loader.normalize_depth = augment_reference.normalize_depth
+        loader.depth_multicrop = reference_depth_multicrop  # the loader as it was (from the git history)
+        loader.normalize_depth = reference_normalize_depth
         kept = False
     else:
         raise ValueError(f"unknown variant {variant!r}")
     cfg = _config(Path(shards), source)
     table = loader.open_sample_table(cfg)
-    dataset = loader.MultiCropBatches(cfg, table, batch)
+    dataset = loader.MultiCropBatches(cfg, table, batch, warp="device" if variant == "device" else "numpy")
     dataset[0]  # warm-up: imports, page cache, allocator
     with Timer() as t:
-        for i in range(1, 1 + iters):
-            dataset[i]
+        batches = [dataset[i] for i in range(1, 1 + iters)]
     n = batch * iters
     out = {"source": source, "variant": variant, "samples": n, "wall_s_per_sample": t.wall / n,
            "cpu_s_per_sample": t.cpu / n, "malloc_kept": kept, "frame": list(table.read(0)[0].shape)}
     if variant == "after":
         out["stages_ms"] = stage_split(cfg, table, dataset, n)
+    if variant == "device":
+        from pretrain.device_augment import warp_batch
+
+        out["bytes_per_sample"] = sum(b["sources"].numel() * 5 for b in batches) / n  # float32 + bool
+        warp_batch(batches[0], cfg.aug.interp, cfg.aug.edge_thresh)  # warm-up
+        with Timer() as tw:
+            for b in batches:
+                warp_batch(b, cfg.aug.interp, cfg.aug.edge_thresh)
+        out["warp_cpu_s_per_sample"] = tw.cpu / n  # the warp on CPU torch, one thread
+        out["warp_traffic_per_sample"] = warp_memory_traffic(batches[0], cfg) / batch
+        out["stages_ms"] = device_stage_split(cfg, table, dataset, n)
     return out
+
+
+def warp_memory_traffic(batch: dict, cfg) -> float:
+    """Bytes the eager warp reads and writes, summed over its torch ops (inputs + outputs; a gather
+    counts its indices and result, not the whole map). The warp is a chain of elementwise ops and
+    gathers, memory-bound on a GPU: bytes ÷ bandwidth estimates its GPU time."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    from pretrain.device_augment import warp_batch
+
+    total = [0]
+
+    def nbytes(tensors) -> int:  # a broadcast (expanded) input is read from its storage, not per element
+        return sum(min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+                   for t in tree_flatten(tensors)[0] if isinstance(t, torch.Tensor))
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.startswith("index.") or func.__name__.startswith("index_"):
+                total[0] += nbytes(args[1:]) + nbytes(out)  # indices + gathered values
+            elif not func.__name__.startswith(("empty", "arange", "zeros", "lift_fresh", "_to_copy", "detach")):
+                total[0] += nbytes(args) + nbytes(kwargs) + nbytes(out)
+            return out
+
+    with Count():
+        warp_batch(batch, cfg.aug.interp, cfg.aug.edge_thresh)
+    return float(total[0])
+
+
+def device_stage_split(cfg, table, dataset, n: int) -> dict:
+    """Milliseconds (CPU) per sample of the device path's worker: read / normalise / crop parameters
+    (with the validity-only redraw decisions) / packing into the batch buffers."""
+    from pretrain.augment import depth_crop_params
+    from pretrain.device_augment import pack_sources
+    from pretrain.loader import _AUG_STREAM, _rng, prepare_sample
+
+    spent = {"read": 0.0, "normalise": 0.0, "params": 0.0, "pack": 0.0}
+    for q in range(n):
+        t0 = time.process_time()
+        raw, meta = table.read(dataset.order(q))
+        t1 = time.process_time()
+        prepared = prepare_sample(cfg, raw, meta)
+        t2 = time.process_time()
+        t3 = t4 = t2
+        if prepared is not None:
+            g, loc = depth_crop_params(prepared[1], cfg.crops, cfg.aug, _rng(cfg.train.seed, _AUG_STREAM, q))
+            t3 = time.process_time()
+            pack_sources([prepared[0][0]], [prepared[1]], [g], [loc], cfg.crops.global_crops_size,
+                         cfg.crops.local_crops_size)
+            t4 = time.process_time()
+        spent["read"] += t1 - t0
+        spent["normalise"] += t2 - t1
+        spent["params"] += t3 - t2
+        spent["pack"] += t4 - t3
+        del raw, prepared
+    return {k: 1e3 * v / n for k, v in spent.items()}
+
+
+def device_path_identical(shards: Path, sources, batch: int = 3) -> bool:
+    """The device path's batches (warped on CPU torch) == the numpy path's, bit for bit."""
+    from pretrain.device_augment import warp_batch
+    from pretrain.loader import MultiCropBatches, open_sample_table
+
+    for source in sources:
+        cfg = _config(shards, source)
+        table = open_sample_table(cfg)
+        a = MultiCropBatches(cfg, table, batch)[0]
+        b = warp_batch(MultiCropBatches(cfg, table, batch, warp="device")[0], cfg.aug.interp, cfg.aug.edge_thresh)
+        for key in ("global_crops", "local_crops"):
+            if a[key].numpy().tobytes() != b[key].numpy().tobytes():
+                return False
+        if a["keys"] != b["keys"]:
+            return False
+    return True
+
+
+def gpu_warp_s_per_sample(shards: Path, quick: bool) -> float | None:
+    """Seconds of CUDA time per sample of the warp (synchronised, after a warm-up); None without CUDA."""
+    import torch
+
+    from pretrain.device_augment import warp_batch
+    from pretrain.loader import MultiCropBatches, open_sample_table
+
+    if not torch.cuda.is_available():
+        return None
+    cfg = _config(shards, "mvtec3d")
+    batch = MultiCropBatches(cfg, open_sample_table(cfg), 4 if quick else 16, warp="device")[0]
+    on_gpu = {k: (v.cuda() if torch.is_tensor(v) else v) for k, v in batch.items()}
+    warp_batch(on_gpu, cfg.aug.interp, cfg.aug.edge_thresh)
+    torch.cuda.synchronize()
+    reps = 3 if quick else 10
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        warp_batch(on_gpu, cfg.aug.interp, cfg.aug.edge_thresh)
+    stop.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(stop) / 1e3 / (reps * batch["batch_size"])
 
 
 def stage_split(cfg, table, dataset, n: int) -> dict:
@@ -157,7 +283,7 @@ def stage_split(cfg, table, dataset, n: int) -> dict:
 def bit_identical(shards: Path, sources, n: int = 3) -> bool:
     """Current normalised maps and crops == the reference ones (values and validity, bit for bit) on the
     benchmark samples."""
-    from bench import augment_reference
+    from bench.frozen import reference_depth_multicrop, reference_normalize_depth
     from pretrain.augment import depth_multicrop
     from pretrain.loader import _AUG_STREAM, _rng, open_sample_table, prepare_sample
 
@@ -166,14 +292,14 @@ def bit_identical(shards: Path, sources, n: int = 3) -> bool:
         table = open_sample_table(cfg)
         for i in range(min(n, len(table))):
             raw, meta = table.read(i)
-            ref_x, ref_valid, _ = augment_reference.normalize_depth(raw, meta["kind"])
+            ref_x, ref_valid, _ = reference_normalize_depth(raw, meta["kind"])
             p = prepare_sample(cfg, raw, meta)
             if p is None:
                 continue
             if p[0][0].tobytes() != ref_x.tobytes() or not np.array_equal(p[1], ref_valid):
                 return False
             a = depth_multicrop(p[0][0], p[1], cfg.crops, cfg.aug, _rng(1, _AUG_STREAM, i))
-            b = augment_reference.depth_multicrop(p[0][0], p[1], cfg.crops, cfg.aug, _rng(1, _AUG_STREAM, i))
+            b = reference_depth_multicrop(p[0][0], p[1], cfg.crops, cfg.aug, _rng(1, _AUG_STREAM, i))
             for x, y in ((a.global_crops, b.global_crops), (a.local_crops, b.local_crops),
                          (a.global_valid, b.global_valid), (a.local_valid, b.local_valid)):
                 if x.tobytes() != y.tobytes():
@@ -199,9 +325,11 @@ def run(quick: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp:
         shards = make_shards(Path(tmp), quick)
         result["bit_identical_to_reference"] = bit_identical(shards, PAPER_MIX_B, 2 if quick else 3)
-        rows = {v: [] for v in ("before", "after")}
+        result["device_path_bit_identical"] = device_path_identical(shards, PAPER_MIX_B, 2 if quick else 3)
+        gpu_warp = gpu_warp_s_per_sample(shards, quick)
+        rows = {v: [] for v in ("before", "after", "device")}
         for source in PAPER_MIX_B:
-            for variant in ("before", "after"):
+            for variant in ("before", "after", "device"):
                 rows[variant].append(run_worker("bench.bench_augment", [
                     "--shards", str(shards), "--source", source, "--variant", variant,
                     "--batch", str(sz["batch"]), "--iters", str(sz["iters"])]))
@@ -212,8 +340,17 @@ def run(quick: bool = True) -> dict:
             "before_ms_per_sample_cpu": round(1e3 * next(b["cpu_s_per_sample"] for b in rows["before"]
                                                          if b["source"] == r["source"]), 2),
             "stages_ms_cpu": {k: round(v, 2) for k, v in r["stages_ms"].items()}}
+    for r in rows["device"]:
+        result[r["source"]]["device_worker_ms_per_sample_cpu"] = round(1e3 * r["cpu_s_per_sample"], 2)
+        result[r["source"]]["device_stages_ms_cpu"] = {k: round(v, 2) for k, v in r["stages_ms"].items()}
+        result[r["source"]]["warp_ms_per_sample_cpu_torch"] = round(1e3 * r["warp_cpu_s_per_sample"], 2)
+        result[r["source"]]["host_to_device_mb_per_sample"] = round(r["bytes_per_sample"] / 1e6, 2)
     per_worker = {v: {"wall": mix_rate(rows[v], "wall_s_per_sample"), "cpu": mix_rate(rows[v], "cpu_s_per_sample")}
                   for v in rows}
+    warp_cpu_rate = mix_rate(rows["device"], "warp_cpu_s_per_sample")  # samples/s of the warp, 1 core, CPU torch
+    result["warp_cpu_torch_samples_per_s_per_core"] = round(warp_cpu_rate, 2)
+    mix_bytes = 1.0 / mix_rate(rows["device"], "bytes_per_sample")  # split-B weighted mean
+    mix_traffic = 1.0 / mix_rate(rows["device"], "warp_traffic_per_sample")
     result["per_worker_samples_per_s"] = {v: {k: round(x, 2) for k, x in d.items()} for v, d in per_worker.items()}
     result["speedup_after_vs_before_cpu"] = round(per_worker["after"]["cpu"] / per_worker["before"]["cpu"], 2)
     result["malloc_kept"] = rows["after"][0]["malloc_kept"]
@@ -228,6 +365,16 @@ def run(quick: bool = True) -> dict:
     cpu_step = CPU_MFU_TARGET * cpu_peak / flops
     gpu_step = GPU_MFU_TARGET * gpu_peak / flops
     rate = per_worker["after"]["cpu"]
+    device_rate = per_worker["device"]["cpu"]
+    # GPU seconds per sample of the warp: measured on CUDA, else its memory traffic (counted op by op)
+    # at GPU_BANDWIDTH_EFFICIENCY of the H100's spec bandwidth — an estimate.
+    result["warp_memory_traffic_mb_per_sample"] = round(mix_traffic / 1e6, 1)
+    if gpu_warp is not None:
+        warp_gpu_s, warp_src = gpu_warp, "measured on CUDA"
+    else:
+        warp_gpu_s = mix_traffic / (GPU_BANDWIDTH_EFFICIENCY * ASSUMED_GPU_BANDWIDTH)
+        warp_src = (f"estimate: {mix_traffic / 1e6:.0f} MB of eager-op traffic per sample at "
+                    f"{GPU_BANDWIDTH_EFFICIENCY:.0%} of {ASSUMED_GPU_BANDWIDTH / 1e12:.2f} TB/s (H100 SXM HBM3)")
     result["consumption"] = {
         "gflop_per_sample": round(flops / 1e9, 1),
         "cpu_matmul_peak_gflops": round(cpu_peak / 1e9, 1),
@@ -239,6 +386,18 @@ def run(quick: bool = True) -> dict:
     result["gpu_node_workers_needed"] = workers_needed
     result["gpu_node_ratio_by_workers"] = {w: round(w * rate / gpu_step, 3)
                                            for w in (DEFAULT_WORKERS, NODE_CORES - 1)}
+    # Device path: the GPU does step + warp for each sample, so it consumes fewer samples/s.
+    device_step = 1.0 / (1.0 / gpu_step + warp_gpu_s)
+    result["device_path"] = {
+        "worker_samples_per_s_per_core": round(device_rate, 1),
+        "warp_gpu_ms_per_sample": round(1e3 * warp_gpu_s, 4), "warp_gpu_source": warp_src,
+        "gpu_step_plus_warp_samples_per_s": round(device_step, 1),
+        "warp_share_of_gpu_time": round(warp_gpu_s * device_step, 4),
+        "host_to_device_mb_per_sample": round(mix_bytes / 1e6, 2),
+        "host_to_device_gb_per_s_at_consumption": round(mix_bytes * device_step / 1e9, 2),
+        "workers_needed": math.ceil(device_step / device_rate),
+        "ratio_by_workers": {w: round(w * device_rate / device_step, 3) for w in (DEFAULT_WORKERS, NODE_CORES - 1)},
+    }
     # This machine: one loader worker (wall clock, as loaded as it is) vs the CPU step at its target.
     cpu_ratio = per_worker["after"]["wall"] / cpu_step
     checks = [
@@ -247,6 +406,11 @@ def run(quick: bool = True) -> dict:
               note=f"step at {GPU_MFU_TARGET:.0%} of {gpu_peak / 1e12:.0f} TFLOP/s ({gpu_peak_src})"),
         check(f"loader/step, GPU node estimate, {NODE_CORES - 1} workers", (NODE_CORES - 1) * rate / gpu_step,
               TARGET_RATIO),
+        check(f"loader/step, GPU node estimate, device warp, {DEFAULT_WORKERS} workers (default)",
+              DEFAULT_WORKERS * device_rate / device_step, TARGET_RATIO,
+              note=f"step + warp on the GPU; warp {warp_src}"),
+        check("device-path crops (CPU torch) bit-identical to the numpy path", float(result["device_path_bit_identical"]),
+              1.0),
         check("loader/step, this CPU, 1 worker", cpu_ratio, TARGET_RATIO,
               note=f"step at {CPU_MFU_TARGET:.0%} of the measured fp32 matmul peak"),
         check("normalised maps + crops bit-identical to the reference (before)",

@@ -93,8 +93,8 @@ def mapping_worker(n_views: int, grid: int, size: int, ci: int, cd: int, device:
     import torch
 
     from bench.common import current_rss_bytes, reset_peak_rss
+    from detect.infer import InferenceSettings, iter_view_maps
     from detect.model import ModMap
-    from detect.modmap import InferenceSettings, iter_view_maps
     from shared.memory import keep_freed_memory
 
     if keep_memory:
@@ -163,7 +163,7 @@ def bench_mapping(args) -> dict:
 
 def chunk_sweep_worker(n_views: int, grid: int, ci: int, cd: int, device: str, chunks: list[int],
                        targets: int = 3, keep_memory: bool = False) -> dict:
-    """FLOP/s of :func:`detect.modmap.target_token_maps` (the mapping networks + running minima of one
+    """FLOP/s of :func:`detect.infer.target_token_maps` (the mapping networks + running minima of one
     target) for several source-chunk sizes, a torch.profiler operator breakdown of the default (all
     sources at once), page faults, and the matmul reference — all in this process (``keep_memory``:
     :func:`shared.memory.keep_freed_memory` first)."""
@@ -172,8 +172,8 @@ def chunk_sweep_worker(n_views: int, grid: int, ci: int, cd: int, device: str, c
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from detect.infer import target_token_maps
     from detect.model import ModMap
-    from detect.modmap import target_token_maps
     from shared.memory import keep_freed_memory
 
     kept = keep_freed_memory() if keep_memory else False

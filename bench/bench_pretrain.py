@@ -99,7 +99,7 @@ def model_flops_per_sample(cfg=None, masked_per_sample: float | None = None) -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     from pretrain.config import PretrainConfig
-    from pretrain.train import SSLModel
+    from pretrain.ssl_model import SSLModel
     from shared.config import load_config
 
     if cfg is None:

@@ -5,7 +5,7 @@ Protocol (paper §"Computational cost", ``modmap.md`` Table 8): per instance, fr
 views in host memory ("data loading onto the GPU") to the last per-view anomaly map, after a warm-up
 instance, with ``torch.cuda.synchronize()`` around the timed region; the 3D volume is excluded (the
 paper excludes it too). Timed stages: host → device copy of the 36 images and depth maps, both
-frozen encoders (random weights — speed does not depend on them), and :func:`detect.modmap.iter_view_maps`
+frozen encoders (random weights — speed does not depend on them), and :func:`detect.infer.iter_view_maps`
 (N² = 1296 source/target pairs with running minima, upsampling to 896², foreground masks, combination).
 Variants: encoders and mapping in bf16 autocast (the primary figure), and fp32 with TF32 matmuls.
 The stage split (copy / encode / maps) and the peak GPU memory are reported.
@@ -76,7 +76,7 @@ def synthetic_views(n_views: int, size: int, seed: int = 0) -> tuple[torch.Tenso
 def measure_instance(n_views: int = 36, size: int = 896, dev: str = "cuda", variant: str = "bf16",
                      instances: int = 3, encode_batch: int = 6, tiny: bool = False) -> dict:
     """Median per-instance milliseconds (and stage split) over ``instances`` after one warm-up."""
-    from detect.modmap import InferenceSettings, iter_view_maps
+    from detect.infer import InferenceSettings, iter_view_maps
 
     if variant not in ("bf16", "fp32"):
         raise ValueError(f"variant must be bf16 or fp32, got {variant!r}")

@@ -37,6 +37,7 @@ class ConvertParams:
     bg: str = "none"
     realiad_unit: str | None = None
     realiad_json_dir: str | None = None
+    eyecandies_pose: str = "official"
     folder_kind: str = "metric_z"
     folder_unit: str | None = None
     folder_glob: str = "**/*"
@@ -69,6 +70,7 @@ def convert(source: str, root: str | Path, out: str | Path, **params) -> dict:
         raise ValueError(f"unknown conversion parameter(s) {unknown}; valid: {sorted(names)}")
     p = ConvertParams(**params)
     reader = make_source(source, root, bg=p.bg, realiad_unit=p.realiad_unit, realiad_json_dir=p.realiad_json_dir,
+                         eyecandies_pose=p.eyecandies_pose,
                          folder_kind=p.folder_kind, folder_unit=p.folder_unit, folder_glob=p.folder_glob,
                          folder_category=p.folder_category, folder_split=p.folder_split,
                          folder_source_id=p.folder_source_id)
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--source", required=True, choices=sorted(SOURCES),
                     help="dataset format: mvtec3d (MVTec 3D-AD xyz TIFFs), eyecandies (16-bit depth PNG + "
-                         "info_depth.yaml), realiad_d3 (Real-IAD D3 zips/folders + JSON splits), folder "
+                         "info_depth.yaml), realiad_d3 (Real-IAD D3 zips/folders + JSON splits, or the benchmark's <cat>/{train,test}/{GOOD,<defect>}/xyz folders), folder "
                          "(generic .npy/.tif/16-bit .png), synthetic (the built-in multiview benchmark)")
     ap.add_argument("--root", required=True, help="dataset root folder (read-only)")
     ap.add_argument("--out", required=True, help="output folder for shards and manifest.json (outside --root)")
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--realiad-json-dir", default=None,
                    help="realiad_d3 folder of <category>.json split files (default <root>/realiad_d3_jsons "
                         "or <root>/realiad_d3_jsons.zip)")
+    s.add_argument("--eyecandies-pose", default="official", choices=["official", "cfm"],
+                   help="eyecandies: how <idx>_pose.txt becomes the stored camera-to-world T_c2w: official = the "
+                        "file as is (the dataset's convention, camera-to-world), cfm = its inverse (M3DM/CFM "
+                        "preprocessing treats the file as world-to-camera; parity experiments only)")
     s.add_argument("--folder-kind", default="metric_z", choices=["metric_z", "rel_disparity"],
                    help="folder: metric z-depth (values <= 0 invalid) or relative disparity (larger = nearer)")
     s.add_argument("--folder-unit", default=None, choices=["m", "mm", "unknown"],

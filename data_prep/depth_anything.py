@@ -21,7 +21,11 @@ if TYPE_CHECKING:
     import torch
 
 # torch is imported inside the functions: `python data_prep/pseudo_depth.py --help` must not load it.
-DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"  # Apache-2.0; Base/Large are CC-BY-NC-4.0
+# Default Large, as data_formats.md §6 decides: the paper does not name the variant, Large gives the best
+# relative depth, and its CC-BY-NC-4.0 licence adds nothing to the NC licences of the MVTec sources it
+# runs on. Small (Apache-2.0, 24.8 M parameters) is the permissive and lighter choice.
+DEFAULT_MODEL = "depth-anything/Depth-Anything-V2-Large-hf"
+PERMISSIVE_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype → torch attribute
 
 

@@ -67,6 +67,19 @@ def _defect_box(hw: tuple[int, int], rng: np.random.Generator) -> tuple[slice, s
     return slice(r, r + h), slice(c, c + w)
 
 
+# The real GT masks hold defect class ids (a category's class_ids.json maps names to grey values, e.g.
+# 254 and 255; a "combined" mask holds several), never a binary 0/255 by design.
+MVTEC3D_CLASS_IDS = {"cut": 254, "contamination": 255}
+
+
+def mvtec3d_camera_parameters(hw: tuple[int, int]) -> dict:
+    """A ``camera_parameters.json`` with the real file's HALCON keys (area scan, division model,
+    metres): an 8.5 mm lens on 5.5 µm pixels with a small barrel distortion."""
+    H, W = hw
+    return {"camera_type": "area_scan_division", "focus": 0.0085, "kappa": -310.5, "sx": 5.5e-06,
+            "sy": 5.5e-06, "cx": (W - 1) / 2 + 0.7, "cy": (H - 1) / 2 - 1.3, "image_width": W, "image_height": H}
+
+
 def write_mvtec3d(root: str | Path, categories=("bagel", "foam"), hw: tuple[int, int] = (40, 50),
                   layout: dict | None = None, seed: int = 0, hole_frac: float = 0.05,
                   defects: bool = False) -> dict[str, np.ndarray]:
@@ -83,11 +96,13 @@ def write_mvtec3d(root: str | Path, categories=("bagel", "foam"), hw: tuple[int,
     for cat in categories:
         (root / cat / "calibration").mkdir(parents=True, exist_ok=True)
         (root / cat / "calibration" / "camera_parameters.json").write_text(
-            json.dumps({"focus": 1.0, "ppx": hw[1] / 2, "ppy": hw[0] / 2}))
+            json.dumps(mvtec3d_camera_parameters(hw), indent=4))
+        (root / cat / "class_ids.json").write_text(json.dumps(MVTEC3D_CLASS_IDS, indent=4))
         for split, defects in layout.items():
             for defect, n in defects.items():
                 d = root / cat / split / defect
-                for sub in ("rgb", "xyz") + (("gt",) if defect != "good" else ()):
+                # the real test folders hold gt/ for good samples too (all-zero masks)
+                for sub in ("rgb", "xyz") + (("gt",) if split == "test" else ()):
                     (d / sub).mkdir(parents=True, exist_ok=True)
                 for i in range(n):
                     x, y, z = _scene(hw, rng)
@@ -98,13 +113,18 @@ def write_mvtec3d(root: str | Path, categories=("bagel", "foam"), hw: tuple[int,
                         box = _defect_box(hw, rng)
                         z[box] += 0.01
                         rgb[box] //= 4
-                        gt[box] = 255
+                        # real masks hold the defect's class id (class_ids.json), not 255;
+                        # "combined" defects hold several ids in one mask
+                        ids = list(MVTEC3D_CLASS_IDS.values())
+                        gt[box] = MVTEC3D_CLASS_IDS.get(defect, ids[-1] if defect == "combined" else ids[i % len(ids)])
+                        if defect == "combined":
+                            gt[box[0], box[1].start:(box[1].start + box[1].stop) // 2] = ids[0]
                         holes[box] = False
                     xyz = np.stack([x, y, z], axis=-1).astype(np.float32)
                     xyz[holes] = 0.0
                     (d / "xyz" / f"{i:03d}.tiff").write_bytes(_tiff_bytes(xyz))
                     (d / "rgb" / f"{i:03d}.png").write_bytes(_png_bytes(rgb))
-                    if defect != "good":
+                    if split == "test":
                         (d / "gt" / f"{i:03d}.png").write_bytes(_png_bytes(gt))
                     zz = xyz[..., 2].copy()
                     zz[zz == 0] = np.nan
@@ -171,8 +191,11 @@ def write_eyecandies(root: str | Path, categories=("CandyCane", "GummyBear"), hw
                 (data / f"{idx}_depth.png").write_bytes(_png_bytes(u16))
                 (data / f"{idx}_info_depth.yaml").write_text(
                     yaml.safe_dump({"normalization": {"min": dmin, "max": dmax}}))
+                # a rigid camera-to-world pose (rotated about x, the way the camera looks down at the belt)
+                a = 0.3 + 0.1 * i
                 pose = np.eye(4)
-                pose[:3, 3] = [0.1 * i, 0.0, 0.5]
+                pose[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+                pose[:3, 3] = [0.1 * i, -0.2, 0.5]
                 np.savetxt(data / f"{idx}_pose.txt", pose)
                 (data / f"{idx}_image_0.png").write_bytes(_png_bytes(image))
                 if split != "test_private":
@@ -186,7 +209,7 @@ def write_realiad_d3(root: str | Path, categories=("audiojack", "pcb"), hw: tupl
                      n_train: int = 2, n_test: int = 2, zipped: bool = True, json_zipped: bool = False,
                      seed: int = 0) -> dict[str, np.ndarray]:
     """Real-IAD D³ distribution: ``realiad_d3_raw/<cat>.zip`` (or extracted folders) with float32 xyz
-    TIFFs holding NaN and 0 holes, and ``realiad_d3_jsons/<cat>.json`` split files. Expected maps are
+    TIFFs holding NaN, 0 and negative-z holes, and ``realiad_d3_jsons/<cat>.json`` split files. Expected maps are
     keyed by zip member name (zipped) or by path relative to ``root`` (extracted)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -208,12 +231,14 @@ def write_realiad_d3(root: str | Path, categories=("audiojack", "pcb"), hw: tupl
                 zero_holes = _holes(hw, rng, 0.02) & ~nan_holes
                 xyz[nan_holes] = np.nan
                 xyz[zero_holes, 2] = 0.0
+                xyz[_holes(hw, rng, 0.01) & ~nan_holes, 2] = -1.5  # a few negative z (invalid too)
                 members[f"{cat}/{rel}_xyz.tiff"] = _tiff_bytes(xyz)
                 members[f"{cat}/{rel}_rgb.jpg"] = b"\xff\xd8placeholder"
                 splits[split].append({"image_path": f"{rel}_rgb.jpg", "ps_path": f"{rel}_ps.png",
                                       "xyz_path": f"{rel}_xyz.tiff", "mask_path": None, "anomaly_class": cls})
                 zz = xyz[..., 2].copy()
-                zz[~np.isfinite(zz) | (zz == 0)] = np.nan
+                with np.errstate(invalid="ignore"):
+                    zz[~np.isfinite(zz) | (zz <= 0)] = np.nan
                 key = f"{cat}/{rel}_xyz.tiff" if zipped else f"realiad_d3_raw/{cat}/{rel}_xyz.tiff"
                 expected[key] = zz
         raw = root / "realiad_d3_raw"
@@ -236,6 +261,49 @@ def write_realiad_d3(root: str | Path, categories=("audiojack", "pcb"), hw: tupl
         (root / "realiad_d3_jsons").mkdir(parents=True, exist_ok=True)
         for name, data in json_files.items():
             (root / "realiad_d3_jsons" / name).write_bytes(data)
+    return expected
+
+
+def write_realiad_d3_folders(root: str | Path, categories=("audiojack", "pcb"), hw: tuple[int, int] = (40, 50),
+                             n_train: int = 2, n_test_good: int = 1, n_test_bad: int = 1,
+                             defect: str = "missing_part", seed: int = 0) -> dict[str, np.ndarray]:
+    """The extracted folder layout the Real-IAD D³ authors' benchmark code reads (no JSON files):
+    ``<cat>/{train,test}/{GOOD,<defect>}/xyz/*.tiff``, ``rgb/<sample>/*L05*RGB*.jpg``,
+    ``<defect>/gt/rgb/*.png``. The xyz TIFFs hold NaN holes, zero holes and a few negative z values
+    (all invalid for the reader). Expected maps are keyed by path relative to ``root``."""
+    from PIL import Image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    expected: dict[str, np.ndarray] = {}
+    for cat in categories:
+        sample = 0
+        for split, folder, n in (("train", "GOOD", n_train), ("test", "GOOD", n_test_good),
+                                 ("test", defect, n_test_bad)):
+            d = root / cat / split / folder
+            for _ in range(n):
+                sample += 1
+                name = f"{cat}_{sample:04d}"
+                x, y, z = _scene(hw, rng, z0=300.0, bump=5.0)
+                xyz = np.stack([x, y, z], axis=-1).astype(np.float32)
+                xyz[_holes(hw, rng, 0.08)] = np.nan
+                xyz[_holes(hw, rng, 0.02), 2] = 0.0
+                xyz[_holes(hw, rng, 0.01), 2] = -1.5
+                (d / "xyz").mkdir(parents=True, exist_ok=True)
+                (d / "xyz" / f"{name}.tiff").write_bytes(_tiff_bytes(xyz))
+                (d / "rgb" / name).mkdir(parents=True, exist_ok=True)
+                rgb = rng.integers(0, 255, (*hw, 3), np.uint8)
+                for light in ("L01", "L05"):
+                    Image.fromarray(rgb).save(d / "rgb" / name / f"{name}_C1_{light}_RGB.jpg", quality=90)
+                if folder != "GOOD":
+                    (d / "gt" / "rgb").mkdir(parents=True, exist_ok=True)
+                    mask = np.zeros(hw, np.uint8)
+                    mask[_defect_box(hw, rng)] = 255
+                    (d / "gt" / "rgb" / f"{name}.png").write_bytes(_png_bytes(mask))
+                zz = xyz[..., 2].copy()
+                with np.errstate(invalid="ignore"):
+                    zz[~np.isfinite(zz) | (zz <= 0)] = np.nan
+                expected[f"{cat}/{split}/{folder}/xyz/{name}.tiff"] = zz
     return expected
 
 

@@ -107,7 +107,7 @@ def render_previews(shard_dir: str | Path, n: int, out_dir: str | Path, seed: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pretrain.data import SampleTable, normalize_sample
+    from shared.shards import SampleTable, normalize_sample
 
     table = SampleTable.from_shard_dirs([shard_dir], sources=sources, splits=["all"])
     rng = np.random.default_rng(seed)

@@ -29,6 +29,7 @@ import numpy as np
 # torch and transformers are imported when inference starts (fast --help, shared/cli.py).
 from data_prep.depth_anything import (
     DEFAULT_MODEL,
+    PERMISSIVE_MODEL,
     DepthAnythingRunner,
     ModelUnavailableError,
     load_depth_anything,
@@ -256,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset root folder (hf: a hub id, a saved dataset or an image folder)")
     p.add_argument("--out", required=True, help="output shard folder (may hold other sources' shards)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"hub id or local save_pretrained folder (default {DEFAULT_MODEL}, Apache-2.0; "
-                        "Base/Large are CC-BY-NC-4.0)")
+                   help=f"hub id or local save_pretrained folder (default {DEFAULT_MODEL}: 335 M parameters, "
+                        f"CC-BY-NC-4.0, best relative depth; {PERMISSIVE_MODEL}: 24.8 M, Apache-2.0, the "
+                        "permissive and lighter choice; Base: 97.5 M, CC-BY-NC-4.0)")
     p.add_argument("--splits", default="train,validation",
                    help="comma-separated canonical splits or 'all' (default train,validation: pretraining on test "
                         "images leaks into evaluation)")
@@ -271,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto = fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ...")
     p.add_argument("--max-side", type=int, default=1024, help="NaN-aware downsampling above this side (default 1024)")
-    p.add_argument("--visa-split-csv", default=None, help="VisA split_csv/1cls.csv (else VisA split = 'unsplit')")
+    p.add_argument("--visa-split-csv", default=None, help="VisA split_csv/1cls.csv for the raw Data/Images layout (else VisA split = "
+                        "'unsplit'); a root in the 1cls/<object>/{train,test}/{good,bad} layout of "
+                        "prepare_data.py needs none")
     p.add_argument("--folder-category", default=None, help="category name for image_folder / hf sources")
     p.add_argument("--hf-image-column", default="image", help="hf: image column name")
     p.add_argument("--hf-label-column", default="label", help="hf: label column name ('' for none)")

@@ -179,14 +179,68 @@ def enumerate_mvtec_ad2(root: Path, splits: set[str] | None, categories: Iterabl
     return records
 
 
+VISA_RAW_LAYOUT = "<object>/Data/Images/{Normal,Anomaly}/*.JPG"
+VISA_1CLS_LAYOUT = "1cls/<object>/{train,test}/{good,bad}/*.JPG (+ ground_truth/bad/, from prepare_data.py)"
+# prepare_data.py's folder names → the raw layout's, so both layouts give the same keys
+# (train/bad exists only in the script's 2cls_* layouts, which are read the same way)
+_VISA_1CLS_FOLDERS = (("train", "good", "Normal", "normal"), ("train", "bad", "Anomaly", "anomalous"),
+                      ("test", "good", "Normal", "normal"), ("test", "bad", "Anomaly", "anomalous"))
+
+
+def _is_visa_1cls_object(d: Path) -> bool:
+    return (d / "train" / "good").is_dir() or (d / "test" / "bad").is_dir()
+
+
+def visa_1cls_root(root: Path) -> Path | None:
+    """The folder holding the objects of the ``1cls`` layout written by VisA's ``prepare_data.py``
+    (``root`` itself or ``root/1cls``), or None when ``root`` has the raw layout."""
+    for cand in (root / "1cls", root):
+        if cand.is_dir() and any(d.is_dir() and _is_visa_1cls_object(d) for d in cand.iterdir()):
+            return cand
+    return None
+
+
+def enumerate_visa_1cls(root: Path, splits: set[str] | None, categories: Iterable[str] | None = None
+                        ) -> list[ImageRecord]:
+    """``1cls/<object>/{train,test}/{good,bad}/<stem>.JPG``: the layout ``prepare_data.py`` writes from
+    ``split_csv/1cls.csv``. Splits come from the folders; stems are ``Normal_<stem>`` /
+    ``Anomaly_<stem>`` as in the raw layout (the file names are copied unchanged), so both layouts give
+    the same sample keys. ``ground_truth/bad/*.png`` (masks, binarised to 0/255 by the script) are never
+    inputs. The script's ``2cls_highshot`` / ``2cls_fewshot`` folders (anomalies in ``train/bad`` too)
+    are read the same way when passed as the root."""
+    base = visa_1cls_root(root)
+    if base is None:
+        raise LayoutError(f"visa: no object folder under {root} has the layout {VISA_1CLS_LAYOUT}")
+    found = sorted(d.name for d in base.iterdir() if d.is_dir() and _is_visa_1cls_object(d))
+    records = []
+    for cat in _select(categories, found, base, "visa"):
+        for split, folder, raw_folder, label in _VISA_1CLS_FOLDERS:
+            if not _wanted(split, splits):
+                continue
+            for path in _images(base / cat / split / folder):
+                records.append(ImageRecord("visa", cat, split, split, label,
+                                           None if label == "normal" else "anomaly", _rel(root, path),
+                                           f"{raw_folder}_{path.stem}", path))
+    return records
+
+
 def enumerate_visa(root: Path, splits: set[str] | None, categories: Iterable[str] | None = None,
                    split_csv: Path | None = None) -> list[ImageRecord]:
     """``<object>/Data/Images/{Normal,Anomaly}/*.JPG``; splits from ``split_csv/1cls.csv`` when given.
+    A root in the ``1cls`` layout of ``prepare_data.py`` is read by :func:`enumerate_visa_1cls`.
 
-    Without a split CSV every image gets split ``unsplit`` (selected only by ``--splits all``).
+    Stems are read from the files, never formatted: the real ones are 3 digits for anomalies and for
+    part of the normal images, 4 digits for the rest. Without a split CSV every image gets split
+    ``unsplit`` (selected only by ``--splits all``).
     """
+    if not any((d / "Data" / "Images").is_dir() for d in (root.iterdir() if root.is_dir() else ())) \
+            and visa_1cls_root(root) is not None:
+        if split_csv is not None:
+            raise LayoutError(f"visa: {root} has the 1cls layout of prepare_data.py, whose folders already "
+                              "are the split; --visa-split-csv applies to the raw Data/Images layout only")
+        return enumerate_visa_1cls(root, splits, categories)
     found = _category_dirs(root, "visa", lambda d: (d / "Data" / "Images").is_dir(),
-                           "<object>/Data/Images/{Normal,Anomaly}/*.JPG")
+                           f"{VISA_RAW_LAYOUT} (or {VISA_1CLS_LAYOUT})")
     wanted_cats = set(_select(categories, found, root, "visa"))
     split_of: dict[str, str] = {}
     if split_csv is not None:

@@ -51,21 +51,29 @@ import numpy as np
 
 from shared.depth import depth_stats, downsample_depth, normalization_range, rescale_intrinsics
 from shared.io import atomic_open, atomic_write_json
+from shared.shards import (  # the read side of the format, shared by every reader
+    CANONICAL_SPLITS,
+    DEPTH_EXT,
+    INDEX_FORMAT,
+    INDEX_FORMAT_VERSION,
+    INDEX_SUFFIX,
+    JSON_EXT,
+    MANIFEST_NAME,
+    decode_npy,
+    file_sha256,
+    load_manifest,
+    load_shard_index,
+    manifest_fingerprint,
+    read_json_or_none,
+    scan_shard_index,
+    split_key,
+)
 
 CONVERTER_VERSION = "1.1"  # 1.1: json gains norm_range
-MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "dinodepth-shards"
-MANIFEST_FORMAT_VERSION = 1
-INDEX_FORMAT = "dinodepth-shard-index"
-INDEX_FORMAT_VERSION = 1
-INDEX_SUFFIX = ".idx.json"
 PART_STRIDE = 100_000  # part p numbers its shards from p * PART_STRIDE (spec §12)
 TAR_MTIME = 946_684_800  # 2000-01-01T00:00:00Z: constant so that shards are byte-reproducible
 TAR_OWNER = "dinodepth"
 TAR_MODE = 0o444
-DEPTH_EXT = "depth.npy"
-JSON_EXT = "json"
-CANONICAL_SPLITS = ("train", "validation", "test", "test_private", "test_private_mixed", "unsplit")
 DEFAULT_SPLITS = ("train", "validation")
 LABELS = ("normal", "anomalous", None)
 _KEY_COMPONENT_RE = re.compile(r"[^A-Za-z0-9_-]")
@@ -102,14 +110,6 @@ def sanitize_component(text: str) -> str:
 def make_key(source: str, category: str, split: str, stem: str) -> str:
     """``<source>/<category>/<split>/<stem>`` with each component sanitised."""
     return "/".join(sanitize_component(c) for c in (source, category, split, stem))
-
-
-def split_key(key: str) -> tuple[str, str, str, str]:
-    """Inverse of :func:`make_key` (components are sanitised, so ``/`` only separates them)."""
-    parts = key.split("/")
-    if len(parts) != 4:
-        raise ValueError(f"malformed sample key {key!r}: expected <source>/<category>/<split>/<stem>")
-    return parts[0], parts[1], parts[2], parts[3]
 
 
 def check_unique_keys(keys: Sequence[str], origins: Sequence[str] | None = None) -> None:
@@ -250,19 +250,6 @@ def encode_npy(depth: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
-
-
-def decode_npy(data: bytes, what: str = "depth.npy") -> np.ndarray:
-    """Inverse of :func:`encode_npy`; checks dtype float32 and 2-D. Raises ValueError naming ``what``."""
-    try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # corrupt bytes fail with EOFError, tokenize errors, MemoryError, ...
-        raise ValueError(f"{what}: not a readable .npy array ({type(exc).__name__}: {exc})") from None
-    if not isinstance(arr, np.ndarray):
-        raise ValueError(f"{what}: an .npz archive, expected a single .npy array")
-    if arr.dtype != np.float32 or arr.ndim != 2:
-        raise ValueError(f"{what}: expected a float32 (H, W) array, got {arr.dtype} {arr.shape}")
-    return arr
 
 
 def encode_json(obj: Mapping) -> bytes:
@@ -622,7 +609,7 @@ class ShardSequenceWriter:
         number = self.first_number
         while True:
             name = shard_name(self.source, number)
-            idx = _read_json_or_none(self.out_dir / (name + INDEX_SUFFIX))
+            idx = read_json_or_none(self.out_dir / (name + INDEX_SUFFIX))
             tar_path = self.out_dir / name
             ok = (idx is not None and tar_path.is_file()
                   and idx.get("format") == INDEX_FORMAT
@@ -738,110 +725,12 @@ def _shard_record(idx: Mapping) -> dict:
             "sha256": idx["sha256"]}
 
 
-def _read_json_or_none(path: Path) -> dict | None:
-    try:
-        with open(path, "rb") as fh:
-            obj = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
 # ------------------------------------------------------------------------------------------------
 # per-shard index
 
 
-def shard_index_path(shard_path: str | os.PathLike) -> Path:
-    shard_path = Path(shard_path)
-    return shard_path.with_name(shard_path.name + INDEX_SUFFIX)
-
-
-def _split_member_name(name: str) -> tuple[str, str]:
-    # webdataset convention: the key is everything before the first dot of the basename
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not dot:
-        raise ValueError(f"tar member {name!r} has no extension")
-    return (f"{head}/{stem}" if head else stem), ext
-
-
-def scan_shard_index(shard_path: str | os.PathLike) -> dict:
-    """Rebuild a shard's index by reading its tar headers only (data blocks are skipped by seeking)."""
-    shard_path = Path(shard_path)
-    samples: list[dict] = []
-    by_key: dict[str, dict] = {}
-    with tarfile.open(shard_path, "r:") as tf:
-        for ti in tf:
-            if not ti.isfile():
-                continue
-            key, ext = _split_member_name(ti.name)
-            entry = by_key.get(key)
-            if entry is None:
-                entry = {"key": key, "offset": ti.offset, "members": {}}
-                by_key[key] = entry
-                samples.append(entry)
-            entry["members"][ext] = [ti.offset_data, ti.size]
-    return {"format": INDEX_FORMAT, "format_version": INDEX_FORMAT_VERSION, "shard": shard_path.name,
-            "bytes": shard_path.stat().st_size, "samples": samples, "rebuilt": True}
-
-
-def load_shard_index(shard_path: str | os.PathLike, expected_sha256: str | None = None) -> dict:
-    """The sidecar index of a shard, or one rebuilt from the tar headers if absent/stale/unreadable."""
-    shard_path = Path(shard_path)
-    idx = _read_json_or_none(shard_index_path(shard_path))
-    size = shard_path.stat().st_size
-    if (idx is not None and idx.get("format") == INDEX_FORMAT and idx.get("bytes") == size
-            and (expected_sha256 is None or idx.get("sha256") == expected_sha256)):
-        return idx
-    return scan_shard_index(shard_path)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while True:
-            data = fh.read(chunk)
-            if not data:
-                break
-            sha.update(data)
-    return sha.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------
 # manifest
-
-
-def empty_manifest() -> dict:
-    return {"format": MANIFEST_FORMAT, "format_version": MANIFEST_FORMAT_VERSION, "sources": {},
-            "fingerprint": manifest_fingerprint({})}
-
-
-def load_manifest(out_dir: str | os.PathLike, required: bool = False) -> dict:
-    """Read ``<out_dir>/manifest.json`` (an empty manifest if absent and not ``required``)."""
-    path = Path(out_dir) / MANIFEST_NAME
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(f"{path} does not exist: not a shard folder written by data_prep")
-        return empty_manifest()
-    try:
-        obj = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from None
-    if obj.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{path} is not a {MANIFEST_FORMAT} manifest (format={obj.get('format')!r})")
-    if int(obj.get("format_version", 0)) > MANIFEST_FORMAT_VERSION:
-        raise ValueError(f"{path} has format_version {obj.get('format_version')}, newer than this code "
-                         f"({MANIFEST_FORMAT_VERSION})")
-    return obj
-
-
-def manifest_fingerprint(sources: Mapping[str, Mapping]) -> str:
-    """Hash over every shard hash of every source (what checkpoints record to detect data changes)."""
-    lines = []
-    for sid in sorted(sources):
-        for rec in sorted(sources[sid].get("shards", []), key=lambda r: r["name"]):
-            lines.append(f"{sid}/{rec['name']}:{rec['sha256']}")
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -39,8 +39,7 @@ image branch, on the same scale as elsewhere (our design; CMDR-IAD leaves such p
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -49,7 +48,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from detect.infer import ViewScorer
 from detect.model import cosine_similarity
+from detect.preprocess import gaussian_blur, upsample_tokens
 
 Scoring = Literal["modmap", "cfm", "cmdr"]
 Modality = Literal["both", "image", "depth"]
@@ -120,8 +121,6 @@ def cmdr_fusion(d_image_map: torch.Tensor, d_depth_map: torch.Tensor, d_image_re
 
 def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian (truncated at 4σ) of (..., H, W) maps with zero padding (as CFM's box filters)."""
-    from detect.modmap import gaussian_blur
-
     return gaussian_blur(maps.float(), sigma, padding="zeros")
 
 
@@ -398,52 +397,42 @@ def score_tokens(ts: TokenScores, settings: ScoringSettings, fg_tokens: torch.Te
     return cmdr_fusion(d2_map * fg, d3_map * fg, d2_rec * fg, d3_rec * fg, settings.window)
 
 
-# -- multiview pipeline ----------------------------------------------------------------------------
-def iter_view_maps_cmdr(model, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
-                        depth_inputs: Callable[[int], torch.Tensor], size: int, settings,
-                        timing=None, class_id: int | None = None, *, decoders: Decoders | None,
-                        scoring: ScoringSettings) -> Iterator:
-    """Drop-in for :func:`detect.modmap.iter_view_maps` with ``cfm``/``cmdr`` scoring (both modalities).
+# -- the scorer hook of the one per-view map loop (detect.infer.iter_view_maps) ----------------------
+class CMDRScorer(ViewScorer):
+    """``cfm``/``cmdr`` scoring of a target view from ModMap's min-ensembled Ψ_I, Ψ_D (both modalities).
 
-    Per target view: ModMap's min-ensembled Ψ_I, Ψ_D (all sources), the target's reconstruction
-    distances, the fusion on the token grid, bilinear upsampling, the foreground mask and the final
-    smoothing; ``ViewMaps.combined`` carries the fused map, so projection and voxel-max aggregation are
-    ModMap's.
+    The target's reconstruction distances (``cmdr``), the fusion on the token grid, bilinear upsampling,
+    the foreground mask and the final smoothing; ``ViewMaps.combined`` carries the fused map, so
+    projection and voxel-max aggregation stay ModMap's.
     """
-    from detect.modmap import ViewMaps, _sync, source_views_for, target_token_maps, target_views_for
-    from detect.preprocess import foreground_mask, upsample_tokens
 
-    if scoring.modality != "both":
-        raise ValueError("the multiview pipeline scores with both modalities (its volumes need depth)")
-    n_views = image.shape[0]
-    sources = source_views_for(n_views, model.variant, settings.num_source_views, settings.seed)
-    targets = target_views_for(n_views, settings.num_target_views, settings.seed)
-    for t in targets:
-        d_in = depth_inputs(t)
-        fg = foreground_mask(d_in, settings.fg_connectivity)
+    def __init__(self, settings, scoring: ScoringSettings, decoders: Decoders | None) -> None:
+        if scoring.modality != "both":
+            raise ValueError("the mapping-based scoring needs both modalities (single-modality CMDR scores "
+                             "with its reconstruction branch alone)")
+        super().__init__(settings)
+        self.scoring, self.decoders = scoring, decoders
+
+    def foreground(self, depth_input: torch.Tensor) -> np.ndarray:
+        fg = super().foreground(depth_input)
+        return fill_holes(fg) if self.scoring.missing_depth == "image_fallback" else fg
+
+    def score(self, target: int, psi_d: torch.Tensor, psi_i: torch.Tensor, image: torch.Tensor,
+              depth: torch.Tensor, fg: np.ndarray, depth_input: torch.Tensor, grid: tuple[int, int],
+              size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         depth_ok = None
-        if scoring.missing_depth == "image_fallback":
-            fg = fill_holes(fg)
-            depth_ok = token_foreground((torch.as_tensor(d_in).squeeze() != 0).cpu(), grid).to(image.device)
-        _sync(image.device)
-        t0 = time.perf_counter()
-        psi_d, psi_i = target_token_maps(model, image, depth, t, sources[t], settings.source_chunk, class_id)
+        if self.scoring.missing_depth == "image_fallback":
+            depth_ok = token_foreground((torch.as_tensor(depth_input).squeeze() != 0).cpu(), grid).to(image.device)
         ts = TokenScores(psi_i.reshape(grid), psi_d.reshape(grid))
-        if scoring.scoring == "cmdr":
-            ts.d_image_rec = reconstruction_distance(decoders.image, image[t], grid).reshape(grid)
-            ts.d_depth_rec = reconstruction_distance(decoders.depth, depth[t], grid).reshape(grid)
+        if self.scoring.scoring == "cmdr":
+            ts.d_image_rec = reconstruction_distance(self.decoders.image, image[target], grid).reshape(grid)
+            ts.d_depth_rec = reconstruction_distance(self.decoders.depth, depth[target], grid).reshape(grid)
         fg_tok = token_foreground(fg, grid).to(image.device)
-        fused = score_tokens(ts, scoring, fg_tok, depth_ok)
+        fused = score_tokens(ts, self.scoring, fg_tok, depth_ok)
         maps = upsample_tokens(torch.stack([psi_d, psi_i, fused.reshape(-1)]), grid, size)
         fg_t = torch.from_numpy(np.ascontiguousarray(fg)).to(maps.device)
         maps = maps * fg_t
-        combined = gaussian_smooth(maps[2], scoring.post_sigma_frac * size)
-        _sync(image.device)
-        if timing is not None:
-            timing.map_s += time.perf_counter() - t0
-            timing.n_views += 1
-            timing.n_pairs += len(sources[t])
-        yield ViewMaps(t, maps[0], maps[1], combined, fg)
+        return maps[0], maps[1], gaussian_smooth(maps[2], self.scoring.post_sigma_frac * size)
 
 
 def fit_class_decoders(image: torch.Tensor | None, depth: torch.Tensor | None, grid: tuple[int, int],
@@ -463,70 +452,6 @@ def fit_class_decoders(image: torch.Tensor | None, depth: torch.Tensor | None, g
     return decs, log
 
 
-# -- configuration and the multiview runner's hooks (detect/run.py) -------------------------------
-def scoring_from_config(cfg) -> ScoringSettings:
-    """:class:`ScoringSettings` of a :class:`detect.run.DetectConfig` (validated)."""
-    s = ScoringSettings(scoring=cfg.scoring, modality=cfg.modality, missing_depth=cfg.missing_depth,
-                        window=cfg.cmdr_window,
-                        pre_sigma_frac=PRE_SIGMA_FRAC if cfg.cmdr_pre_sigma < 0 else cfg.cmdr_pre_sigma,
-                        post_sigma_frac=POST_SIGMA_FRAC if cfg.cmdr_post_sigma < 0 else cfg.cmdr_post_sigma)
-    s.validate()
-    return s
-
-
-def decoder_settings_from_config(cfg) -> DecoderSettings:
-    return DecoderSettings(epochs=cfg.cmdr_epochs or cfg.epochs, batch_size=cfg.cmdr_batch_size, lr=cfg.cmdr_lr,
-                           hidden_ratio=cfg.cmdr_hidden_ratio, bottleneck_ratio=cfg.cmdr_bottleneck_ratio,
-                           kernel=cfg.cmdr_kernel, seed=cfg.seed)
-
-
-def fit_multiview_decoders(cfg, out_dir, image: torch.Tensor, depth: torch.Tensor, token_valid: torch.Tensor,
-                           grid: tuple[int, int], meta: dict, progress_bar: Callable | None = None) -> Decoders:
-    """Train the two decoders on the training instance's N views and write ``<out_dir>/decoders.pt``
-    (+ ``decoders_log.jsonl``); ``meta`` (the model's config record) is stored with them."""
-    import json
-    from pathlib import Path
-
-    from shared.io import atomic_write_text
-
-    settings = decoder_settings_from_config(cfg)
-    mask = token_valid if cfg.loss_mask == "foreground" else None
-    bar = progress_bar(decoder_steps(image.shape[0], settings, 2)) if progress_bar is not None else None
-    try:
-        decs, log = fit_class_decoders(image, depth, grid, settings, mask, None if bar is None else bar.update,
-                                       meta={k: meta[k] for k in ("image_encoder", "depth_encoder", "feature_settings",
-                                                                  "view_stems", "class_name") if k in meta})
-    finally:
-        if bar is not None:
-            bar.close()
-    decs.save(Path(out_dir) / "decoders.pt")
-    atomic_write_text(Path(out_dir) / "decoders_log.jsonl", "\n".join(json.dumps(r) for r in log) + "\n")
-    return decs
-
-
-def multiview_view_maps(cfg, out_dir, encoder_record: dict, device: torch.device | str
-                        ) -> Callable[..., Iterator] | None:
-    """The per-view map function for :func:`detect.modmap.predict_instance` (None: ModMap's own)."""
-    import functools
-    from pathlib import Path
-
-    scoring = scoring_from_config(cfg)
-    if scoring.scoring == "modmap":
-        return None
-    decoders = None
-    if scoring.scoring == "cmdr":
-        path = Path(out_dir) / "decoders.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"no reconstruction decoders {path}: run --mode fit with --scoring cmdr first")
-        decoders = Decoders.load(path, device)
-        for key in ("image_encoder", "depth_encoder"):
-            if decoders.meta.get(key, {}).get("sha256") != encoder_record[key]["sha256"]:
-                raise ValueError(f"{path} was trained with a different {key.replace('_', ' ')} than this run")
-        if decoders.meta.get("feature_settings") != encoder_record["feature_settings"]:
-            raise ValueError(f"{path} was trained with other preprocessing settings")
-    return functools.partial(iter_view_maps_cmdr, decoders=decoders, scoring=scoring)
-
-
 def decoder_steps(n_samples: int, settings: DecoderSettings, n_decoders: int) -> int:
     """Optimizer steps of :func:`fit_class_decoders` (for progress bars)."""
     batch = max(1, min(settings.batch_size, n_samples))
@@ -537,8 +462,7 @@ __all__ = [
     "Decoders", "DecoderSettings", "MISSING_DEPTH_MODES", "MODALITY_MODES", "POST_SIGMA_FRAC", "PRE_SIGMA_FRAC",
     "ReconstructionDecoder", "SCORINGS", "ScoringSettings", "TokenScores", "box_mean", "cfm_distance",
     "cfm_normalizations", "cmdr_fusion", "confidence_weighted_reconstruction", "decoder_steps", "fill_holes",
-    "decoder_settings_from_config", "fit_class_decoders", "fit_decoder", "fit_multiview_decoders",
-    "gaussian_smooth", "iter_view_maps_cmdr", "multiview_view_maps", "psi_to_distance", "scoring_from_config",
+    "CMDRScorer", "fit_class_decoders", "fit_decoder", "gaussian_smooth", "psi_to_distance",
     "reconstruction_distance", "reliability_gated_mapping", "score_tokens", "token_foreground",
 ]
 

@@ -8,7 +8,8 @@ Image encoder (``--image-encoder``):
   rebuilt from its stored architecture record, a 1-channel one is spread over the 3 gray channels);
 * ``random``: randomly initialised (tests and demos only; every output is marked as such).
 
-Weights (``--image-encoder-weights``) are read from a local file or folder, never downloaded, in any of
+Weights (``--image-encoder-weights``) are read from a local file or folder (or a Hugging Face hub id,
+downloaded and cached where there is internet: :func:`shared.hub.resolve_model_path`), in any of
 the common forms: the official DINOv2 ``.pth`` state dict, a timm checkpoint (``.pth``/``.bin``/
 ``.safetensors``, ``reg_token`` layout), or a Hugging Face ``Dinov2Model`` /
 ``Dinov2WithRegistersModel`` folder (``config.json`` + ``model.safetensors`` or ``pytorch_model.bin``,
@@ -16,7 +17,9 @@ sharded or not). All of them are converted to the flat DINOv2 layout of :mod:`sh
 Positional embeddings are interpolated bicubically with offset 0 + antialias for register models and
 offset 0.1 without antialias for plain models (the official DINOv2 hub behaviour).
 
-Depth encoder: the DINO-Depth export given by ``--ckpt`` (:func:`pretrain.export.load_dinodepth`),
+Depth encoder: the DINO-Depth export given by ``--ckpt`` (:func:`shared.encoder_export.load_dinodepth`: a
+``dinodepth.pth``/``.safetensors`` file, the Hugging Face folder of ``pretrain.export --format hf``, or its
+hub id),
 ``dinov2_on_depth`` (the image encoder applied to the normalised depth replicated to 3 channels), or
 ``random`` (:func:`load_random_depth_encoder`: DINO-Depth's architecture, randomly initialised — the
 "random init" row of the depth-encoder ablation).
@@ -30,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +41,15 @@ import torch
 from torch import nn
 
 from shared.checkpoint import CheckpointError, file_sha256, load_checkpoint
+from shared.encoder_export import export_sha256
+from shared.hf_dinov2 import (
+    HFDinov2Error,
+    hf_dinov2_to_dinov2,
+    is_hf_dinov2_state_dict,
+    read_hf_folder,
+    vit_config_from_hf,
+)
+from shared.hub import resolve_model_path
 from shared.vit import (
     DinoVisionTransformer,
     ViTConfig,
@@ -154,104 +165,6 @@ def _unwrap_state_dict(obj: dict, source: str) -> dict[str, torch.Tensor]:
     raise EncoderError(f"{source} holds no state dict of tensors (keys: {sorted(obj)[:10]})")
 
 
-_HF_LAYER = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
-_HF_LAYER_MAP = {
-    "norm1.weight": "norm1.weight", "norm1.bias": "norm1.bias",
-    "norm2.weight": "norm2.weight", "norm2.bias": "norm2.bias",
-    "layer_scale1.lambda1": "ls1.gamma", "layer_scale2.lambda1": "ls2.gamma",
-    "mlp.fc1.weight": "mlp.fc1.weight", "mlp.fc1.bias": "mlp.fc1.bias",
-    "mlp.fc2.weight": "mlp.fc2.weight", "mlp.fc2.bias": "mlp.fc2.bias",
-    # attention output projection: transformers ≥ 5 (o_proj) and older releases (output.dense)
-    "attention.o_proj.weight": "attn.proj.weight", "attention.o_proj.bias": "attn.proj.bias",
-    "attention.output.dense.weight": "attn.proj.weight", "attention.output.dense.bias": "attn.proj.bias",
-}
-_HF_QKV = {  # (new name, old name) per projection
-    "q": ("attention.q_proj", "attention.attention.query"),
-    "k": ("attention.k_proj", "attention.attention.key"),
-    "v": ("attention.v_proj", "attention.attention.value"),
-}
-
-
-def is_hf_dinov2_state_dict(state_dict: dict[str, torch.Tensor]) -> bool:
-    return any(k.startswith(("embeddings.patch_embeddings.", "dinov2.embeddings.")) for k in state_dict)
-
-
-def hf_dinov2_to_dinov2(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face ``Dinov2Model``/``Dinov2WithRegistersModel`` state dict → flat DINOv2 layout.
-
-    Handles the transformers ≥ 5 attention names (``q_proj``…``o_proj``) and the older ones
-    (``attention.attention.query``…``attention.output.dense``), the ``dinov2.`` prefix of task models
-    (heads are dropped), and refuses SwiGLU models (ViT-g), which the ViT of :mod:`shared.vit` lacks.
-    """
-    sd = dict(state_dict)
-    if any(k.startswith("dinov2.") for k in sd):
-        sd = {k[len("dinov2."):]: v for k, v in sd.items() if k.startswith("dinov2.")}
-    if any(".mlp.weights_in." in k or ".mlp.w12." in k for k in sd):
-        raise EncoderError("SwiGLU DINOv2 (ViT-g) checkpoints are not supported; use ViT-S/B/L weights")
-    out: dict[str, torch.Tensor] = {}
-    direct = {
-        "embeddings.cls_token": "cls_token",
-        "embeddings.mask_token": "mask_token",
-        "embeddings.position_embeddings": "pos_embed",
-        "embeddings.register_tokens": "register_tokens",
-        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
-        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
-        "layernorm.weight": "norm.weight",
-        "layernorm.bias": "norm.bias",
-    }
-    layers: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in sd.items():
-        if key in direct:
-            out[direct[key]] = value
-            continue
-        m = _HF_LAYER.match(key)
-        if m:
-            layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
-    for i, layer in sorted(layers.items()):
-        for hf_name, ours in _HF_LAYER_MAP.items():
-            if hf_name in layer:
-                out[f"blocks.{i}.{ours}"] = layer[hf_name]
-        for suffix in ("weight", "bias"):
-            parts = []
-            for new, old in _HF_QKV.values():
-                t = layer.get(f"{new}.{suffix}", layer.get(f"{old}.{suffix}"))
-                if t is not None:
-                    parts.append(t)
-            if len(parts) == 3:
-                out[f"blocks.{i}.attn.qkv.{suffix}"] = torch.cat(parts, dim=0)
-            elif parts:
-                raise EncoderError(f"layer {i}: incomplete q/k/v {suffix} tensors in the Hugging Face state dict")
-    if "pos_embed" not in out or "patch_embed.proj.weight" not in out:
-        raise EncoderError("not a Hugging Face DINOv2 state dict (no embeddings found)")
-    return out
-
-
-def _read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise EncoderError(f"{folder} is a folder without config.json: not a Hugging Face model folder")
-    hf_cfg = json.loads(cfg_path.read_text())
-    if hf_cfg.get("model_type") not in ("dinov2", "dinov2_with_registers"):
-        raise EncoderError(f"{cfg_path}: model_type {hf_cfg.get('model_type')!r} is not a DINOv2 model")
-    files: list[Path] = []
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.is_file():
-            files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-            break
-    if not files:
-        for name in ("model.safetensors", "pytorch_model.bin"):
-            if (folder / name).is_file():
-                files = [folder / name]
-                break
-    if not files:
-        raise EncoderError(f"{folder} holds no model.safetensors or pytorch_model.bin")
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(_unwrap_state_dict(load_checkpoint(f), str(f)))
-    return sd, hf_cfg
-
-
 def read_encoder_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, list[Path]]:
     """Read encoder weights from a file or a Hugging Face folder → (flat DINOv2 state dict, overrides
     for :class:`shared.vit.ViTConfig`, files read)."""
@@ -260,14 +173,11 @@ def read_encoder_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
         raise EncoderError(f"image encoder weights {path} do not exist")
     overrides: dict = {}
     if path.is_dir():
-        raw, hf_cfg = _read_hf_folder(path)
-        files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
-        if hf_cfg.get("num_attention_heads"):  # head count is not visible in the tensor shapes
-            overrides["num_heads"] = int(hf_cfg["num_attention_heads"])
-        if abs(float(hf_cfg.get("layer_norm_eps", 1e-6)) - 1e-6) > 1e-12:
-            raise EncoderError(f"{path}: layer_norm_eps {hf_cfg['layer_norm_eps']} differs from DINOv2's 1e-6")
-        if hf_cfg.get("hidden_act", "gelu") != "gelu":
-            raise EncoderError(f"{path}: activation {hf_cfg['hidden_act']!r} is not supported (DINOv2 uses gelu)")
+        try:  # the Hugging Face mapping lives in shared/ (pretrain's export writes the same folders)
+            raw, hf_cfg, files = read_hf_folder(path)
+            overrides.update(vit_config_from_hf(hf_cfg, str(path)))
+        except HFDinov2Error as exc:
+            raise EncoderError(str(exc)) from None
     else:
         try:
             raw = _unwrap_state_dict(load_checkpoint(path), str(path))
@@ -275,7 +185,10 @@ def read_encoder_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
             raise EncoderError(str(exc)) from None
         files = [path]
     if is_hf_dinov2_state_dict(raw):
-        raw = hf_dinov2_to_dinov2(raw)
+        try:
+            raw = hf_dinov2_to_dinov2(raw)
+        except HFDinov2Error as exc:
+            raise EncoderError(f"{path}: {exc}") from None
     sd = convert_state_dict(raw)
     if "patch_embed.proj.weight" not in sd:
         raise EncoderError(f"{path} holds no ViT backbone (no patch embedding): not DINOv2 weights")
@@ -383,8 +296,10 @@ def load_image_encoder(name: str = "dinov2_vitb14_reg4", weights: str | os.PathL
             f"the image encoder {name} needs local weights: pass --image-encoder-weights PATH with the "
             "official DINOv2 state dict (e.g. dinov2_vitb14_reg4_pretrain.pth from the DINOv2 release), a timm "
             "checkpoint, or a Hugging Face folder saved from facebook/dinov2-with-registers-base "
-            "(Dinov2WithRegistersModel.from_pretrained(...).save_pretrained(DIR)). Nothing is downloaded. "
+            "(Dinov2WithRegistersModel.from_pretrained(...).save_pretrained(DIR)), or where there is internet the hub "
+            "id facebook/dinov2-with-registers-base. "
             "For tests and demos only: --image-encoder random.")
+    weights = resolve_model_path(weights)  # a hub id → its local snapshot where there is internet
     if is_pretrain_image_export(weights):
         return _load_pretrain_image_export(name, Path(weights), dtype, device)
     sd, overrides, files = read_encoder_weights(weights)
@@ -412,8 +327,8 @@ def load_depth_encoder(ckpt: str | os.PathLike | None, dtype: str = "fp32",
     if not ckpt:
         raise EncoderError(f"--ckpt is required: the {EXPECTED_DEPTH_ARCH} written by "
                            "`python -m pretrain.export --ckpt RUN --out dinodepth.pth`")
-    path = Path(ckpt)
-    if not path.is_file():
+    path = resolve_model_path(ckpt)  # a hub id → its local snapshot; a folder = a Hugging Face export
+    if not path.exists():
         raise EncoderError(f"DINO-Depth checkpoint {path} does not exist (expected the {EXPECTED_DEPTH_ARCH})")
     from shared.encoder_export import load_dinodepth
 
@@ -427,7 +342,7 @@ def load_depth_encoder(ckpt: str | os.PathLike | None, dtype: str = "fp32",
                            f"has 1 (expected the {EXPECTED_DEPTH_ARCH})")
     if input_norm.get("modality", "depth") != "depth":
         raise EncoderError(f"{path}: input_norm says modality {input_norm.get('modality')!r}, not a depth encoder")
-    info = EncoderInfo("dino_depth", str(path), file_sha256(path), backbone.cfg.to_dict(), dict(input_norm))
+    info = EncoderInfo("dino_depth", str(path), export_sha256(path), backbone.cfg.to_dict(), dict(input_norm))
     return FrozenEncoder(backbone, info, dtype).to(device)
 
 
@@ -444,8 +359,8 @@ def load_random_depth_encoder(like: str | os.PathLike | None = None, dtype: str 
     from shared.encoder_export import default_depth_input_norm
 
     if like:
-        path = Path(like)
-        if not path.is_file():
+        path = resolve_model_path(like)
+        if not path.exists():
             raise EncoderError(f"DINO-Depth checkpoint {path} does not exist (its architecture defines the random "
                                "depth encoder; without --ckpt a ViT-S/14 with one input channel is used)")
         from shared.encoder_export import load_dinodepth

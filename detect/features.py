@@ -9,18 +9,25 @@ Cache entries live in ``<cache_dir>/<instance>-<key>/`` where the key hashes the
 sha256, every preprocessing setting and the view stems plus each source file's size and mtime; a
 stale entry simply gets a new key and is rebuilt. Entries are written to a temporary folder and
 renamed when complete, so an interrupted extraction never leaves a half entry behind.
+
+One protocol (:func:`read_entry`, :func:`writing_entry`, :func:`payload_key`) serves two entry layouts:
+:class:`FeatureCache` (both modalities of the N views of one multiview instance) and :class:`TokenCache`
+(one modality of the M samples of a single-view class, ``<cache_dir>/<dataset>-<class>-<role>-<modality>-<key>/``),
+because a single-view run encodes only the modalities its scoring uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -38,6 +45,8 @@ from detect.preprocess import (
 )
 
 CACHE_FORMAT_VERSION = 1
+TOKEN_CACHE_VERSION = 1  # single-view entries
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,17 +153,8 @@ class FeatureExtractor:
         if (geom.height, geom.width) != (dgeom.height, dgeom.width):
             raise ValueError(f"image {geom.height}×{geom.width} and depth {dgeom.height}×{dgeom.width} are not "
                              "pixel-aligned (different sizes)")
-        if s.depth_encoder == "dinov2_on_depth":
-            # The normalised depth, replicated to 3 channels and normalised with the image constants.
-            x = dep.expand(3, -1, -1)
-            if s.image_norm == "gray":
-                dep_in = (x - GRAY_MEAN) / GRAY_STD
-            else:
-                dep_in = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        else:
-            dep_in = dep
         valid_input = dep if s.depth_size == s.image_size else None
-        return {"image": img, "depth": dep_in.contiguous(), "depth_plain": dep, "geometry": geom,
+        return {"image": img, "depth": depth_network_input(dep, s), "depth_plain": dep, "geometry": geom,
                 "valid_input": valid_input}
 
     def encode_batch(self, images: torch.Tensor, depths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,25 +165,82 @@ class FeatureExtractor:
         return img_tokens, dep_tokens
 
     def token_valid(self, depth_plain: torch.Tensor) -> torch.Tensor:
-        """Tokens whose patch (on the image grid) is ≥ 50 % valid depth."""
-        size = self.settings.image_size
-        if depth_plain.shape[-1] != size:
-            depth_plain = torch.nn.functional.interpolate(depth_plain[None], size=(size, size), mode="nearest")[0]
-        return token_validity(depth_plain, size // self.grid[0])
+        return token_valid(depth_plain, self.settings.image_size, self.grid)
 
 
-def _file_signature(path: str) -> list:
+def depth_network_input(dep: torch.Tensor, s: FeatureSettings) -> torch.Tensor:
+    """The depth encoder's input: the normalised depth, or for ``dinov2_on_depth`` the normalised depth
+    replicated to 3 channels and normalised with the image constants."""
+    if s.depth_encoder != "dinov2_on_depth":
+        return dep.contiguous()
+    x = dep.expand(3, -1, -1)
+    if s.image_norm == "gray":
+        out = (x - GRAY_MEAN) / GRAY_STD
+    else:
+        out = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return out.contiguous()
+
+
+def token_valid(depth_plain: torch.Tensor, image_size: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Tokens whose patch (on the image grid) is ≥ 50 % valid depth."""
+    if depth_plain.shape[-1] != image_size:
+        depth_plain = torch.nn.functional.interpolate(depth_plain[None], size=(image_size, image_size),
+                                                      mode="nearest")[0]
+    return token_validity(depth_plain, image_size // grid[0])
+
+
+# -- the one on-disk protocol of both token caches -------------------------------------------------
+def file_signature(path: str | os.PathLike, full_path: bool = False) -> list:
+    """(name, size, mtime) of a source file: a changed file changes the cache key."""
+    name = str(path) if full_path else os.path.basename(path)
     try:
         st = os.stat(path)
-        return [os.path.basename(path), st.st_size, int(st.st_mtime_ns)]
+        return [name, st.st_size, int(st.st_mtime_ns)]
     except OSError:
-        return [os.path.basename(path), None, None]
+        return [name, None, None]
+
+
+def payload_key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def read_entry(entry: Path | None, load: Callable[[Path], T]) -> T | None:
+    """A complete entry (its ``meta.json`` is written last) loaded by ``load``; None when absent. An
+    unreadable entry is removed, to be rebuilt."""
+    if entry is None or not (entry / "meta.json").is_file():
+        return None
+    try:
+        return load(entry)
+    except (OSError, ValueError, KeyError):
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+@contextlib.contextmanager
+def writing_entry(entry: Path | None) -> Iterator[Path | None]:
+    """A temporary folder next to ``entry`` (None: no cache) that becomes ``entry`` when the block
+    completes, so an interrupted extraction never leaves a half entry; if another process finished the
+    same entry first, theirs is kept."""
+    if entry is None:
+        yield None
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+    try:
+        yield tmp
+        if entry.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            os.replace(tmp, entry)
+        tmp = None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cache_key(fingerprint: dict, instance_id: str, views: Sequence[ViewSource]) -> str:
-    payload = {"fp": fingerprint, "instance": instance_id,
-               "views": [[v.stem, [_file_signature(f) for f in v.files]] for v in views]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return payload_key({"fp": fingerprint, "instance": instance_id,
+                        "views": [[v.stem, [file_signature(f) for f in v.files]] for v in views]})
 
 
 class FeatureCache:
@@ -210,13 +267,10 @@ class FeatureCache:
 
     def get(self, instance_id: str, views: Sequence[ViewSource]) -> InstanceFeatures:
         entry = self.entry_dir(instance_id, views)
-        if entry is not None and (entry / "meta.json").is_file():
-            try:
-                feats = self._load(entry)
-                self.hits += 1
-                return feats
-            except (OSError, ValueError, KeyError):
-                shutil.rmtree(entry, ignore_errors=True)  # unreadable entry: rebuild
+        feats = read_entry(entry, self._load)
+        if feats is not None:
+            self.hits += 1
+            return feats
         self.misses += 1
         return self._compute(instance_id, views, entry)
 
@@ -232,18 +286,17 @@ class FeatureCache:
         ex = self.extractor
         n, t = len(views), ex.n_tokens
         c_img, c_dep = ex.dims
-        tmp_dir = None
-        if entry is not None:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp_dir = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
-            image = np.lib.format.open_memmap(tmp_dir / "image.npy", mode="w+", dtype=self.np_dtype, shape=(n, t, c_img))
-            depth = np.lib.format.open_memmap(tmp_dir / "depth.npy", mode="w+", dtype=self.np_dtype, shape=(n, t, c_dep))
-        else:
-            image = np.empty((n, t, c_img), dtype=self.np_dtype)
-            depth = np.empty((n, t, c_dep), dtype=self.np_dtype)
-        valid = np.zeros((n, t), dtype=bool)
-        geoms: list[ViewGeometry] = []
-        try:
+        with writing_entry(entry) as tmp_dir:
+            if tmp_dir is not None:
+                image = np.lib.format.open_memmap(tmp_dir / "image.npy", mode="w+", dtype=self.np_dtype,
+                                                  shape=(n, t, c_img))
+                depth = np.lib.format.open_memmap(tmp_dir / "depth.npy", mode="w+", dtype=self.np_dtype,
+                                                  shape=(n, t, c_dep))
+            else:
+                image = np.empty((n, t, c_img), dtype=self.np_dtype)
+                depth = np.empty((n, t, c_dep), dtype=self.np_dtype)
+            valid = np.zeros((n, t), dtype=bool)
+            geoms: list[ViewGeometry] = []
             for start in range(0, n, ex.batch_size):
                 batch = views[start:start + ex.batch_size]
                 prepared = []
@@ -273,12 +326,122 @@ class FeatureCache:
                     "geometries": [g.to_dict() for g in geoms], "fingerprint": ex.fingerprint(),
                     "dtype": np.dtype(self.np_dtype).name}
             (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
-            if entry.exists():  # another process finished first: keep theirs
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+        return self._load(entry)
+
+
+# -- single view: per-modality tokens of M samples, same cache protocol -----------------------------
+@dataclass
+class ModalityTokens:
+    """Cached tokens of a list of samples for one modality: (M, T, c), validity (M, T) for depth."""
+
+    tokens: np.ndarray
+    valid: np.ndarray | None
+    geometries: list  # ViewGeometry per sample
+    names: list[str]
+
+    def tensor(self, index: int | slice | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+        x = self.tokens if index is None else self.tokens[index]
+        return torch.from_numpy(np.array(x, dtype=np.float32)).to(device)
+
+
+class ModalityEncoder:
+    """Preprocess and encode one modality (same preprocessing as :class:`detect.features.FeatureExtractor`)."""
+
+    def __init__(self, modality: str, encoder: FrozenEncoder, settings, grid: tuple[int, int],
+                 batch_size: int = 4) -> None:
+        if modality not in ("image", "depth"):
+            raise ValueError(f"modality must be 'image' or 'depth', got {modality!r}")
+        self.modality, self.encoder, self.settings, self.grid = modality, encoder, settings, grid
+        self.batch_size = max(1, int(batch_size))
+
+    def fingerprint(self) -> dict:
+        return {"version": TOKEN_CACHE_VERSION, "modality": self.modality, "sha256": self.encoder.info.sha256,
+                "arch": self.encoder.info.arch, "settings": self.settings.to_dict(), "grid": list(self.grid)}
+
+    def prepare(self, x: np.ndarray) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        """(network input, geometry, plain normalised depth for validity or None)."""
+        s = self.settings
+        if self.modality == "image":
+            inp, geom = preprocess_image(x, s.image_size, s.image_norm, s.pad_mode)
+            return inp, geom, None
+        dep, geom = preprocess_depth(x, s.depth_size, s.depth_norm, s.depth_eps, s.depth_pct, s.pad_mode,
+                                     s.depth_kind)
+        return depth_network_input(dep, s), geom, dep
+
+    def encode(self, inputs: torch.Tensor) -> torch.Tensor:
+        tokens, g = self.encoder(inputs)
+        if tuple(g) != tuple(self.grid):
+            tokens = resample_tokens(tokens, g, self.grid)
+        return tokens
+
+    def validity(self, dep: torch.Tensor) -> np.ndarray:
+        return token_valid(dep, self.settings.image_size, self.grid).numpy()
+
+
+class TokenCache:
+    """Encode-once store of per-modality tokens of a list of single-view samples
+    (``<cache>/<dataset>-<class>-<role>-<modality>-<key>/``)."""
+
+    def __init__(self, cache_dir: Path | None, dtype: str = "fp32") -> None:
+        self.cache_dir = cache_dir
+        self.np_dtype = np.float16 if dtype == "fp16" else np.float32
+
+    def get(self, enc: ModalityEncoder, ds, records: Sequence, tag: str, extra_key: dict,
+            progress: Callable[[int], None] | None = None) -> ModalityTokens:
+        """Tokens of ``records`` (single-view samples of ``ds``) for ``enc``'s modality, from the cache or
+        encoded now; ``tag`` names the entry, ``extra_key`` (dataset options) enters its key."""
+        files = [r.views[0].image_path if enc.modality == "image" else r.views[0].depth_path for r in records]
+        key = payload_key({"fp": enc.fingerprint(), "extra": extra_key, "dtype": np.dtype(self.np_dtype).name,
+                           "samples": [[r.name, file_signature(f, full_path=True)] for r, f in zip(records, files)]})
+        entry = self.cache_dir / f"{tag}-{enc.modality}-{key}" if self.cache_dir is not None else None
+        tokens = read_entry(entry, self.load)
+        if tokens is not None:
+            if progress is not None:
+                progress(len(records))
+            return tokens
+        return self._compute(enc, ds, records, entry, progress)
+
+    def _compute(self, enc: ModalityEncoder, ds, records: Sequence, entry: Path | None,
+                 progress: Callable[[int], None] | None) -> ModalityTokens:
+        n, t, c = len(records), enc.grid[0] * enc.grid[1], enc.encoder.embed_dim
+        with writing_entry(entry) as tmp:
+            if tmp is not None:
+                tokens = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=self.np_dtype,
+                                                   shape=(n, t, c))
             else:
-                os.replace(tmp_dir, entry)
-            tmp_dir = None
-            return self._load(entry)
-        finally:
-            if tmp_dir is not None:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
+                tokens = np.empty((n, t, c), dtype=self.np_dtype)
+            valid = np.zeros((n, t), bool) if enc.modality == "depth" else None
+            geoms = []
+            for start in range(0, n, enc.batch_size):
+                batch = records[start:start + enc.batch_size]
+                inputs = []
+                for j, rec in enumerate(batch):
+                    view = ds.load_view(rec, 0, modalities=(enc.modality,))
+                    try:
+                        inp, geom, dep = enc.prepare(view.image if enc.modality == "image" else view.depth)
+                    except ValueError as exc:
+                        raise ValueError(f"{rec.class_name}/{rec.name}: {exc}") from None
+                    inputs.append(inp)
+                    geoms.append(geom)
+                    if valid is not None:
+                        valid[start + j] = enc.validity(dep)
+                tokens[start:start + len(batch)] = enc.encode(torch.stack(inputs)).cpu().numpy().astype(self.np_dtype)
+                if progress is not None:
+                    progress(len(batch))
+            names = [r.name for r in records]
+            if tmp is None:
+                return ModalityTokens(tokens, valid, geoms, names)
+            tokens.flush()
+            del tokens
+            if valid is not None:
+                np.save(tmp / "valid.npy", valid)
+            (tmp / "meta.json").write_text(json.dumps({"names": names, "geometries": [g.to_dict() for g in geoms],
+                                                       "modality": enc.modality}, indent=1))
+        return self.load(entry)
+
+    @staticmethod
+    def load(entry: Path) -> ModalityTokens:
+        meta = json.loads((entry / "meta.json").read_text())
+        valid = np.load(entry / "valid.npy") if (entry / "valid.npy").is_file() else None
+        return ModalityTokens(np.load(entry / "tokens.npy", mmap_mode="r"), valid,
+                              [ViewGeometry(**g) for g in meta["geometries"]], list(meta["names"]))

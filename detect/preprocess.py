@@ -203,3 +203,27 @@ def undo_geometry(values: torch.Tensor | np.ndarray, geom: ViewGeometry,
     # Bilinear interpolation is separable: rows first (size → H), then columns (size → W).
     rows_done = x[..., r0, :] * (1 - wr) + x[..., r1, :] * wr
     return (rows_done[..., c0] * (1 - wc) + rows_done[..., c1] * wc).numpy()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float, padding: str = "reflect") -> torch.Tensor:
+    """Separable Gaussian smoothing of (..., H, W) maps (truncated at 4σ); ``padding`` ``reflect``
+    (ModMap's maps) or ``zeros`` (CFM's filters, used by the CMDR-IAD scoring)."""
+    if sigma <= 0:
+        return maps
+    if padding not in ("reflect", "zeros"):
+        raise ValueError(f"padding must be 'reflect' or 'zeros', got {padding!r}")
+    radius = max(1, int(4.0 * sigma + 0.5))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    lead = maps.shape[:-2]
+    m = maps.reshape(-1, 1, *maps.shape[-2:])
+    if padding == "zeros":
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, 1, -1), padding=(0, radius))
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, -1, 1), padding=(radius, 0))
+    else:
+        m = torch.nn.functional.pad(m, (radius, radius, 0, 0), mode="reflect")
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, 1, -1))
+        m = torch.nn.functional.pad(m, (0, 0, radius, radius), mode="reflect")
+        m = torch.nn.functional.conv2d(m, k.view(1, 1, -1, 1))
+    return m.reshape(*lead, *maps.shape[-2:])

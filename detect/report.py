@@ -32,13 +32,13 @@ import csv
 import datetime
 import html
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote
 
+from detect.pipeline.results import fmt
 from shared.cli import ArgumentParser, fail, label_path, run_main
 from shared.io import atomic_write_text
 
@@ -100,11 +100,11 @@ def _href(target: Path, base: Path) -> str:
 
 
 def _fmt(value: str) -> str:
+    """A number read back from a results CSV cell, as the results tables show it."""
     try:
-        v = float(value)
+        return fmt(float(value))
     except (TypeError, ValueError):
         return "n/a"
-    return f"{v:.3f}" if math.isfinite(v) else "n/a"
 
 
 def png_size(path: Path) -> tuple[int, int]:

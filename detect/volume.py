@@ -26,29 +26,62 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.geometry import VoxelGrid
+from shared.geometry import DEPTH_TYPES, VoxelGrid, invert_rigid
 
 
-@dataclass
+@dataclass(frozen=True)
 class ViewCalibration:
-    """Intrinsics and camera-to-world pose of one view plus how to read its depth values.
+    """Calibration of one view, checked on construction (the SiM3D readers' ``ViewCalib``).
 
-    Any object with these attributes works where a calibration is expected (e.g. the SiM3D reader's
-    :class:`detect.data.sim3d.ViewCalib`)."""
+    ``K`` 3×3 pixels; ``T_c2w`` 4×4 camera-to-world (OpenCV axes: x right, y down, z forward);
+    ``depth_scale`` metres per stored depth unit; ``depth_type`` ``'z'`` (along the optical axis) or
+    ``'range'`` (along the ray); ``pixel_center`` 0.0 (OpenCV: integer coordinates are pixel centres) or
+    0.5; ``width``/``height`` the image size it belongs to (0: not known).
+    """
 
     K: np.ndarray
     T_c2w: np.ndarray
-    depth_scale: float = 1.0  # metres per stored depth unit
-    depth_type: str = "z"  # 'z' (along the optical axis) or 'range' (along the ray)
-    pixel_center: float = 0.0  # 0.0 = OpenCV integer pixel centres
+    depth_scale: float = 1.0
+    depth_type: str = "z"
+    pixel_center: float = 0.0
+    width: int = 0
+    height: int = 0
 
     def __post_init__(self) -> None:
-        self.K = np.asarray(self.K, dtype=np.float64).reshape(3, 3)
-        self.T_c2w = np.asarray(self.T_c2w, dtype=np.float64).reshape(4, 4)
-        if self.depth_type not in ("z", "range"):
-            raise ValueError(f"depth_type must be 'z' or 'range', got {self.depth_type!r}")
-        if not np.isfinite(self.K).all() or not np.isfinite(self.T_c2w).all():
-            raise ValueError("calibration contains non-finite values")
+        K = np.asarray(self.K, dtype=np.float64)
+        T = np.asarray(self.T_c2w, dtype=np.float64)
+        if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
+            raise ValueError(f"K must be a finite 3×3 intrinsic matrix with positive focal lengths, got {K!r}")
+        if not np.allclose(K[2], [0.0, 0.0, 1.0], atol=1e-9):
+            raise ValueError(f"K's last row must be [0, 0, 1], got {K[2]}")
+        if T.shape != (4, 4) or not np.isfinite(T).all():
+            raise ValueError(f"T_c2w must be a finite 4×4 matrix, got shape {T.shape}")
+        R = T[:3, :3]
+        if not np.allclose(T[3], [0, 0, 0, 1], atol=1e-9) or not np.allclose(R.T @ R, np.eye(3), atol=1e-4) \
+                or np.linalg.det(R) <= 0:
+            raise ValueError("T_c2w must be a rigid transform (orthonormal rotation with det +1, last row "
+                             "[0, 0, 0, 1]); a Blender/OpenGL pose needs the diag(1, -1, -1, 1) flip")
+        if int(self.width) < 0 or int(self.height) < 0:
+            raise ValueError(f"width/height must be positive (0: not known), got {self.width}×{self.height}")
+        if self.depth_type not in DEPTH_TYPES:
+            raise ValueError(f"depth_type must be one of {DEPTH_TYPES}, got {self.depth_type!r}")
+        if not float(self.depth_scale) > 0:
+            raise ValueError(f"depth_scale must be > 0, got {self.depth_scale}")
+        object.__setattr__(self, "K", K)
+        object.__setattr__(self, "T_c2w", T)
+        object.__setattr__(self, "width", int(self.width))
+        object.__setattr__(self, "height", int(self.height))
+        object.__setattr__(self, "depth_scale", float(self.depth_scale))
+        object.__setattr__(self, "pixel_center", float(self.pixel_center))
+
+    @property
+    def T_w2c(self) -> np.ndarray:
+        return invert_rigid(self.T_c2w)
+
+    @property
+    def center(self) -> np.ndarray:
+        """Camera centre in world coordinates."""
+        return self.T_c2w[:3, 3].copy()
 
 
 def _pixel_affine(calib: ViewCalibration, origin: np.ndarray, voxel_size: float) -> tuple[np.ndarray, np.ndarray]:

@@ -111,12 +111,15 @@ def sample_crop_params(height: int, width: int, scale: tuple[float, float], aug:
     return params
 
 
-def _grid_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid_coordinates(params: CropParams, size: int, rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Source positions (y, x) of the output pixel centres as *broadcastable* float64 arrays: (S, 1) /
     (1, S) when the window is not freely rotated (flips and quarter turns only permute the axes), both
-    (S, S) otherwise. Element for element the same arithmetic as a full (S, S) evaluation."""
+    (S, S) otherwise. Element for element the same arithmetic as a full (S, S) evaluation.
+    ``rows``: only those output rows (the same values as those rows of the full grid)."""
     centred = np.arange(size, dtype=np.float64) + 0.5 - size / 2
     b, a = centred[:, None], centred[None, :]  # b: rows (y), a: columns (x)
+    if rows is not None:
+        b = b[rows]
     if params.hflip:
         a = -a
     if params.vflip:
@@ -144,6 +147,31 @@ def source_coordinates(params: CropParams, size: int) -> tuple[np.ndarray, np.nd
 
 
 _BIG = np.float32(1e30)  # a finite stand-in for ±inf (values are ≪ 1e30; inf · 0 would be NaN)
+
+
+def _bilinear_taps(ys: np.ndarray, xs: np.ndarray, H: int, W: int) -> tuple[tuple, tuple]:
+    """Flat indices of the four bilinear neighbours (clamped to the map) and their float32 weights."""
+    yc, xc = ys - 0.5, xs - 0.5  # pixel-centre coordinates
+    y0f, x0f = np.floor(yc), np.floor(xc)
+    fy, fx = (yc - y0f).astype(np.float32), (xc - x0f).astype(np.float32)
+    row0 = np.clip(y0f, 0, H - 1).astype(np.intp) * W
+    row1 = np.clip(y0f + 1, 0, H - 1).astype(np.intp) * W
+    col0 = np.clip(x0f, 0, W - 1).astype(np.intp)
+    col1 = np.clip(x0f + 1, 0, W - 1).astype(np.intp)
+    taps = (row0 + col0, row0 + col1, row1 + col0, row1 + col1)  # full (h, w) from here on
+    gy, gx = 1 - fy, 1 - fx
+    return taps, (gy * gx, gy * fx, fy * gx, fy * fx)
+
+
+def _valid_weights(flat_valid: np.ndarray | None, taps: tuple, weights: tuple, shape: tuple) -> tuple:
+    """(validity of the taps or None, bilinear weights of the valid taps, their sum)."""
+    if flat_valid is None:
+        masks = None
+        wm = [np.broadcast_to(w, shape) for w in weights]
+    else:
+        masks = [np.take(flat_valid, t) for t in taps]
+        wm = [w * m for w, m in zip(weights, masks)]  # bilinear weights of the valid taps
+    return masks, wm, wm[0] + wm[1] + wm[2] + wm[3]
 
 
 def resample(values: np.ndarray, valid: np.ndarray | None, ys: np.ndarray, xs: np.ndarray,
@@ -182,23 +210,8 @@ def resample(values: np.ndarray, valid: np.ndarray | None, ys: np.ndarray, xs: n
         return out, np.array(ok)
     if interp != "masked_bilinear":
         raise ValueError(f"unknown interpolation {interp!r}: use 'masked_bilinear' or 'nearest' (never bicubic on depth)")
-    yc, xc = ys - 0.5, xs - 0.5  # pixel-centre coordinates
-    y0f, x0f = np.floor(yc), np.floor(xc)
-    fy, fx = (yc - y0f).astype(np.float32), (xc - x0f).astype(np.float32)
-    row0 = np.clip(y0f, 0, H - 1).astype(np.intp) * W
-    row1 = np.clip(y0f + 1, 0, H - 1).astype(np.intp) * W
-    col0 = np.clip(x0f, 0, W - 1).astype(np.intp)
-    col1 = np.clip(x0f + 1, 0, W - 1).astype(np.intp)
-    taps = (row0 + col0, row0 + col1, row1 + col0, row1 + col1)  # full (h, w) from here on
-    gy, gx = 1 - fy, 1 - fx
-    weights = (gy * gx, gy * fx, fy * gx, fy * fx)
-    if flat_valid is None:
-        masks = None
-        wm = [np.broadcast_to(w, shape) for w in weights]
-    else:
-        masks = [np.take(flat_valid, t) for t in taps]
-        wm = [w * m for w, m in zip(weights, masks)]  # bilinear weights of the valid taps
-    wsum = wm[0] + wm[1] + wm[2] + wm[3]
+    taps, weights = _bilinear_taps(ys, xs, H, W)
+    masks, wm, wsum = _valid_weights(flat_valid, taps, weights, shape)
     ok = inside & (wsum >= 0.5)
     safe = wsum + (wsum == 0)  # = np.where(wsum > 0, wsum, 1): wsum ≥ 0, and x + 0 = x exactly
     out = np.zeros((C, *shape), dtype=np.float32)
@@ -232,6 +245,65 @@ def warp_crop(values: np.ndarray, valid: np.ndarray | None, params: CropParams, 
     ys, xs = _grid_coordinates(params, size)
     out, ok = resample(values, valid, ys, xs, interp, edge_thresh)
     return out, np.ascontiguousarray(np.broadcast_to(ok, (size, size)))
+
+
+def crop_valid_fraction_reaches(valid: np.ndarray, params: CropParams, size: int, interp: str,
+                                threshold: float, blocks: int = 16) -> bool:
+    """Whether ``warp_crop(values, valid, params, size, interp)[1].mean() >= threshold`` — the same
+    decision, without warping any value.
+
+    The validity of an output pixel depends only on its own source position, so it is evaluated on
+    interleaved blocks of output rows (the same arithmetic as :func:`resample`, element for element);
+    the answer is yes as soon as the pixels counted so far reach the threshold (a lower bound of the
+    full count), so a crop well above it costs one block. This is what lets the loader draw crop
+    parameters, redraws included, without making the crops (``pretrain/device_augment.py``)."""
+    H, W = valid.shape
+    flat_valid = valid.reshape(H * W)
+    n = size * size
+    count = 0
+    for first in range(blocks):
+        y, x = _grid_coordinates(params, size, slice(first, None, blocks))  # those output rows only
+        shape = np.broadcast_shapes(y.shape, x.shape)
+        inside = ((y >= 0) & (y <= H)) & ((x >= 0) & (x <= W))
+        if interp == "nearest":
+            index = (np.clip(np.floor(y), 0, H - 1).astype(np.intp) * W
+                     + np.clip(np.floor(x), 0, W - 1).astype(np.intp))
+            ok = np.broadcast_to(inside, shape) & np.take(flat_valid, index)
+        elif interp == "masked_bilinear":
+            taps, weights = _bilinear_taps(y, x, H, W)
+            _, _, wsum = _valid_weights(flat_valid, taps, weights, shape)
+            ok = inside & (wsum >= 0.5)
+        else:
+            raise ValueError(f"unknown interpolation {interp!r}: use 'masked_bilinear' or 'nearest'")
+        count += int(np.count_nonzero(ok))
+        if count / n >= threshold:  # = np.mean of the bool crop (exact count / n, correctly rounded)
+            return True
+    return False
+
+
+def draw_crop_params(valid: np.ndarray, size: int, scale: tuple[float, float], aug: AugConfig,
+                     rng: np.random.Generator, interp: str) -> CropParams:
+    """The parameters :func:`make_crop` ends with (same generator draws, same redraw decisions), for
+    a depth map whose validity is ``valid``, without warping."""
+    H, W = valid.shape
+    for attempt in range(_MAX_CROP_TRIES):
+        params = sample_crop_params(H, W, scale, aug, rng)
+        if attempt == _MAX_CROP_TRIES - 1:  # the last try is kept whatever its validity
+            break
+        if crop_valid_fraction_reaches(valid, params, size, interp, aug.min_crop_valid):
+            break
+    return params
+
+
+def depth_crop_params(valid: np.ndarray, crops: CropsConfig, aug: AugConfig,
+                      rng: np.random.Generator) -> tuple[list[CropParams], list[CropParams]]:
+    """(global, local) crop parameters of one depth sample: exactly those :func:`depth_multicrop`
+    warps with the same generator."""
+    g = [draw_crop_params(valid, crops.global_crops_size, tuple(crops.global_crops_scale), aug, rng, aug.interp)
+         for _ in range(2)]
+    loc = [draw_crop_params(valid, crops.local_crops_size, tuple(crops.local_crops_scale), aug, rng, aug.interp)
+           for _ in range(crops.local_crops_number)]
+    return g, loc
 
 
 def make_crop(values: np.ndarray, valid: np.ndarray | None, size: int, scale: tuple[float, float], aug: AugConfig,

@@ -48,6 +48,13 @@ def launch_parser() -> argparse.ArgumentParser:
 def export_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(description="Export the DINO-Depth teacher backbone of a training checkpoint.")
     parser.add_argument("--ckpt", required=True, help="training checkpoint, or a run directory (uses its latest)")
-    parser.add_argument("--out", required=True, help="output .pth (a .safetensors twin is written beside it)")
-    parser.add_argument("--no-safetensors", action="store_true", help="write only the .pth file")
+    parser.add_argument("--format", default="dinodepth", choices=["dinodepth", "hf", "timm"],
+                        help="dinodepth: our .pth (+ .safetensors twin); hf: a Hugging Face Dinov2Model folder "
+                             "(AutoModel.from_pretrained); timm: a timm folder (timm.create_model('local-dir:DIR', pretrained=True)). "
+                             "For hf/timm, --ckpt may also be a dinodepth.pth export")
+    parser.add_argument("--out", required=True,
+                        help="output .pth (a .safetensors twin is written beside it); a folder for --format hf/timm")
+    parser.add_argument("--no-safetensors", action="store_true", help="write only the .pth file (--format dinodepth)")
+    parser.add_argument("--results", default=None,
+                        help="JSON file of probe/detection results to put into the model card (hf/timm)")
     return parser

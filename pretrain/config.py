@@ -126,6 +126,10 @@ class AugConfig:
     edge_thresh: float = 0.05
     min_crop_valid: float = 0.05
     min_sample_valid: float = 0.01
+    # Where depth crops are warped: "device" = batched torch ops on the training device (workers send
+    # maps + crop parameters, pretrain/device_augment.py), "numpy" = in the loader workers; "auto" =
+    # device on CUDA, numpy otherwise. Same crops either way (bit-identical on CPU).
+    warp_on: Literal["auto", "device", "numpy"] = "auto"
 
 
 @dataclass

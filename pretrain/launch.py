@@ -12,7 +12,8 @@ Executor (``submitit.AutoExecutor``, folder ``slurm.folder`` or ``<train.output_
 ``%j`` in the folder becomes the job id):
 
 * SLURM: ``nodes``, ``tasks_per_node = gpus_per_node`` (``slurm.gpus_per_node`` is required: no
-  guessed default, unlike upstream's 8), ``cpus_per_task``, ``timeout_min`` (int),
+  guessed default, unlike upstream's 8; ``0`` submits a CPU job, one task per node),
+  ``cpus_per_task``, ``timeout_min`` (int),
   ``slurm_signal_delay_s`` (120), partition / account / qos / constraint / mem_gb passthrough,
   ``slurm.setup`` lines before ``srun``, ``slurm_max_num_timeout``.
 * ``--cluster local``: one process per visible GPU (``slurm.gpus_per_node`` may ask for fewer,
@@ -173,11 +174,13 @@ def executor_parameters(cfg: PretrainConfig, cluster: str, visible_gpus: int) ->
     if s.mem_gb is not None:
         params["mem_gb"] = s.mem_gb
     if cluster == "slurm":
-        if not s.gpus_per_node:
-            raise LaunchError("slurm.gpus_per_node is required for SLURM submissions (one task per GPU); "
-                              "upstream's default of 8 breaks on other machines")
-        params.update(nodes=s.nodes, gpus_per_node=s.gpus_per_node, tasks_per_node=s.gpus_per_node,
-                      slurm_signal_delay_s=s.signal_delay_s)
+        if s.gpus_per_node is None:
+            raise LaunchError("slurm.gpus_per_node is required for SLURM submissions (one task per GPU; 0: a CPU "
+                              "job with one task per node); upstream's default of 8 breaks on other machines")
+        # 0 GPUs (a CPU partition, as in tests/test_slurm_real.py): one task per node, no GPU request.
+        params.update(nodes=s.nodes, tasks_per_node=s.gpus_per_node or 1, slurm_signal_delay_s=s.signal_delay_s)
+        if s.gpus_per_node:
+            params["gpus_per_node"] = s.gpus_per_node
         for key in ("partition", "account", "qos", "constraint"):
             if getattr(s, key):
                 params[f"slurm_{key}"] = getattr(s, key)

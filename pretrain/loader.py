@@ -26,8 +26,9 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from pretrain.augment import MultiCrop, depth_multicrop, image_multicrop, image_to_float
+from pretrain.augment import MultiCrop, depth_crop_params, depth_multicrop, image_multicrop, image_to_float
 from pretrain.config import PretrainConfig
+from pretrain.device_augment import pack_sources
 from pretrain.masking import assign_masks, collate_mask_fields, masked_upper_bound
 from shared.depth import normalize_depth, stored_valid_range
 from shared.memory import keep_freed_memory
@@ -189,6 +190,27 @@ def crops_for_position(cfg: PretrainConfig, table: SampleSource, order, q: int) 
     """Crops of stream position q, the key used, and how many unusable samples were skipped.
 
     ``order``: the q → table index map (:func:`stream_order`)."""
+    values, valid, index, skipped = source_for_position(cfg, table, order, q)
+    rng = _rng(cfg.train.seed, _AUG_STREAM, q)
+    if cfg.data.modality == "image":
+        crops = image_multicrop(values, cfg.crops, cfg.aug, cfg.image_aug, rng)
+    else:
+        crops = depth_multicrop(values[0], valid, cfg.crops, cfg.aug, rng)
+    return crops, table.key(index), skipped
+
+
+def crop_params_for_position(cfg: PretrainConfig, table: SampleSource, order, q: int) -> tuple:
+    """What the training device needs to make the crops of stream position q (depth only):
+    ``(x (H, W) float32, valid (H, W), global CropParams, local CropParams, key, skipped)`` — the
+    parameters :func:`crops_for_position` would warp, redraws and replacements included."""
+    values, valid, index, skipped = source_for_position(cfg, table, order, q)
+    g, loc = depth_crop_params(valid, cfg.crops, cfg.aug, _rng(cfg.train.seed, _AUG_STREAM, q))
+    return values[0], valid, g, loc, table.key(index), skipped
+
+
+def source_for_position(cfg: PretrainConfig, table: SampleSource, order, q: int) -> tuple:
+    """(normalised input (C, H, W), valid (H, W) or None, table index used, unusable samples skipped)
+    of stream position q: unusable samples are replaced by draws keyed by (seed, q, attempt)."""
     seed = cfg.train.seed
     index = order(q)
     skipped = 0
@@ -203,12 +225,7 @@ def crops_for_position(cfg: PretrainConfig, table: SampleSource, order, q: int) 
                                     "(degenerate maps or valid fraction below aug.min_sample_valid)")
         index = int(_rng(seed, _REPLACE_STREAM, q, skipped).integers(len(table)))
     values, valid = prepared
-    rng = _rng(seed, _AUG_STREAM, q)
-    if cfg.data.modality == "image":
-        crops = image_multicrop(values, cfg.crops, cfg.aug, cfg.image_aug, rng)
-    else:
-        crops = depth_multicrop(values[0], valid, cfg.crops, cfg.aug, rng)
-    return crops, table.key(index), skipped
+    return values, valid, index, skipped
 
 
 # -- batches ---------------------------------------------------------------------------------------------
@@ -219,10 +236,20 @@ class MultiCropBatches(torch.utils.data.Dataset):
     ``local_crops`` (n·B, C, s, s): chunk j = local crop j of every sample; ``masks`` (2B, N) bool
     for the global crops (locals are never masked) plus the collated iBOT fields; ``keys`` (B) and
     ``positions`` (B) of the samples; ``skipped`` unusable samples replaced in this batch.
+
+    ``warp="device"`` (depth only): instead of the crops, the batch carries the normalised maps and the
+    crop parameters (:func:`pretrain.device_augment.pack_sources`); ``DeviceWarp`` makes the same
+    crops on the training device.
     """
 
     def __init__(self, cfg: PretrainConfig, table: SampleSource, global_batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> None:
+                 world_size: int = 1, warp: str = "numpy") -> None:
+        if warp not in ("numpy", "device"):
+            raise ValueError(f"warp must be 'numpy' or 'device' (resolve aug.warp_on first), got {warp!r}")
+        if warp == "device" and cfg.data.modality != "depth":
+            raise ValueError("the device warp makes depth crops; image mode (photometric augmentations) warps "
+                             "in the loader workers: set aug.warp_on=numpy")
+        self.warp = warp
         self.cfg = cfg
         self.table = table
         self.global_batch_size = global_batch_size
@@ -242,6 +269,8 @@ class MultiCropBatches(torch.utils.data.Dataset):
         cfg = self.cfg
         positions = [self.position_offset + q
                      for q in rank_positions(iteration, self.global_batch_size, self.rank, self.world_size)]
+        if self.warp == "device":
+            return self._device_batch(iteration, positions)
         samples = [crops_for_position(cfg, self.table, self.order, q) for q in positions]
         B = len(samples)
         global_crops = np.stack([s[0].global_crops[c] for c in range(2) for s in samples])
@@ -261,6 +290,24 @@ class MultiCropBatches(torch.utils.data.Dataset):
             "positions": torch.tensor(positions, dtype=torch.int64),
             "skipped": sum(s[2] for s in samples),
             "batch_size": B,
+        }
+        batch.update(collate_mask_fields(masks, self.upper_bound))
+        return batch
+
+    def _device_batch(self, iteration: int, positions: list[int]) -> dict:
+        cfg = self.cfg
+        samples = [crop_params_for_position(cfg, self.table, self.order, q) for q in positions]
+        masks = assign_masks(iteration, cfg.train.seed, self.global_batch_size, self.grid, self.rank, self.world_size,
+                             cfg.ibot.mask_sample_probability, tuple(cfg.ibot.mask_ratio_min_max))
+        batch = {
+            "iteration": iteration,
+            **pack_sources([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
+                           [s[3] for s in samples], cfg.crops.global_crops_size, cfg.crops.local_crops_size),
+            "masks": masks,
+            "keys": [s[4] for s in samples],
+            "positions": torch.tensor(positions, dtype=torch.int64),
+            "skipped": sum(s[5] for s in samples),
+            "batch_size": len(samples),
         }
         batch.update(collate_mask_fields(masks, self.upper_bound))
         return batch

@@ -24,6 +24,11 @@ resumes, or starts over, first drops the records of the iterations it is about t
 Resume is automatic when the run directory has a checkpoint (``--no-resume`` to start over) and
 bit-exact on CPU.
 
+This file holds the loop (:class:`Trainer`: optimizer, schedules, the iteration, signals) and the entry
+points (:func:`run_job`, :func:`main`); the model, its losses and the EMA are in :mod:`pretrain.ssl_model`,
+checkpoint files, resume and RNG state in :mod:`pretrain.checkpointing`, ``metrics.jsonl``, TensorBoard and
+the PCA pictures in :mod:`pretrain.monitor`.
+
 Distributed (§10): the process group comes from SLURM / torchrun / submitit variables
 (:func:`shared.distributed.init`, with a collective timeout ``dist.timeout_s``); the student is
 wrapped in DDP or sharded with FSDP2 (:mod:`pretrain.parallel`); rank r reads the stream positions
@@ -57,12 +62,9 @@ if __name__ == "__main__":  # --help and argument errors answer before the torch
     preparse(train_parser)
 
 import argparse
-import json
 import logging
 import math
 import os
-import random
-import re
 import signal
 import sys
 import threading
@@ -71,20 +73,31 @@ import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from pretrain import export as export_lib
 from pretrain import parallel
-from pretrain.augment import CropParams, warp_crop
+from pretrain.checkpointing import (
+    CHECKPOINT_FORMAT_VERSION,
+    compare_configs,
+    find_resume,
+    get_rng_state,
+    read_training_checkpoint,
+    set_rng_state,
+    write_checkpoint,
+)
 from pretrain.cli import train_parser
 from pretrain.config import PretrainConfig, validate
-from pretrain.heads import DINOHead
-from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table, prepare_sample
-from pretrain.losses import TeacherTargets, dino_loss_terms, ibot_loss, koleo_loss
+from pretrain.loader import MultiCropBatches, SampleSource, build_loader, open_sample_table
+from pretrain.monitor import (
+    MetricsLog,
+    fixed_eval_inputs,
+    iteration_record,
+    pca_feature_image,
+    write_pca_image,
+)
 from pretrain.optim import (
     apply_schedules,
     build_optimizer,
@@ -92,27 +105,15 @@ from pretrain.optim import (
     optimizer_state_by_name,
 )
 from pretrain.schedules import Schedules, build_schedules
+from pretrain.ssl_model import SSLModel, ema_update, loss_components, mean_entropy, teacher_targets
 from shared import distributed as dist_utils
-from shared.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from shared.checkpoint import CheckpointError
 from shared.cli import debug_enabled, fail, run_main
-from shared.config import ConfigError, from_dict, load_config, save_config, to_dict
+from shared.config import ConfigError, load_config, save_config, to_dict
 from shared.depth import DepthNormConfig
-from shared.io import atomic_write_text
-from shared.vit import ViTConfig, vit_from_config
+from shared.vit import vit_from_config
 
 log = logging.getLogger("pretrain")
-
-CHECKPOINT_FORMAT_VERSION = 1
-_CKPT_RE = re.compile(r"^checkpoint_(\d{8})\.pth$")
-# Temp files of shared.io.atomic_open left by a process killed mid-write (kill -9, node failure).
-_CKPT_TMP_RE = re.compile(r"^\.(checkpoint_\d{8}\.pth|latest)\..*\.tmp$")
-# Keys that may change between a run and its resumption without affecting the result.
-_RUNTIME_KEYS = {"train.stop_at_iteration", "train.num_workers", "train.progress", "train.log_period",
-                 "train.ckpt_period", "train.keep", "train.export_period", "train.eval_period", "train.device",
-                 "train.tensorboard", "train.output_dir", "train.compile", "train.eval_num_images"}
-# How the run is executed (world size, strategy, cluster) never changes its result beyond round-off.
-_RUNTIME_PREFIXES = ("dist.", "slurm.")
-
 
 # Exit status of `main` (module docstring); the SLURM script requeues on EXIT_REQUEUE.
 EXIT_OK, EXIT_ERROR, EXIT_NONFINITE, EXIT_DIST_FAILURE, EXIT_REQUEUE = 0, 1, 2, 3, 75
@@ -123,89 +124,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 class NonFiniteLossError(RuntimeError):
     """A loss component or gradient norm became NaN or inf (``train.on_nonfinite: error``)."""
-
-
-# -- model ----------------------------------------------------------------------------------------------
-class SSLModel(nn.Module):
-    """Backbone + DINO head (+ separate iBOT head): the student, and (a copy of it) the teacher.
-
-    ``forward`` is the student path (the module DDP will wrap); :meth:`teacher_logits` the teacher's.
-    """
-
-    def __init__(self, vit_cfg: ViTConfig, cfg: PretrainConfig) -> None:
-        super().__init__()
-        self.backbone = vit_from_config(vit_cfg)
-        d = cfg.dino
-        dim = vit_cfg.embed_dim
-        self.dino_head = DINOHead(dim, d.head_n_prototypes, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)
-        self.ibot_head: DINOHead | None = None
-        if cfg.ibot.separate_head:
-            k = cfg.ibot.head_n_prototypes or d.head_n_prototypes
-            self.ibot_head = DINOHead(dim, k, d.head_nlayers, d.head_hidden_dim, d.head_bottleneck_dim)
-
-    def _heads(self, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
-        if self.ibot_head is None:  # shared head: one pass over [cls; masked patches]
-            logits = self.dino_head(torch.cat([cls_tokens, patch_tokens]))
-            return logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0]:]
-        return self.dino_head(cls_tokens), self.ibot_head(patch_tokens)
-
-    def forward(self, global_crops: Tensor, local_crops: Tensor, masks: Tensor, mask_indices: Tensor) -> dict:
-        """Student: masked globals, then locals → cls logits (globals first, crop-major), masked-patch
-        logits (rows in ``mask_indices`` order) and the global cls tokens (for KoLeo)."""
-        g = self.backbone(global_crops, masks=masks)
-        cls_global = g["x_norm_clstoken"]
-        patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-        cls = cls_global
-        if local_crops.shape[0]:
-            cls = torch.cat([cls_global, self.backbone(local_crops)["x_norm_clstoken"]])
-        cls_logits, patch_logits = self._heads(cls, patches)
-        return {"cls_logits": cls_logits, "patch_logits": patch_logits, "cls_global": cls_global}
-
-    @torch.no_grad()
-    def teacher_logits(self, global_crops: Tensor, mask_indices: Tensor) -> tuple[Tensor, Tensor]:
-        """Teacher: unmasked globals → (cls logits (2B, K), patch logits at the masked positions (M, K))."""
-        g = self.backbone(global_crops)
-        patches = g["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices)
-        return self._heads(g["x_norm_clstoken"], patches)
-
-
-@torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """θ_t ← m·θ_t + (1 − m)·θ_s over every parameter (fp32); buffers are not averaged."""
-    t_params = [p for p in teacher.parameters()]
-    s_params = [p.detach() for p in student.parameters()]
-    torch._foreach_mul_(t_params, momentum)
-    torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-
-
-def _mean_entropy(probs: Tensor) -> float:
-    return float(-(probs * torch.log(probs.clamp_min(1e-30))).sum(dim=-1).mean()) if probs.numel() else float("nan")
-
-
-# -- RNG state (weights_only-safe: lists and tensors, no numpy arrays) ------------------------------------
-def get_rng_state() -> dict:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    np_s = state["numpy"]
-    np.random.set_state(("MT19937", np_s["key"].numpy().astype(np.uint32), np_s["pos"], np_s["has_gauss"],
-                         np_s["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # -- trainer ------------------------------------------------------------------------------------------------
@@ -256,10 +174,7 @@ class Trainer:
         dist_utils.broadcast_module(self.student)
         dist_utils.broadcast_module(self.teacher)
 
-        k_dino = cfg.dino.head_n_prototypes
-        k_ibot = (cfg.ibot.head_n_prototypes or k_dino) if cfg.ibot.separate_head else k_dino
-        self.dino_targets = TeacherTargets(k_dino, cfg.train.centering, cfg.train.center_momentum).to(self.device)
-        self.ibot_targets = TeacherTargets(k_ibot, cfg.train.centering, cfg.train.center_momentum).to(self.device)
+        self.dino_targets, self.ibot_targets = teacher_targets(cfg, self.device)
 
         if cfg.train.compile:
             self.student.backbone.compile()
@@ -291,9 +206,9 @@ class Trainer:
         self._stop_signal: int | None = None  # set by the signal handler of this rank
         self._stop_agreed = False  # some rank got a stop signal (all-reduced each iteration)
         self._last_ckpt_iteration: int | None = None
-        self._tb = None
+        self.metrics_log = MetricsLog(self.out_dir, self.is_main)
 
-        resume_path = self._find_resume(resume)
+        resume_path = find_resume(self.out_dir, resume)
         if resume_path is not None:
             self.load_checkpoint(resume_path, allow_data_change=allow_data_change)
         self.dataset = MultiCropBatches(cfg, self.table, self.global_batch_size, self.rank, self.world_size)
@@ -312,16 +227,6 @@ class Trainer:
         if device.type == "cuda" and device.index is None:  # this rank's GPU (set by shared.distributed.init)
             device = torch.device("cuda", torch.cuda.current_device())
         return device
-
-    def _find_resume(self, resume: bool | str) -> Path | None:
-        if isinstance(resume, (str, Path)) and str(resume) not in ("", "auto"):
-            return export_lib.resolve_checkpoint_path(resume)
-        if resume is False:
-            return None
-        pointer = self.ckpt_dir / "latest"
-        if pointer.is_file():
-            return export_lib.resolve_checkpoint_path(self.out_dir)
-        return None
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -392,55 +297,13 @@ class Trainer:
         self._last_ckpt_iteration = self.iteration
         if not self.is_main:
             return None
-        name = f"checkpoint_{self.iteration:08d}.pth"
-        try:
-            path = save_checkpoint(state, self.ckpt_dir / name)
-            atomic_write_text(self.ckpt_dir / "latest", name + "\n")
-        except OSError as exc:  # disk full, quota, permissions: the previous checkpoint stays intact
-            previous = self._latest_name()
-            raise CheckpointError(
-                f"could not write checkpoint {self.ckpt_dir / name}: {exc.strerror or exc}; nothing was "
-                f"replaced, the latest checkpoint is still {previous or 'none'}; free space and rerun to "
-                "resume") from exc
-        self._last_ckpt_iteration = self.iteration
-        existing = sorted(p for p in self.ckpt_dir.iterdir() if _CKPT_RE.match(p.name))
-        for old in existing[: max(0, len(existing) - max(1, self.cfg.train.keep))]:
-            old.unlink(missing_ok=True)
-        # Only this rank writes here, and its writes are complete: any temp file is a killed write's.
-        for stale in (p for p in self.ckpt_dir.iterdir() if _CKPT_TMP_RE.match(p.name)):
-            stale.unlink(missing_ok=True)
-        log.info("checkpoint %s", path)
-        return path
-
-    def _latest_name(self) -> str | None:
-        try:
-            return (self.ckpt_dir / "latest").read_text().strip() or None
-        except OSError:
-            return None
-
-    def _truncate_metrics(self, iteration: int) -> None:
-        """Drop the ``metrics.jsonl`` records of iterations ≥ ``iteration``, where this run starts.
-
-        A run killed after logging but before its next checkpoint repeats those iterations when it
-        resumes (or starts over): without this the log would hold them twice (and a line cut by a
-        crash would break every JSON-lines reader). Rank 0; the rewrite is atomic."""
-        path = self.out_dir / "metrics.jsonl"
-        if not self.is_main or not path.is_file():
-            return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if _logged_before(line, iteration)]
-        if len(kept) < len(lines):
-            atomic_write_text(path, "".join(f"{line}\n" for line in kept))
-            log.info("metrics.jsonl: dropped %d record(s) of iterations >= %d (recomputed after the resume)",
-                     len(lines) - len(kept), iteration)
+        return write_checkpoint(self.ckpt_dir, self.iteration, state, self.cfg.train.keep)
 
     def load_checkpoint(self, path: Path, allow_data_change: bool = False) -> None:
-        ckpt = load_checkpoint(path, map_location="cpu")
-        if ckpt.get("format_version") != CHECKPOINT_FORMAT_VERSION or "student" not in ckpt:
-            raise CheckpointError(f"{path} is not a DINO-Depth training checkpoint")
+        ckpt = read_training_checkpoint(path)
         saved_cfg = dict(ckpt["config"])
         runtime = saved_cfg.pop("runtime", {})
-        self._compare_configs(saved_cfg, same_global_batch=runtime.get("global_batch_size") == self.global_batch_size)
+        compare_configs(self.cfg, saved_cfg, same_global_batch=runtime.get("global_batch_size") == self.global_batch_size)
         data_state = ckpt["data_state"]
         if data_state["fingerprint"] != self.fingerprint and not allow_data_change:
             raise CheckpointError(f"the sample table changed since {path} was written (fingerprint "
@@ -479,21 +342,6 @@ class Trainer:
         self._last_ckpt_iteration = self.iteration
         log.info("resumed from %s at iteration %d", path, self.iteration)
 
-    def _compare_configs(self, saved: dict, same_global_batch: bool = False) -> None:
-        current = to_dict(self.cfg)
-        # A different world size at the same G changes B = G / W: expected, not worth a warning.
-        ignored = {"train.batch_size_per_gpu"} if same_global_batch else set()
-        try:
-            from_dict(PretrainConfig, saved)
-        except ConfigError as exc:
-            warnings.warn(f"checkpoint config does not parse with this code version: {exc}", stacklevel=3)
-        diffs = [k for k in _flatten_keys(current) | _flatten_keys(saved)
-                 if k not in _RUNTIME_KEYS and k not in ignored and not k.startswith(_RUNTIME_PREFIXES)
-                 and _lookup(current, k) != _lookup(saved, k)]
-        if diffs:
-            warnings.warn("resuming with a config that differs from the checkpoint's in: " + ", ".join(sorted(diffs)),
-                          stacklevel=3)
-
     # -- one iteration ----------------------------------------------------------------------------------------
     def train_step(self, batch: dict, it: int) -> dict:
         """Forward, losses, guard, backward, clip, step, EMA, centers. Returns the iteration's metrics."""
@@ -520,19 +368,8 @@ class Trainer:
         # Student.
         with self._autocast():
             out = self.student_forward(globals_, locals_, masks, mask_indices)
-        s_cls = out["cls_logits"].float()
-        dino_local, dino_global = dino_loss_terms(list(s_cls.chunk(n_crops)), list(p_cls.chunk(2)), cfg.train.student_temp)
-        ibot = ibot_loss(out["patch_logits"].float(), p_patch, masks, cfg.train.student_temp, token_weights=mask_weights)
-        if cfg.dino.koleo_loss_weight > 0:
-            cls_g = out["cls_global"]
-            koleo = koleo_loss(cls_g[:B]) + koleo_loss(cls_g[B:])
-        else:
-            koleo = s_cls.new_zeros(())
-        dino = dino_local + dino_global
-        total = cfg.dino.loss_weight * dino + cfg.ibot.loss_weight * ibot + cfg.dino.koleo_loss_weight * koleo
-
-        components = {"dino_local": dino_local, "dino_global": dino_global, "ibot": ibot, "koleo": koleo,
-                      "total": total}
+        components = loss_components(cfg, out, p_cls, p_patch, masks, mask_weights, n_crops)
+        total = components["total"]
         # One small all-reduce per iteration: the rank-mean of the components (what the gradient
         # average optimises: the global-batch loss) plus "some rank got a stop signal". Every rank then
         # takes the same decisions (skip / stop on a non-finite loss, checkpoint and exit on a signal);
@@ -578,9 +415,9 @@ class Trainer:
         return {
             **values,
             "grad_norm": grad_norms,
-            "teacher_entropy": _mean_entropy(p_cls),
+            "teacher_entropy": mean_entropy(p_cls),
             "teacher_distinct_prototypes": int(p_cls.argmax(dim=-1).unique().numel()),
-            "ibot_teacher_entropy": _mean_entropy(p_patch),
+            "ibot_teacher_entropy": mean_entropy(p_patch),
             "n_masked": int(mask_indices.numel()),
         }
 
@@ -599,44 +436,12 @@ class Trainer:
 
     # -- logging ----------------------------------------------------------------------------------------------
     def _write_metrics(self, record: dict) -> None:
-        if not self.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self._tb is not None and "event" not in record:
-            it = record["iteration"]
-            for key, value in _flatten_numbers(record).items():
-                if key != "iteration":
-                    self._tb.add_scalar(key, value, it)
+        self.metrics_log.write(record)
 
     def _log_record(self, it: int, metrics: dict, timing: dict) -> dict:
-        sched = self.schedules.at(it)
-        # Loss components are already rank means (train_step); entropies, prototype counts and timings
-        # are rank 0's.
-        reduced = {k: metrics[k] for k in ("dino_local", "dino_global", "ibot", "koleo", "total")}
-        if self.device.type == "cuda":
-            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            import resource
-
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return {
-            "iteration": it,
-            **sched,
-            **reduced,
-            "grad_norm": metrics.get("grad_norm", {}),
-            "teacher_entropy": metrics.get("teacher_entropy"),
-            "teacher_distinct_prototypes": metrics.get("teacher_distinct_prototypes"),
-            "ibot_teacher_entropy": metrics.get("ibot_teacher_entropy"),
-            "n_masked": metrics.get("n_masked"),
-            "data_passes": (it + 1) * self.global_batch_size / len(self.table),
-            "time_per_iteration": timing["time"],
-            "data_time": timing["data"],
-            "peak_memory_mb": round(peak_mb, 1),
-            "skipped_samples": self.skipped_total,
-            "nonfinite_skipped": self.nonfinite_skipped,
-        }
+        return iteration_record(it, self.schedules.at(it), metrics, timing,
+                                (it + 1) * self.global_batch_size / len(self.table), self.skipped_total,
+                                self.nonfinite_skipped, self.device)
 
     # -- hooks ------------------------------------------------------------------------------------------------
     def _teacher_backbone_state(self) -> dict[str, Tensor] | None:
@@ -678,12 +483,7 @@ class Trainer:
         if inputs is None:
             return None
         image = pca_feature_image(backbone, inputs.to(self.device), self._autocast)
-        from PIL import Image
-
-        path = self.out_dir / "eval" / f"pca_{self.iteration:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(path)
-        return path
+        return write_pca_image(self.out_dir, self.iteration, image)
 
     def _handle_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -701,14 +501,9 @@ class Trainer:
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-            self._truncate_metrics(start)
+            self.metrics_log.truncate(start)
             if cfg.train.tensorboard:
-                try:
-                    from torch.utils.tensorboard import SummaryWriter
-
-                    self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-                except ImportError:
-                    warnings.warn("train.tensorboard=true but tensorboard is not installed", stacklevel=2)
+                self.metrics_log.open_tensorboard()
         previous_handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
@@ -800,99 +595,10 @@ class Trainer:
                 progress.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
-            if self._tb is not None:
-                self._tb.close()
+            self.metrics_log.close()
         log.info("%s at iteration %d/%d", status, self.iteration, T)
         return {"status": status, "iteration": self.iteration, "total_iterations": T, "last": last_metrics,
                 "metrics_tail": self.metrics_tail, "out_dir": str(self.out_dir)}
-
-
-# -- PCA visualisation -----------------------------------------------------------------------------------
-def fixed_eval_inputs(cfg: PretrainConfig, table: SampleSource, n: int) -> Tensor | None:
-    """n evenly spaced samples, central square window, resized to the global crop size (no randomness)."""
-    size = cfg.crops.global_crops_size
-    inputs = []
-    for index in np.linspace(0, len(table) - 1, num=min(n, len(table))).round().astype(int):
-        raw, meta = table.read(int(index))
-        prepared = prepare_sample(cfg, raw, meta)
-        if prepared is None:
-            continue
-        values, valid = prepared
-        _, H, W = values.shape
-        side = float(min(H, W))
-        params = CropParams(cy=H / 2, cx=W / 2, h=side, w=side)
-        if cfg.data.modality == "image":
-            from pretrain.augment import normalize_image
-
-            crop, _ = warp_crop(values, None, params, size, "masked_bilinear", None)
-            crop = normalize_image(crop, cfg.image_aug)
-        else:
-            crop, _ = warp_crop(values, valid, params, size, cfg.aug.interp, cfg.aug.edge_thresh)
-        inputs.append(torch.from_numpy(crop))
-    return torch.stack(inputs) if inputs else None
-
-
-@torch.no_grad()
-def pca_feature_image(backbone: nn.Module, inputs: Tensor, autocast: Callable | None = None) -> np.ndarray:
-    """Rows of [input | first three principal components of the patch features as RGB], uint8."""
-    backbone.eval()
-    ctx = autocast() if autocast is not None else torch.autocast(inputs.device.type, enabled=False)
-    with ctx:
-        tokens, (h, w) = backbone.get_patch_tokens(inputs)
-    x = tokens.float().reshape(-1, tokens.shape[-1])
-    x = x - x.mean(dim=0, keepdim=True)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    proj = x @ v[:3].t()
-    lo, hi = torch.quantile(proj, 0.01, dim=0), torch.quantile(proj, 0.99, dim=0)
-    rgb = ((proj - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1).reshape(inputs.shape[0], h, w, 3)
-    size = inputs.shape[-1]
-    rgb = torch.nn.functional.interpolate(rgb.permute(0, 3, 1, 2), size=(size, size), mode="nearest").permute(0, 2, 3, 1)
-    gray = inputs.float().mean(dim=1)
-    gray = (gray - gray.amin(dim=(1, 2), keepdim=True)) / (gray.amax(dim=(1, 2), keepdim=True)
-                                                            - gray.amin(dim=(1, 2), keepdim=True)).clamp_min(1e-6)
-    gray = gray.unsqueeze(-1).expand(-1, -1, -1, 3)
-    rows = torch.cat([gray, rgb], dim=2)  # (n, size, 2·size, 3)
-    return (rows.reshape(-1, 2 * size, 3).cpu().numpy() * 255).round().astype(np.uint8)
-
-
-# -- small helpers ---------------------------------------------------------------------------------------
-def _logged_before(line: str, iteration: int) -> bool:
-    """A complete ``metrics.jsonl`` record of an iteration before ``iteration`` (False for a cut line)."""
-    try:
-        return int(json.loads(line)["iteration"]) < iteration
-    except (ValueError, KeyError, TypeError):
-        return False
-
-
-def _flatten_keys(d: dict, prefix: str = "") -> set[str]:
-    keys = set()
-    for k, v in d.items():
-        path = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, dict) and v and all(isinstance(x, str) for x in v) and k not in ("source_weights",):
-            keys |= _flatten_keys(v, path)
-        else:
-            keys.add(path)
-    return keys
-
-
-def _lookup(d: dict, dotted: str) -> Any:
-    node: Any = d
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _flatten_numbers(record: dict, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in record.items():
-        key = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten_numbers(v, key))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
-            out[key] = float(v)
-    return out
 
 
 def train(cfg: PretrainConfig, table: SampleSource | None = None, resume: bool | str = True,

@@ -35,10 +35,46 @@ AttnImpl = Literal["auto", "sdpa", "xformers", "naive"]
 try:  # optional accelerator, never required
     from xformers.ops import memory_efficient_attention as _xformers_attention  # type: ignore
 
-    XFORMERS_AVAILABLE = True
+    XFORMERS_AVAILABLE = True  # importable; whether it *works* here is what xformers_works() probes
 except Exception:  # ImportError, or a broken CUDA extension
     _xformers_attention = None
     XFORMERS_AVAILABLE = False
+
+_XFORMERS_DEVICES = ("cuda",)  # device types xformers' kernels run on
+_xformers_probes: dict[tuple[str, torch.dtype], bool] = {}
+_xformers_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _xformers_warned:
+        _xformers_warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+@torch.compiler.disable
+def xformers_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether xformers' attention really runs here: a tiny forward on ``device`` in ``dtype``,
+    compared with SDPA (cached per device and dtype). A build that imports but does not match the
+    installed torch/CUDA fails here instead of at a model's first forward."""
+    key = (str(device), dtype)
+    if key not in _xformers_probes:
+        ok, why = False, "xformers is not installed"
+        if _xformers_attention is not None and torch.device(device).type in _XFORMERS_DEVICES:
+            try:
+                gen = torch.Generator(device="cpu").manual_seed(0)
+                q, k, v = (torch.randn(1, 8, 2, 64, generator=gen).to(device, dtype) for _ in range(3))  # (B, N, H, D)
+                out = _xformers_attention(q, k, v)
+                ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+                ok = out.shape == q.shape and torch.allclose(out.float(), ref.transpose(1, 2).float(), atol=2e-2)
+                why = "its output differs from SDPA's" if not ok else ""
+            except Exception as exc:  # a mismatched build raises at the first call
+                why = f"its first call failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        elif _xformers_attention is not None:
+            why = f"xformers does not run on {torch.device(device).type}"
+        _xformers_probes[key] = ok
+        if not ok and _xformers_attention is not None:
+            _warn_once(f"xformers is installed but not usable on {device} ({dtype}): {why}; using SDPA")
+    return _xformers_probes[key]
 
 
 # Architecture presets: (embed_dim, depth, num_heads, mlp_ratio). Head dim 64 as in DINOv2.
@@ -122,11 +158,17 @@ class Attention(nn.Module):
         self.attn_impl = attn_impl
 
     def _use_xformers(self, x: torch.Tensor) -> bool:
-        if self.attn_impl == "xformers":
-            if not XFORMERS_AVAILABLE:
-                raise RuntimeError("attn_impl='xformers' but xformers is not installed (pip install '.[gpu]')")
-            return x.is_cuda
-        return self.attn_impl == "auto" and XFORMERS_AVAILABLE and x.is_cuda
+        """``auto``: xformers only where it is probed working (:func:`xformers_works`), else SDPA.
+        ``xformers`` (e.g. recorded by an export trained with it): the same, with a warning when it
+        falls back to SDPA — the same attention up to rounding, so such encoders load anywhere."""
+        if self.attn_impl not in ("auto", "xformers"):
+            return False
+        usable = (x.device.type in _XFORMERS_DEVICES and _xformers_attention is not None
+                  and xformers_works(x.device, x.dtype))
+        if self.attn_impl == "xformers" and not usable:
+            reason = "not installed" if _xformers_attention is None else f"not usable on {x.device.type}"
+            _warn_once(f"attn_impl='xformers' but xformers is {reason}: falling back to SDPA")
+        return usable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -217,6 +259,8 @@ class DinoVisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self._pos_cache: dict = {}
+        self._interp_matrices: dict = {}
+        self.pos_interpolation = "auto"  # see _deterministic_pos_interpolation
         self.init_weights()
 
     # -- initialisation ---------------------------------------------------------------------------
@@ -243,7 +287,8 @@ class DinoVisionTransformer(nn.Module):
         if (h, w) == (g, g):
             return self.pos_embed.to(dtype)
         # Cached in eval mode; the key includes the tensor version so loading new weights invalidates it.
-        key = (h, w, dtype, self.pos_embed.device, self.pos_embed._version, self.pos_embed.data_ptr())
+        key = (h, w, dtype, self.pos_embed.device, self.pos_embed._version, self.pos_embed.data_ptr(),
+               self.pos_interpolation)
         if not self.training and not torch.is_grad_enabled() and key in self._pos_cache:
             return self._pos_cache[key]
         cls_pos = self.pos_embed[:, :1].float()
@@ -254,8 +299,11 @@ class DinoVisionTransformer(nn.Module):
             kwargs = {"scale_factor": ((h + offset) / g, (w + offset) / g)}
         else:
             kwargs = {"size": (h, w)}
-        patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.cfg.interpolate_antialias,
-                                  align_corners=False, **kwargs)
+        if self._deterministic_pos_interpolation():
+            patch_pos = self._linear_map_interpolation(patch_pos, h, w, kwargs)
+        else:
+            patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=self.cfg.interpolate_antialias,
+                                      align_corners=False, **kwargs)
         if patch_pos.shape[-2:] != (h, w):
             raise RuntimeError(f"positional-embedding interpolation gave {tuple(patch_pos.shape[-2:])}, wanted {(h, w)}")
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, h * w, -1)
@@ -265,6 +313,35 @@ class DinoVisionTransformer(nn.Module):
                 self._pos_cache.clear()
             self._pos_cache[key] = out
         return out
+
+    def _deterministic_pos_interpolation(self) -> bool:
+        """Bicubic ``F.interpolate`` has no deterministic CUDA backward: under
+        ``torch.use_deterministic_algorithms(True)`` with gradients, interpolate as a matrix
+        product instead (:meth:`_linear_map_interpolation`). ``pos_interpolation`` = "bicubic" /
+        "matmul" forces one (not part of the architecture record: same function up to rounding)."""
+        mode = self.pos_interpolation
+        if mode == "auto":
+            return (torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled()
+                    and self.pos_embed.requires_grad)
+        if mode not in ("bicubic", "matmul"):
+            raise ValueError(f"pos_interpolation must be auto, bicubic or matmul, got {mode!r}")
+        return mode == "matmul"
+
+    def _linear_map_interpolation(self, patch_pos: torch.Tensor, h: int, w: int, kwargs: dict) -> torch.Tensor:
+        """The same bicubic resampling as ``F.interpolate`` (antialias and offset included) as one
+        matrix product ``P · M``: interpolation is linear, so M (g², h·w) is ``F.interpolate`` of the g²
+        basis images, computed once in float64 and cached. Matmul has a deterministic backward. Agrees
+        with ``F.interpolate`` to float32 rounding (tests)."""
+        _, D, g, g2 = patch_pos.shape
+        key = (g, g2, h, w, tuple(sorted(kwargs.items())), self.cfg.interpolate_antialias, patch_pos.device)
+        if key not in self._interp_matrices:
+            basis = torch.eye(g * g2, dtype=torch.float64).reshape(g * g2, 1, g, g2)
+            images = F.interpolate(basis, mode="bicubic", antialias=self.cfg.interpolate_antialias,
+                                   align_corners=False, **kwargs)
+            self._interp_matrices[key] = (images.reshape(g * g2, -1).to(patch_pos.device, torch.float32),
+                                          tuple(images.shape[-2:]))
+        matrix, out_hw = self._interp_matrices[key]
+        return torch.matmul(patch_pos.reshape(1, D, g * g2), matrix).reshape(1, D, *out_hw)
 
     # -- forward ----------------------------------------------------------------------------------
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -11,12 +11,16 @@
 # train.batch_size_per_gpu × nodes × GPUs per node; the lr follows optim.scaling_rule on it.
 #
 # Time limit and preemption: SLURM sends SIGUSR1 to every task 120 s before the time limit
-# (--signal); on preemption or scancel every task gets SIGTERM. The trainer finishes its iteration,
-# all ranks agree, rank 0 writes the checkpoint of that iteration, and every task exits with status
-# 75. This script then requeues the job (scontrol requeue; --requeue allows it) and the next start
-# resumes from the newest checkpoint in train.output_dir. Other exit statuses of the trainer:
+# (--signal); a preemption with a grace time (or `scancel --signal=TERM <job>`) sends SIGTERM to every
+# task. (Not `scancel --full --signal=TERM`: it also signals srun, which then ends the step with
+# SIGKILL before the checkpoint is written; seen on SLURM 22.05, tests/test_slurm_real.py.) The
+# trainer finishes its iteration, all ranks agree, rank 0 writes the checkpoint of that iteration, and
+# every task exits with status 75. This script then requeues the job (scontrol requeue; --requeue
+# allows it) and the next start resumes from the newest checkpoint in train.output_dir. Other exit statuses of the trainer:
 # 0 finished, 1 config/checkpoint error, 2 non-finite loss, 3 distributed failure (a rank died or a
-# collective timed out after dist.timeout_s) -- none of them is requeued.
+# collective timed out after dist.timeout_s) -- none of them is requeued. The step's status is the
+# highest of its tasks', so a rank killed by a signal (the OOM killer) ends the job with 128 + signal
+# (137), not requeued either.
 #
 # Environment knobs: PYTHON (interpreter, default <repo>/.venv/bin/python, else python3),
 # MAX_REQUEUES (default 30: requeues allowed before giving up), MASTER_PORT (default from the job id).
@@ -60,12 +64,15 @@ export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}
 export WORLD_SIZE=${SLURM_NTASKS:-1}
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a failed collective aborts, no hang
+# SLURM 22.05 to 23.02: srun no longer reads --cpus-per-task from the batch allocation, so every task
+# would get one CPU (one core for the loader workers under task/cgroup); SRUN_CPUS_PER_TASK restores it.
+if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 
 echo "$(date -Is) job ${SLURM_JOB_ID:-?} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NNODES:-1} node(s) [$NODELIST]," \
      "world size $WORLD_SIZE, rendezvous $MASTER_ADDR:$MASTER_PORT"
 
-# The batch shell also gets SIGTERM on preemption / scancel: note it and keep waiting for the tasks,
-# which are writing their checkpoint (a trapped signal does not kill bash; it runs after srun returns).
+# Should the batch shell get SIGTERM too (scancel --batch, a site's preemption script): note it and keep
+# waiting for the tasks (a trapped signal does not kill bash; the trap runs after srun returns).
 trap 'echo "$(date -Is) batch shell: SIGTERM received, waiting for the training tasks to checkpoint"' TERM
 
 # One task per GPU. RANK / LOCAL_RANK are per task, hence set inside the task from SLURM_PROCID /

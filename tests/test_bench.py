@@ -6,9 +6,11 @@ tests run every benchmark's code path at toy sizes and check the shape of what c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,8 +88,17 @@ def test_runner_rejects_unknown_names(capsys):
 
 
 # -- augmentation: the current crops are the reference crops, bit for bit ------------------------------
+# The reference is the loader code before issue 13's rewrites; its outputs on these inputs are recorded
+# (sha256 of the bytes) in tests/data/augment_reference.json. The benchmark times the reference itself,
+# loaded from the git history (bench/frozen.py).
+REFERENCE = json.loads((Path(__file__).parent / "data" / "augment_reference.json").read_text())
+
+
+def _sha(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
 def test_augment_matches_reference_bit_for_bit():
-    from bench import augment_reference as ref
     from pretrain import augment
     from pretrain.config import AugConfig, CropsConfig
     from shared.depth import normalize_depth
@@ -98,18 +109,17 @@ def test_augment_matches_reference_bit_for_bit():
     z[rng.random(z.shape) < 0.05] = np.nan
     x, valid, _ = normalize_depth(z.astype(np.float32), "metric_z")
     crops = CropsConfig(global_crops_size=40, local_crops_size=18, local_crops_number=3)
-    for aug in (AugConfig(), AugConfig(rot90=True), AugConfig(rot_fill="shrink"), AugConfig(interp="nearest")):
+    augs = {"default": AugConfig(), "rot90": AugConfig(rot90=True), "shrink": AugConfig(rot_fill="shrink"),
+            "nearest": AugConfig(interp="nearest")}
+    for name, aug in augs.items():
         for seed in range(2):
             a = augment.depth_multicrop(x, valid, crops, aug, np.random.default_rng(seed))
-            b = ref.depth_multicrop(x, valid, crops, aug, np.random.default_rng(seed))
-            for u, v in ((a.global_crops, b.global_crops), (a.local_crops, b.local_crops),
-                         (a.global_valid, b.global_valid), (a.local_valid, b.local_valid)):
-                assert u.tobytes() == v.tobytes()
+            got = {k: _sha(getattr(a, k)) for k in ("global_crops", "local_crops", "global_valid", "local_valid")}
+            assert got == REFERENCE["crops"][f"{name}/{seed}"], (name, seed)
 
 
 @pytest.mark.parametrize("kind", ["metric_z", "rel_disparity"])
 def test_normalize_depth_matches_reference_bit_for_bit(kind):
-    from bench import augment_reference as ref
     from shared.depth import normalize_depth
 
     rng = np.random.default_rng(1)
@@ -122,16 +132,21 @@ def test_normalize_depth_matches_reference_bit_for_bit(kind):
         if trial % 2:
             z = np.round(z)  # ties
         for eps, pct in ((0.1, (0.5, 99.5)), (0.0, (2.0, 98.0))):
-            a = normalize_depth(z, kind, "nearness", eps, pct)
-            b = ref.normalize_depth(z, kind, "nearness", eps, pct)
-            assert a[0].tobytes() == b[0].tobytes() and np.array_equal(a[1], b[1]) and a[2] == b[2]
+            x, valid, degenerate = normalize_depth(z, kind, "nearness", eps, pct)
+            want = REFERENCE["normalize"][f"{kind}/{trial}/{eps}/{pct[0]}-{pct[1]}"]
+            assert {"x": _sha(x), "valid": _sha(valid), "degenerate": bool(degenerate)} == want
 
 
 def test_augment_loader_worker_and_mix(tmp_path, monkeypatch):
     from bench import bench_augment
+    from bench.frozen import FrozenCodeError, frozen_module
     from pretrain import loader
     from shared import memory
 
+    try:  # the "before" side is the reference code from the git history
+        frozen_module("pretrain/augment.py")
+    except FrozenCodeError as exc:
+        pytest.skip(str(exc))
     monkeypatch.setattr(memory, "keep_freed_memory", lambda *a, **k: False)  # no allocator change in pytest
     monkeypatch.setattr(loader, "depth_multicrop", loader.depth_multicrop)  # both restored after "before"
     monkeypatch.setattr(loader, "normalize_depth", loader.normalize_depth)

@@ -37,7 +37,22 @@ def test_roundtrip_exact_metres(dataset, tmp_path):
         assert meta["unit"] == "m" and meta["kind"] == "metric_z"
         K = np.array(meta["camera"]["K"])
         assert K[0, 0] == K[1, 1] == pytest.approx(FOCAL_PX) and K[0, 2] == 25.0 and K[1, 2] == 20.0
-        assert np.array(meta["camera"]["T_c2w"]).shape == (4, 4)
+        pose = np.loadtxt(root / rel.replace("_depth.png", "_pose.txt"))
+        np.testing.assert_array_equal(np.array(meta["camera"]["T_c2w"]), pose)  # official: camera-to-world
+
+
+def test_cfm_pose_convention_is_the_inverse(dataset, tmp_path):
+    root, _ = dataset
+    convert("eyecandies", root, tmp_path / "o", progress=False, eyecandies_pose="cfm")
+    m = load_manifest(tmp_path / "o")["sources"]["eyecandies"]
+    assert m["params"]["eyecandies_pose"] == "cfm"
+    for rel, (_, meta) in read_all(tmp_path / "o").items():
+        pose = np.loadtxt(root / rel.replace("_depth.png", "_pose.txt"))
+        t = np.array(meta["camera"]["T_c2w"])
+        np.testing.assert_allclose(t @ pose, np.eye(4), atol=1e-12)
+        assert not np.allclose(t, pose)
+    with pytest.raises(ValueError, match="eyecandies only"):
+        convert("mvtec3d", root, tmp_path / "x", progress=False, eyecandies_pose="cfm")
 
 
 def test_splits_and_labels(dataset, tmp_path):

@@ -52,6 +52,50 @@ def test_roundtrip_bit_exact_with_nan_holes(dataset, tmp_path):
     assert meta["label"] == "anomalous" and meta["defect_type"] == "crack"
     _, meta = got["foam/validation/good/xyz/000.tiff"]
     assert meta["label"] == "normal" and meta["defect_type"] is None and meta["split"] == "validation"
+    # intrinsics from the real camera_parameters.json keys: fx = focus / sx (pixels), kappa kept aside
+    calib = json.loads((root / "foam/calibration/camera_parameters.json").read_text())
+    K = np.asarray(meta["camera"]["K"])
+    assert K[0, 0] == pytest.approx(calib["focus"] / calib["sx"]) and K[1, 1] == pytest.approx(calib["focus"] / calib["sy"])
+    assert (K[0, 2], K[1, 2]) == (pytest.approx(calib["cx"]), pytest.approx(calib["cy"]))
+    assert meta["camera"]["kappa"] == pytest.approx(calib["kappa"])
+
+
+def test_fixture_follows_the_real_layout(dataset):
+    """Real trees: gt/ in test/good too (all zero), masks hold class ids (not 0/255), HALCON keys."""
+    root, _ = dataset
+    from PIL import Image
+
+    good = np.array(Image.open(root / "bagel/test/good/gt/000.png"))
+    assert good.dtype == np.uint8 and not good.any()
+    assert set(json.loads((root / "bagel/calibration/camera_parameters.json").read_text())) == {
+        "camera_type", "focus", "kappa", "sx", "sy", "cx", "cy", "image_width", "image_height"}
+    ids = json.loads((root / "bagel/class_ids.json").read_text())
+    root2 = root.parent / (root.name + "_defects")
+    fixtures.write_mvtec3d(root2, categories=("tire",), defects=True,
+                           layout={"test": {"good": 1, "cut": 1, "combined": 1}})
+    cut = np.array(Image.open(root2 / "tire/test/cut/gt/000.png"))
+    assert set(np.unique(cut)) == {0, ids["cut"]}
+    combined = np.array(Image.open(root2 / "tire/test/combined/gt/000.png"))
+    assert len(set(np.unique(combined)) - {0}) == 2
+
+
+def test_camera_parameters_bad_or_mismatched(tmp_path):
+    from data_prep.sources.mvtec3d import camera_from_calibration, read_camera_parameters
+    from shared.formats import FormatError
+
+    p = tmp_path / "camera_parameters.json"
+    p.write_text(json.dumps({"focus": 1.0, "ppx": 25, "ppy": 20}))  # the made-up keys of old fixtures
+    with pytest.raises(FormatError, match=r"camera_parameters.json: camera parameters lack"):
+        read_camera_parameters(p)
+    calib = fixtures.mvtec3d_camera_parameters((40, 50))
+    p.write_text(json.dumps({**calib, "sx": 0}))
+    with pytest.raises(FormatError, match="sx = 0.0 must be positive"):
+        read_camera_parameters(p)
+    p.write_text(json.dumps(calib))
+    cam, why = camera_from_calibration(read_camera_parameters(p), (40, 50))
+    assert why is None and np.allclose(cam["K"][2], [0, 0, 1])
+    cam, why = camera_from_calibration(read_camera_parameters(p), (80, 100))
+    assert cam is None and "50x40 images, this frame is 100x80" in why
 
 
 def test_default_splits_exclude_test(dataset, tmp_path):

@@ -130,3 +130,46 @@ def test_big_maps_are_downsampled_nan_aware(tmp_path):
     (depth, meta), = read_all(tmp_path / "o2").values()
     assert meta["resize"]["method"] == "nearest"
     assert_bit_exact(depth, exp[2::5, 2::5])
+
+
+def test_benchmark_folder_layout_without_jsons(tmp_path):
+    """The authors' benchmark layout: <cat>/{train,test}/{GOOD,<defect>}/xyz/*.tiff, upper-case GOOD."""
+    root = tmp_path / "d3"
+    expected = fixtures.write_realiad_d3_folders(root)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    s = convert("realiad_d3", root, tmp_path / "o", splits="all", progress=False)
+    assert s["written"] == len(expected) == 8
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    got = read_all(tmp_path / "o")
+    assert set(got) == set(expected)
+    for rel, (depth, _) in got.items():
+        assert_bit_exact(depth, expected[rel])  # NaN, 0 and negative z are all invalid
+        assert np.nanmin(depth) > 0
+    _, m = got["pcb/test/missing_part/xyz/pcb_0004.tiff"]
+    assert (m["key"], m["label"], m["defect_type"]) == (
+        "realiad_d3/pcb/test/missing_part_pcb_0004", "anomalous", "missing_part")
+    _, m = got["pcb/test/GOOD/xyz/pcb_0003.tiff"]
+    assert (m["label"], m["defect_type"], m["split"]) == ("normal", None, "test")
+    entry = load_manifest(tmp_path / "o")["sources"]["realiad_d3"]
+    rep = entry["report"]["reader"]
+    assert rep["layout"] == "benchmark_folders"
+    assert rep["categories"]["audiojack"] == {"train": {"GOOD": 2}, "test": {"GOOD": 1, "missing_part": 1}}
+    assert s["ok"]
+    # the default splits take train only, like the JSON layout
+    assert convert("realiad_d3", root, tmp_path / "o2", progress=False)["written"] == 4
+
+
+def test_negative_z_is_invalid_and_noted(zipped, tmp_path):
+    root, _ = zipped
+    convert("realiad_d3", root, tmp_path / "o", progress=False)
+    for depth, _ in read_all(tmp_path / "o").values():
+        assert np.nanmin(depth) > 0
+    notes = str(load_manifest(tmp_path / "o")["sources"]["realiad_d3"]["report"])
+    assert "pixels with z < 0 set invalid" in notes
+
+
+def test_single_category_benchmark_folder_is_a_clear_error(tmp_path):
+    root = tmp_path / "d3"
+    fixtures.write_realiad_d3_folders(root, categories=("pcb",))
+    with pytest.raises(ConversionError, match="single category folder"):
+        convert("realiad_d3", root / "pcb", tmp_path / "o", progress=False)

@@ -9,28 +9,29 @@ import numpy as np
 import pytest
 import torch
 
-from detect.ablate import (
+from detect.ablate import main, parse_args
+from detect.config import DetectConfig
+from detect.experiments.ablation import (
     TABLES,
     AblateConfig,
     Row,
     fit_key,
-    main,
-    parse_args,
     plan,
     render_table,
     run_key,
 )
-from detect.model import IdentityModulator, ModMap, ViewModulator, training_pairs
-from detect.modmap import InferenceSettings, TrainSettings, fit_modmap, iter_view_maps, source_views_for
-from detect.multiclass import (
+from detect.fit import (
     CLASS,
+    TrainSettings,
     class_pairs,
     epoch_order,
+    fit_modmap,
     fit_multiclass,
     pairs_per_epoch,
     total_multiclass_steps,
 )
-from detect.run import DetectConfig
+from detect.infer import InferenceSettings, iter_view_maps, source_views_for
+from detect.model import IdentityModulator, ModMap, ViewModulator, training_pairs
 
 CLASSES = ["vase", "stool"]
 
@@ -274,7 +275,7 @@ def test_table_writer_format():
 
 @pytest.mark.parametrize("preset", ["tiny", "paper"])
 def test_ablation_presets_resolve(preset):
-    from detect.ablate import REPO, resolve_base
+    from detect.experiments.ablation import REPO, resolve_base
 
     acfg = parse_args(["--config", str(REPO / "configs" / "detect" / "ablate" / f"{preset}.yaml"), "--data", "/d",
                        "--classes", "a,b", "--out", "/tmp/x"])

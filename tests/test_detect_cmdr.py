@@ -33,7 +33,8 @@ from detect.cmdr import (
     reliability_gated_mapping,
     score_tokens,
 )
-from detect.run import parse_config, run
+from detect.config import parse_config
+from detect.pipeline import run
 
 TINY = ["--image-encoder", "random", "--random-encoder-arch", "vit_tiny_patch14", "--random-encoder-depth", "1",
         "--image-size", "56", "--epochs", "2", "--cmdr-epochs", "2", "--no-progress", "--encoder-batch-size", "8",

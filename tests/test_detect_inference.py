@@ -4,18 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from detect.model import ModMap, cosine_similarity
-from detect.modmap import (
+from detect.infer import (
     InferenceSettings,
     combine_maps,
-    gaussian_blur,
     iter_view_maps,
     predict_instance,
     source_views_for,
     target_token_maps,
     target_views_for,
 )
-from detect.preprocess import ViewGeometry, preprocess_depth, undo_geometry
+from detect.model import ModMap, cosine_similarity
+from detect.preprocess import ViewGeometry, gaussian_blur, preprocess_depth, undo_geometry
 from detect.volume import ViewCalibration, VolumeAccumulator, bounding_grid
 from shared.geometry import look_at_c2w
 

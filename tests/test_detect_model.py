@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from detect.fit import TrainSettings, batch_plan, fit_modmap, make_optimizer, total_training_steps
 from detect.model import FeatureMapper, ModMap, ViewModulator, count_parameters, training_pairs
-from detect.modmap import TrainSettings, batch_plan, fit_modmap, make_optimizer, total_training_steps
 
 
 @pytest.mark.parametrize("n_views, dim, expected", [(12, 768, 201_344), (12, 384, 102_272),
@@ -139,7 +139,7 @@ def test_foreground_loss_mask_ignores_invalid_target_tokens():
     torch.manual_seed(0)
     image, depth = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
     valid = torch.tensor([[True] * 3 + [False] * 3] * 2)
-    from detect.modmap import pair_loss
+    from detect.fit import pair_loss
 
     model = ModMap(2, 4, 4, hidden=8)
     pairs = training_pairs(2)

@@ -12,7 +12,10 @@ import pytest
 import torch
 import yaml
 
-from detect.run import DetectConfig, RunError, main, parse_config, run
+from detect.config import DetectConfig, parse_config
+from detect.pipeline import run
+from detect.pipeline.base import RunError
+from detect.run import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--image-encoder", "random", "--random-encoder-arch", "vit_tiny_patch14", "--random-encoder-depth", "1",

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from data_prep import fixtures
-from detect.data.single_view import (
+from detect.config import parse_config
+from detect.data.single_view_datasets import (
     EyecandiesClass,
     MVTec3DClass,
     SiM3DSingleViewClass,
@@ -21,7 +22,7 @@ from detect.data.single_view import (
     list_single_view_classes,
     open_single_view_class,
 )
-from detect.run import parse_config, run
+from detect.pipeline import run
 from shared.config import ConfigError
 from shared.formats import read_eyecandies_depth
 
@@ -163,8 +164,8 @@ def test_discovery_and_errors(mvtec, eyecandies, tmp_path):
 
 # -- evaluation frame -----------------------------------------------------------------------------
 def test_eval_frame_native_and_parity_resolution():
+    from detect.infer import eval_frame
     from detect.preprocess import ViewGeometry
-    from detect.single_view import eval_frame
 
     geom = ViewGeometry.for_shape(6, 4, 12)  # portrait: padded left/right by one column
     score = torch.zeros(12, 12)

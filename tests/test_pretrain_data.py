@@ -272,7 +272,7 @@ def test_stream_in_dataloader_workers(corpus):
 def test_npy_buffer_decoding_is_strict_and_writable():
     import io
 
-    from pretrain.data import _npy_from_buffer
+    from shared.shards import npy_from_buffer
 
     def npy(a):
         b = io.BytesIO()
@@ -280,17 +280,17 @@ def test_npy_buffer_decoding_is_strict_and_writable():
         return bytearray(b.getvalue())
 
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
-    out = _npy_from_buffer(npy(a), "x")
+    out = npy_from_buffer(npy(a), "x")
     assert np.array_equal(out, a) and out.flags.writeable
     out[0, 0] = 5.0  # augmentation may work in place
     with pytest.raises(ValueError, match="float32"):
-        _npy_from_buffer(npy(a.astype(np.float64)), "x")
+        npy_from_buffer(npy(a.astype(np.float64)), "x")
     with pytest.raises(ValueError, match="float32"):
-        _npy_from_buffer(npy(a[None]), "x")
+        npy_from_buffer(npy(a[None]), "x")
     with pytest.raises(ValueError, match="size"):
-        _npy_from_buffer(npy(a)[:-4], "x")
+        npy_from_buffer(npy(a)[:-4], "x")
     with pytest.raises(ValueError):
-        _npy_from_buffer(bytearray(b"garbage" * 20), "x")
+        npy_from_buffer(bytearray(b"garbage" * 20), "x")
 
 
 def test_shuffle_buffer_fills_to_its_size():

@@ -84,3 +84,131 @@ def test_upstream_teacher_checkpoint_loader(tmp_path):
     out = export_from_checkpoint(path, tmp_path / "converted.pth", safetensors=False)
     converted, norm = load_dinodepth(out)
     assert converted.cfg.embed_dim == 64 and norm["modality"] == "depth"
+
+
+# -- ecosystem formats: Hugging Face and timm folders ------------------------------------------------------
+def _tiny_export(tmp_path, registers: int = 0):
+    """A random ViT-S/14-shaped (but tiny) DINO-Depth export with non-trivial LayerScale and tokens."""
+    from pretrain.export import write_export
+    from shared.encoder_export import default_depth_input_norm
+
+    torch.manual_seed(registers)
+    vit = create_vit("vit_small_patch14", embed_dim=48, depth=2, num_heads=2, img_size=56, in_chans=1,
+                     num_register_tokens=registers)
+    with torch.no_grad():
+        for name, p in vit.named_parameters():
+            if name.endswith("gamma") or name in ("cls_token", "register_tokens"):
+                p.normal_(0, 0.5)
+    meta = {"iteration": 5, "data": {"preset": "B", "sources": ["mvtec3d"], "splits": ["train"]},
+            "fingerprint": "f" * 64, "config": {"train": {"lr": 1e-4}}}
+    path = write_export(tmp_path / "dd.pth", vit.state_dict(), vit.cfg.to_dict(), default_depth_input_norm(), meta)
+    return path, vit.eval()
+
+
+def _normalised_depth(n: int = 2, size: int = 56) -> torch.Tensor:
+    """Real inputs: nearness-normalised depth maps (the encoder's input convention)."""
+    import numpy as np
+
+    from shared.depth import normalize_depth
+
+    rng = np.random.default_rng(0)
+    maps = []
+    for _ in range(n):
+        z = (0.6 + 0.05 * rng.random((size, size))).astype(np.float32)
+        z[rng.random((size, size)) < 0.05] = np.nan
+        x, _ = normalize_depth(z, "metric_z")[:2]
+        maps.append(torch.from_numpy(x))
+    return torch.stack(maps)[:, None]
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_hf_export_round_trips_through_automodel(tmp_path, monkeypatch, registers):
+    from transformers import AutoModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    pth, vit = _tiny_export(tmp_path, registers)
+    out = tmp_path / "hf"
+    results = tmp_path / "results.json"
+    results.write_text('{"mvtec3d I-AUROC": "0.81 [0.77, 0.85]"}')
+    assert main(["--ckpt", str(pth), "--format", "hf", "--out", str(out), "--results", str(results)]) == 0
+    cfg = __import__("json").loads((out / "config.json").read_text())
+    assert cfg["num_channels"] == 1 and cfg["model_type"] == ("dinov2_with_registers" if registers else "dinov2")
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin"))
+    card = (out / "README.md").read_text()
+    for needle in ("Input normalisation", "nearness", "iterations 5", "preset B", "0.81 [0.77, 0.85]", "f" * 64):
+        assert needle in card
+    hf = AutoModel.from_pretrained(out).eval()
+    assert type(hf).__name__ == ("Dinov2WithRegistersModel" if registers else "Dinov2Model")
+    x = _normalised_depth()
+    with torch.no_grad():
+        theirs = hf(pixel_values=x).last_hidden_state[:, 1 + registers:]
+        ours = vit.get_patch_tokens(x)[0]
+    assert (theirs - ours).abs().max().item() <= 1e-4
+    if not registers:  # same positional-embedding resizing at other sizes (bicubic to the grid, no antialias)
+        x70 = _normalised_depth(1, 70)
+        with torch.no_grad():
+            diff = hf(pixel_values=x70).last_hidden_state[:, 1:] - vit.get_patch_tokens(x70)[0]
+        assert diff.abs().max().item() <= 1e-4
+    # our loader (and so detect --ckpt DIR) reads the folder back to the same encoder
+    again, norm = load_dinodepth(out)
+    assert norm["mode"] == "nearness" and again.cfg.num_register_tokens == registers
+    with torch.no_grad():
+        assert (again.get_patch_tokens(x)[0] - ours).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_timm_export_loads_with_the_matching_timm_name(tmp_path, registers):
+    import json
+
+    import timm
+
+    pth, vit = _tiny_export(tmp_path, registers)
+    out = tmp_path / "timm"
+    assert main(["--ckpt", str(pth), "--format", "timm", "--out", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    assert cfg["architecture"] == name and cfg["model_args"]["in_chans"] == 1
+    x = _normalised_depth()
+    with torch.no_grad():
+        ours = vit.get_patch_tokens(x)[0]
+        local = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+        by_name = timm.create_model(name, pretrained=True, in_chans=1, num_classes=0, img_size=56, embed_dim=48,
+                                    depth=2, num_heads=2, pretrained_cfg_overlay={"file": str(out / "model.safetensors")}
+                                    ).eval()
+        for model in (local, by_name):
+            theirs = model.forward_features(x)[:, 1 + registers:]
+            assert (theirs - ours).abs().max().item() <= 1e-4
+    assert "timm.create_model" in (out / "README.md").read_text()
+
+
+def test_hf_export_refuses_what_transformers_cannot_express(tmp_path):
+    from pretrain.export import export_hf
+    from shared.encoder_export import default_depth_input_norm
+
+    vit = create_vit("vit_small_patch14", embed_dim=48, depth=1, num_heads=2, img_size=28, in_chans=1, proj_bias=False)
+    with pytest.raises(ValueError, match="proj_bias=False"):
+        export_hf(vit.state_dict(), vit.cfg.to_dict(), default_depth_input_norm(), {}, tmp_path / "x")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.tmp-*"))
+
+
+def test_hf_export_of_a_training_run_carries_its_recipe(trained_run, tmp_path, monkeypatch):
+    from transformers import AutoModel
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run, trainer = trained_run
+    out = tmp_path / "hf"
+    assert main(["--ckpt", str(run), "--format", "hf", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert "iterations 2" in card and "resolved training config" in card and "No probe or detection results" in card
+    hf = AutoModel.from_pretrained(out).eval()
+    x = _normalised_depth(1, 56)
+    with torch.no_grad():
+        ours = trainer.teacher.backbone.eval().get_patch_tokens(x)[0]
+        assert (hf(pixel_values=x).last_hidden_state[:, 1:] - ours).abs().max().item() <= 1e-4
+    from shared.encoder_export import export_train_meta
+
+    assert export_train_meta(out)["iteration"] == 2 == export_train_meta(run / "dinodepth.pth")["iteration"]
+    assert export_train_meta(tmp_path / "missing") == {}
+    assert main(["--ckpt", str(run), "--format", "hf", "--out", str(out)]) == 0  # replaces the folder
+    assert not list(tmp_path.glob(".hf.*"))

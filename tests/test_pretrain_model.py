@@ -7,7 +7,7 @@ import torch
 from test_pretrain_utils import single_thread, tiny_config  # noqa: F401
 
 from pretrain.heads import DINOHead
-from pretrain.train import SSLModel, ema_update
+from pretrain.ssl_model import SSLModel, ema_update
 from shared.vit import XFORMERS_AVAILABLE, create_vit
 
 
@@ -53,6 +53,7 @@ def test_sdpa_matches_naive_attention(masked):
         assert torch.allclose(a[key], b[key], atol=1e-5), key
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (torch.cuda.is_available() and XFORMERS_AVAILABLE), reason="needs CUDA and xformers")
 def test_xformers_matches_sdpa_on_gpu():
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from pretrain.optim import (
     param_multipliers,
 )
 from pretrain.schedules import Cosine, build_schedules, cosine_value
-from pretrain.train import SSLModel
+from pretrain.ssl_model import SSLModel
 from shared.config import load_config
 
 

@@ -132,3 +132,19 @@ def test_bad_root_is_a_clear_cli_error(tmp_path, tiny_model_dir, capsys):
     code = main(["--source", "mvtec_loco", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "o"),
                  "--model", str(tiny_model_dir)])
     assert code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_default_model_agrees_in_code_help_and_docs():
+    """One default Depth-Anything-V2 size (Large, data_formats.md §6) in the code, --help and the docs."""
+    from pathlib import Path
+
+    from data_prep.depth_anything import DEFAULT_MODEL
+    from data_prep.pseudo_depth import build_parser
+
+    assert DEFAULT_MODEL == "depth-anything/Depth-Anything-V2-Large-hf"
+    parser = build_parser()
+    assert parser.get_default("model") == DEFAULT_MODEL
+    # argparse wraps at hyphens too: compare without whitespace
+    assert f"default{DEFAULT_MODEL}" in "".join(parser.format_help().split())
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "data_prep.md").read_text()
+    assert f"default `{DEFAULT_MODEL}`" in docs

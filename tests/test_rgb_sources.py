@@ -47,20 +47,45 @@ def make_mvtec_ad2(root: Path) -> None:
 
 
 def make_visa(root: Path) -> Path:
+    """Raw VisA: stems are 3 digits for anomalies and part of the normals, 4 digits for the rest; the
+    masks hold class ids (non-zero = anomalous), not 0/255."""
     for cat in ("pcb1", "candle"):
-        _img(root / cat / "Data/Images/Normal/0000.JPG")
+        _img(root / cat / "Data/Images/Normal/000.JPG")
         _img(root / cat / "Data/Images/Normal/0001.JPG")
-        _img(root / cat / "Data/Images/Anomaly/0000.JPG")
-        _img(root / cat / "Data/Masks/Anomaly/0000.png", mode="L")
+        _img(root / cat / "Data/Images/Anomaly/000.JPG")
+        mask = np.zeros((16, 20), np.uint8)
+        mask[4:8, 5:9], mask[10:12, 2:6] = 1, 3
+        (root / cat / "Data/Masks/Anomaly").mkdir(parents=True)
+        Image.fromarray(mask).save(root / cat / "Data/Masks/Anomaly/000.png")
     csv = root / "split_csv" / "1cls.csv"
     csv.parent.mkdir(parents=True)
     lines = ["object,split,label,image,mask"]
     for cat in ("pcb1", "candle"):
-        lines += [f"{cat},train,normal,{cat}/Data/Images/Normal/0000.JPG,",
+        lines += [f"{cat},train,normal,{cat}/Data/Images/Normal/000.JPG,",
                   f"{cat},test,normal,{cat}/Data/Images/Normal/0001.JPG,",
-                  f"{cat},test,anomaly,{cat}/Data/Images/Anomaly/0000.JPG,{cat}/Data/Masks/Anomaly/0000.png"]
+                  f"{cat},test,anomaly,{cat}/Data/Images/Anomaly/000.JPG,{cat}/Data/Masks/Anomaly/000.png"]
     csv.write_text("\n".join(lines) + "\n")
     return csv
+
+
+def make_visa_1cls(raw: Path, csv: Path, out: Path) -> None:
+    """What VisA's prepare_data.py writes from the raw tree and split_csv/1cls.csv: images copied
+    unchanged into 1cls/<object>/<split>/{good,bad}/, test masks binarised into ground_truth/bad/."""
+    import csv as csv_module
+    import shutil
+
+    with open(csv, newline="") as handle:
+        for row in csv_module.DictReader(handle):
+            label = "good" if row["label"] == "normal" else "bad"
+            dst = out / "1cls" / row["object"] / row["split"] / label / Path(row["image"]).name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(raw / row["image"], dst)
+            if row["split"] == "test" and label == "bad":
+                mask = np.array(Image.open(raw / row["mask"]))
+                mask[mask != 0] = 255
+                gt = out / "1cls" / row["object"] / "ground_truth" / "bad" / Path(row["mask"]).name
+                gt.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask).save(gt)
 
 
 def test_mvtec_ad_default_splits_exclude_test_and_masks(tmp_path):
@@ -104,12 +129,36 @@ def test_visa_uppercase_extension_and_split_csv(tmp_path):
     csv = make_visa(tmp_path)
     recs = enumerate_source("visa", tmp_path, "train,test", visa_split_csv=csv)
     assert [(r.category, r.split, r.label, r.stem) for r in recs] == [
-        ("candle", "train", "normal", "Normal_0000"), ("candle", "test", "normal", "Normal_0001"),
-        ("candle", "test", "anomalous", "Anomaly_0000"), ("pcb1", "train", "normal", "Normal_0000"),
-        ("pcb1", "test", "normal", "Normal_0001"), ("pcb1", "test", "anomalous", "Anomaly_0000")]
+        ("candle", "train", "normal", "Normal_000"), ("candle", "test", "normal", "Normal_0001"),
+        ("candle", "test", "anomalous", "Anomaly_000"), ("pcb1", "train", "normal", "Normal_000"),
+        ("pcb1", "test", "normal", "Normal_0001"), ("pcb1", "test", "anomalous", "Anomaly_000")]
     with pytest.warns(UserWarning, match="unsplit"):
         assert enumerate_source("visa", tmp_path) == []  # default splits select nothing without a CSV
     assert {r.split for r in enumerate_source("visa", tmp_path, "all")} == {"unsplit"}
+
+
+def test_visa_1cls_layout_of_prepare_data_gives_the_raw_layouts_keys(tmp_path):
+    raw, out = tmp_path / "VisA", tmp_path / "VisA_pytorch"
+    csv = make_visa(raw)
+    make_visa_1cls(raw, csv, out)
+    want = [(r.category, r.split, r.label, r.defect_type, r.stem)
+            for r in enumerate_source("visa", raw, "all", visa_split_csv=csv)]
+    for root in (out, out / "1cls"):  # the save folder or its 1cls/ subfolder
+        recs = enumerate_source("visa", root, "all")
+        assert sorted((r.category, r.split, r.label, r.defect_type, r.stem) for r in recs) == sorted(want)
+        assert not any("ground_truth" in r.rel_path for r in recs)
+    assert {r.split for r in enumerate_source("visa", out)} == {"train"}  # default splits, no CSV needed
+    assert [r.rel_path for r in enumerate_source("visa", out, "test", categories=["pcb1"])] == [
+        "1cls/pcb1/test/good/0001.JPG", "1cls/pcb1/test/bad/000.JPG"]
+    with pytest.raises(LayoutError, match="1cls layout"):
+        enumerate_source("visa", out, "all", visa_split_csv=csv)
+    # a 2cls_* folder of the same script also has anomalies in train/bad: none is lost
+    two = tmp_path / "VisA_pytorch" / "2cls_highshot"
+    _img(two / "pcb1/train/bad/001.JPG")
+    _img(two / "pcb1/train/good/0002.JPG")
+    _img(two / "pcb1/ground_truth/train/bad/001.png", mode="L")
+    assert [(r.split, r.label, r.stem) for r in enumerate_source("visa", two, "all")] == [
+        ("train", "normal", "Normal_0002"), ("train", "anomalous", "Anomaly_001")]
 
 
 def test_wrong_root_and_unknown_category_are_clear_errors(tmp_path):

@@ -52,6 +52,7 @@ def test_sdpa_matches_naive_attention():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not (XFORMERS_AVAILABLE and torch.cuda.is_available()), reason="xformers + CUDA only")
 def test_xformers_matches_sdpa_on_gpu():
     model = tiny().cuda()
@@ -194,3 +195,115 @@ def test_config_record_roundtrip():
     model = vit_from_config(cfg.to_dict())
     assert model.pos_embed.shape == (1, 1 + 37 * 37, 768)
     assert math.isclose(cfg.mlp_ratio, 4.0)
+
+
+# -- xformers probe and fallback (issue 21 item 5), simulated on CPU ---------------------------------
+@pytest.fixture
+def xformers_on_cpu(monkeypatch):
+    """Pretend xformers runs on CPU, with a fresh probe cache; yields a setter for its kernel."""
+    import shared.vit as vit
+
+    monkeypatch.setattr(vit, "_XFORMERS_DEVICES", ("cpu",))
+    monkeypatch.setattr(vit, "_xformers_probes", {})
+    monkeypatch.setattr(vit, "_xformers_warned", set())
+
+    def set_kernel(kernel):
+        monkeypatch.setattr(vit, "_xformers_attention", kernel)
+        monkeypatch.setattr(vit, "XFORMERS_AVAILABLE", kernel is not None)
+
+    return set_kernel
+
+
+def _sdpa_in_xformers_layout(calls):
+    def kernel(q, k, v):  # (B, N, H, D), as xformers.ops.memory_efficient_attention
+        calls.append(q.shape)
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    return kernel
+
+
+def test_auto_uses_xformers_only_when_the_probe_passes(xformers_on_cpu):
+    torch.manual_seed(0)
+    reference = tiny(attn_impl="sdpa")
+    model = tiny()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 1, 56, 56)
+    calls = []
+    xformers_on_cpu(_sdpa_in_xformers_layout(calls))
+    with torch.no_grad():
+        out = model(x)["x_norm_patchtokens"]
+    assert len(calls) == 1 + 2  # the probe, then one call per block
+    torch.testing.assert_close(out, reference(x)["x_norm_patchtokens"])
+
+
+def test_auto_falls_back_to_sdpa_when_xformers_is_broken(xformers_on_cpu):
+    def broken(q, k, v):  # a build that imports but does not match torch: raises at the first call
+        raise RuntimeError("No operator found for `memory_efficient_attention_forward`")
+
+    xformers_on_cpu(broken)
+    torch.manual_seed(0)
+    reference = tiny(attn_impl="sdpa")
+    model = tiny()
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(2, 1, 56, 56)
+    with pytest.warns(RuntimeWarning, match="not usable.*No operator found"), torch.no_grad():
+        out = model(x)["x_norm_patchtokens"]
+    torch.testing.assert_close(out, reference(x)["x_norm_patchtokens"])
+
+
+def test_model_recorded_with_xformers_runs_where_it_is_missing(xformers_on_cpu):
+    """An export trained with attn_impl=xformers loads and runs without it: SDPA, with a warning."""
+    xformers_on_cpu(None)
+    torch.manual_seed(0)
+    reference = tiny(attn_impl="sdpa")
+    recorded = vit_from_config(reference.cfg.replace(attn_impl="xformers")).eval()
+    recorded.load_state_dict(reference.state_dict())
+    x = torch.randn(1, 1, 56, 56)
+    with pytest.warns(RuntimeWarning, match="xformers is not installed: falling back to SDPA"), torch.no_grad():
+        out = recorded(x)["x_norm_patchtokens"]
+    torch.testing.assert_close(out, reference(x)["x_norm_patchtokens"])
+
+
+# -- deterministic positional-embedding interpolation (issue 21 item 3) ------------------------------
+@pytest.mark.parametrize("kw", [{}, {"interpolate_offset": 0.1}, {"interpolate_antialias": True}],
+                         ids=["default", "offset", "antialias"])
+def test_matmul_pos_interpolation_matches_bicubic(kw):
+    model = tiny(**kw)
+    for hw in ((2, 2), (3, 5), (8, 6)):
+        with torch.no_grad():
+            bicubic = model.interpolate_pos_encoding(*hw, torch.float32)
+            model.pos_interpolation = "matmul"
+            matmul = model.interpolate_pos_encoding(*hw, torch.float32)
+            model.pos_interpolation = "auto"
+        assert bicubic.shape == matmul.shape
+        torch.testing.assert_close(matmul, bicubic, atol=2e-7, rtol=1e-5)
+
+
+def test_default_pos_interpolation_is_still_f_interpolate():
+    model = tiny()
+    g = model.cfg.grid_size
+    patch = model.pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(patch, size=(3, 5), mode="bicubic", align_corners=False)
+        got = model.interpolate_pos_encoding(3, 5, torch.float32)[:, 1:]
+    assert torch.equal(got, expected.permute(0, 2, 3, 1).reshape(1, 15, -1))
+
+
+def test_deterministic_mode_interpolates_with_a_matmul_and_same_gradients():
+    torch.manual_seed(0)
+    model = tiny().train()
+    x = torch.randn(2, 1, 28, 42)  # a local-crop-like size: the embedding is interpolated
+    model(x)["x_norm_clstoken"].sum().backward()
+    reference_grad = model.pos_embed.grad.clone()
+    model.zero_grad()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        model(x)["x_norm_clstoken"].sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert model._interp_matrices  # the matmul path ran
+    torch.testing.assert_close(model.pos_embed.grad, reference_grad, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="pos_interpolation"):
+        model.pos_interpolation = "nearest"
+        model(x)

@@ -23,7 +23,7 @@ SOURCES: dict[str, type[DepthSource]] = {
 
 
 def make_source(source: str, root, *, bg: str = "none", realiad_unit: str | None = None,
-                realiad_json_dir: str | None = None, folder_kind: str = "metric_z",
+                realiad_json_dir: str | None = None, eyecandies_pose: str = "official", folder_kind: str = "metric_z",
                 folder_unit: str | None = None, folder_glob: str = "**/*", folder_category: str | None = None,
                 folder_split: str = "train", folder_source_id: str | None = None) -> DepthSource:
     """Reader for ``source`` (one of :data:`SOURCES`) at ``root``; source-specific options are
@@ -34,6 +34,8 @@ def make_source(source: str, root, *, bg: str = "none", realiad_unit: str | None
         raise ValueError("--bg (background removal) applies to mvtec3d only")
     if source != "realiad_d3" and (realiad_unit is not None or realiad_json_dir is not None):
         raise ValueError("--realiad-unit / --realiad-json-dir apply to realiad_d3 only")
+    if source != "eyecandies" and eyecandies_pose != "official":
+        raise ValueError("--eyecandies-pose applies to eyecandies only")
     folder_opts = (folder_kind != "metric_z", folder_unit is not None, folder_glob != "**/*",
                    folder_category is not None, folder_split != "train", folder_source_id is not None)
     if source != "folder" and any(folder_opts):
@@ -41,7 +43,7 @@ def make_source(source: str, root, *, bg: str = "none", realiad_unit: str | None
     if source == "mvtec3d":
         return MVTec3DSource(root, bg=bg)
     if source == "eyecandies":
-        return EyecandiesSource(root)
+        return EyecandiesSource(root, pose=eyecandies_pose)
     if source == "realiad_d3":
         return RealIADD3Source(root, unit=realiad_unit, json_dir=realiad_json_dir)
     if source == "folder":

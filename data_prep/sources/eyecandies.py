@@ -4,6 +4,19 @@ Decode: ``d = u16 / 65535 · (max − min) + min`` with ``normalization: {min, m
 ``<idx>_info_depth.yaml``. The PNG is read as uint16 (PIL); an 8-bit read would quantise depth to
 256 levels, so 8-bit PNGs are refused. Every pixel is valid (the conveyor belt is background, not
 missing data).
+
+Conventions (checked against the official eyecan-ai/eyecandies code and the M3DM/CFM preprocessing):
+
+* ``<idx>_pose.txt`` is **camera-to-world**: the official ``depth2pc`` stage places points with
+  ``X_world = pose · [d · K⁻¹ (u, v, 1); 1]`` in the image-style camera frame (x right, y down, z
+  forward). This reader stores ``camera.T_c2w`` = the file as is.
+* The normal maps (``n = rgb / 127.5 − 1``) are stored in a frame whose **Y and Z are flipped**
+  relative to that camera frame: the official code multiplies by ``diag(1, −1, −1)`` before rotating
+  with ``pose[:3, :3]``. This reader does not read the normals; whoever does must apply the flip.
+* The older README snippet, copied by M3DM/CFM preprocessing, back-projects with ``inv(K4 · pose)``,
+  i.e. treats the file as **world-to-camera**. With ``pose="cfm"`` (``--eyecandies-pose cfm``, parity
+  experiments only) ``T_c2w`` is the inverse of the file, so points placed with it match their
+  preprocessed clouds.
 """
 
 from __future__ import annotations
@@ -29,11 +42,24 @@ decode_eyecandies_depth = skip_on_format_error(formats.decode_eyecandies_depth)
 read_info_depth = skip_on_format_error(formats.read_info_depth)
 
 
+POSE_CONVENTIONS = ("official", "cfm")
+
+
 class EyecandiesSource(DepthSource):
     source_id = "eyecandies"
     kind = "metric_z"
     unit = "m"
     expected_layout = LAYOUT
+
+    def __init__(self, root, pose: str = "official") -> None:
+        super().__init__(root)
+        if pose not in POSE_CONVENTIONS:
+            raise ValueError(f"--eyecandies-pose must be one of {POSE_CONVENTIONS}, got {pose!r}")
+        self.pose = pose
+
+    def params(self) -> dict:
+        # only a non-default convention changes the parameters (and so the shards' parameter hash)
+        return {"eyecandies_pose": self.pose} if self.pose != "official" else {}
 
     def enumerate(self) -> list[SourceItem]:
         self.require_root()
@@ -78,7 +104,7 @@ class EyecandiesSource(DepthSource):
                 pose = np.loadtxt(pose_path, dtype=np.float64)
                 if pose.shape != (4, 4) or not np.isfinite(pose).all():
                     raise ValueError(f"shape {pose.shape}")
-                camera["T_c2w"] = pose
+                camera["T_c2w"] = np.linalg.inv(pose) if self.pose == "cfm" else pose
             except ValueError as exc:
                 notes.append(f"pose file {pose_path.name} unreadable ({exc}); stored without T_c2w")
         label, label_known = item.label, True

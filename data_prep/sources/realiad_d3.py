@@ -7,6 +7,16 @@ extracted) — or on extracted folders, driven by the per-category JSON split fi
 the one found is reported. Names are taken from the files (JSON stems), never from a fixed list.
 The depth unit is ``unknown`` unless given (``--realiad-unit``; nearness normalisation is
 unit-free).
+
+Without JSON files the reader takes the extracted folder layout that the authors' benchmark code
+reads: ``<category>/{train,test}/{GOOD,<defect>}/xyz/*.tiff`` (upper-case ``GOOD`` = normal, any
+other folder = anomalous with that defect name; ``rgb/`` and ``gt/`` beside ``xyz/`` are not depth).
+
+Invalid z: non-finite, 0 **and negative** values become NaN in both layouts. A structured-light
+camera-frame z is positive; 0 is the no-return marker and a negative z can only be an artefact (the
+benchmark code carries a commented-out branch for z <= 0). We do not fill NaN with the minimum z as
+that code does: it would put every hole at the nearest depth of the scan; the number of negative-z
+pixels is noted per sample.
 """
 
 from __future__ import annotations
@@ -16,16 +26,21 @@ import posixpath
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
 from data_prep.shards import CANONICAL_SPLITS, ConversionError, DepthSource, LoadedDepth, SourceItem
-from data_prep.sources.common import file_size, read_tiff, xyz_to_z
+from data_prep.sources.common import file_size, read_tiff, rel_posix, xyz_to_z
 
 JSON_DIR = "realiad_d3_jsons"
 RAW_DIR = "realiad_d3_raw"
 SPLIT_ALIASES = {"train": "train", "test": "test", "val": "validation", "valid": "validation",
                  "validation": "validation"}
+FOLDER_SPLITS = ("train", "validation", "test")
+NORMAL_FOLDER = "GOOD"
+FOLDER_LAYOUT = "<root>/<category>/{train,test}/{GOOD,<defect>}/xyz/*.tiff (the benchmark code's folders)"
 LAYOUT = (f"<root>/{JSON_DIR}/<category>.json (or <root>/{JSON_DIR}.zip) and the data as "
           f"<root>/{RAW_DIR}/<category>.zip, <root>/<category>.zip, or the same zips extracted into "
-          f"<root>/{RAW_DIR}/ or <root>/")
+          f"<root>/{RAW_DIR}/ or <root>/; or, without JSON files, {FOLDER_LAYOUT}")
 
 
 def _norm_member(path: str) -> str:
@@ -52,7 +67,9 @@ class RealIADD3Source(DepthSource):
         return [self.root] + ([self.json_dir] if self.json_dir else [])
 
     def params(self) -> dict:
-        return {"realiad_unit": self.unit}
+        # the invalid-z rule travels in the parameters: shards written when negative z was still valid
+        # are rewritten, not mixed with new ones
+        return {"realiad_unit": self.unit, "invalid_z": "nonfinite_or_le0"}
 
     # -- JSON split files -------------------------------------------------------------------------
     def _load_jsons(self) -> tuple[dict[str, dict], str]:
@@ -96,10 +113,61 @@ class RealIADD3Source(DepthSource):
                 return "folder", base
         return None
 
-    def enumerate(self) -> list[SourceItem]:
-        jsons, json_where = self._load_jsons()
+    # -- benchmark folder layout (no JSON) -----------------------------------------------------------
+    def _folder_categories(self) -> list[Path]:
+        """Category folders of the benchmark layout: ``<cat>/<split>/<GOOD|defect>/xyz/``."""
+        if not self.root.is_dir():
+            return []
+        return [d for d in sorted(self.root.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                and any((d / s).is_dir() and any((d / s).glob("*/xyz")) for s in FOLDER_SPLITS)]
+
+    def _enumerate_folders(self, cats: list[Path]) -> list[SourceItem]:
         items: list[SourceItem] = []
-        report: dict = {"json_source": json_where, "categories": {}, "json_fields": [],
+        self.empty_folders = []
+        report: dict = {"layout": "benchmark_folders", "categories": {}, "unit": self.unit,
+                        "unit_note": "depth unit not documented (likely mm); 'unknown' unless --realiad-unit",
+                        "invalid_z": "non-finite, 0 and negative z are invalid (NaN)"}
+        for cat in cats:
+            counts: dict[str, dict[str, int]] = {}
+            for split in FOLDER_SPLITS:
+                if not (cat / split).is_dir():
+                    continue
+                for defect_dir in sorted(p for p in (cat / split).iterdir() if p.is_dir()):
+                    xyz_dir = defect_dir / "xyz"
+                    if not xyz_dir.is_dir():
+                        continue
+                    files = sorted(p for p in xyz_dir.iterdir()
+                                   if p.is_file() and p.suffix.lower() in (".tif", ".tiff"))
+                    if not files:
+                        self.empty_folders.append(rel_posix(xyz_dir, self.root) + "/")
+                    normal = defect_dir.name.upper() == NORMAL_FOLDER
+                    counts.setdefault(split, {})[defect_dir.name] = len(files)
+                    for f in files:
+                        items.append(SourceItem(
+                            category=cat.name, split=split, split_orig=split,
+                            stem=f"{defect_dir.name}_{f.stem}", rel_path=rel_posix(f, self.root),
+                            label="normal" if normal else "anomalous",
+                            defect_type=None if normal else defect_dir.name,
+                            ref=("file", str(f)), size=file_size(f)))
+            report["categories"][cat.name] = counts
+        self._report = report
+        return items
+
+    def enumerate(self) -> list[SourceItem]:
+        self.require_root()
+        try:
+            jsons, json_where = self._load_jsons()
+        except ConversionError:
+            cats = [] if self.json_dir else self._folder_categories()
+            if cats:
+                return self._enumerate_folders(cats)
+            if any((self.root / s).is_dir() and any((self.root / s).glob("*/xyz")) for s in FOLDER_SPLITS):
+                raise ConversionError(
+                    f"realiad_d3: {self.root} looks like a single category folder; pass its parent. "
+                    f"Expected layout: {LAYOUT}") from None
+            raise
+        items: list[SourceItem] = []
+        report: dict = {"layout": "json_splits", "json_source": json_where, "categories": {}, "json_fields": [],
                         "categories_missing_data": [], "unknown_split_lists": [], "duplicates": 0,
                         "unit": self.unit,
                         "unit_note": "depth unit not documented (likely mm); 'unknown' unless --realiad-unit"}
@@ -213,7 +281,15 @@ class RealIADD3Source(DepthSource):
             arr = read_tiff(data)
         else:
             arr = read_tiff(item.ref[1])
-        return LoadedDepth(depth=xyz_to_z(arr, item.rel_path))
+        z = xyz_to_z(arr, item.rel_path)
+        notes = []
+        with np.errstate(invalid="ignore"):
+            negative = z < 0
+        n_neg = int(negative.sum())
+        if n_neg:
+            z[negative] = np.nan
+            notes.append(f"{n_neg} pixels with z < 0 set invalid")
+        return LoadedDepth(depth=z, notes=notes)
 
     def report(self) -> dict:
         return self._report

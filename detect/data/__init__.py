@@ -2,16 +2,13 @@
 camera/voxel geometry shared with ModMap's anomaly volumes, and the benchmark preview figure
 (``render_preview``; imported on first use, so ``python -m detect.data.preview`` runs cleanly)."""
 
+from detect.data.base import GTVolume, Instance, InstanceRecord, View
 from detect.data.sim3d import (
     CalibReader,
     GTReader,
-    GTVolume,
-    Instance,
-    InstanceRecord,
     SiM3DClass,
     SiM3DDataset,
     SiM3DError,
-    View,
     ViewCalib,
     get_calib_reader,
     get_gt_reader,

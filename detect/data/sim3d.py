@@ -59,15 +59,16 @@ import json
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
+from detect.data.base import GTVolume, Instance, InstanceDataset, InstanceRecord, View, ViewFiles
+from detect.volume import ViewCalibration
 from shared.exr import ExrError, read_exr_channel0
 from shared.formats import read_npy
-from shared.geometry import DEPTH_TYPES, VoxelGrid, invert_rigid
+from shared.geometry import invert_rigid
 
 VIEW_ORDERS = ("auto", "natural", "lexicographic")
 SETUP_TO_ROLE = {"real2real": "train_real", "synth2real": "train_synth"}
@@ -86,116 +87,9 @@ class SiM3DError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ViewCalib:
-    """Calibration of one view.
-
-    ``K`` 3×3 pixels; ``T_c2w`` 4×4 camera-to-world (OpenCV axes: x right, y down, z forward);
-    ``depth_scale`` metres per stored depth unit; ``depth_type`` ``'z'`` or ``'range'``;
-    ``pixel_center`` 0.0 (OpenCV: integer coordinates are pixel centres) or 0.5.
-    """
-
-    K: np.ndarray
-    T_c2w: np.ndarray
-    width: int
-    height: int
-    depth_scale: float = 1.0
-    depth_type: str = "z"
-    pixel_center: float = 0.0
-
-    def __post_init__(self) -> None:
-        K = np.asarray(self.K, dtype=np.float64)
-        T = np.asarray(self.T_c2w, dtype=np.float64)
-        if K.shape != (3, 3) or not np.isfinite(K).all() or K[0, 0] <= 0 or K[1, 1] <= 0:
-            raise ValueError(f"K must be a finite 3×3 intrinsic matrix with positive focal lengths, got {K!r}")
-        if not np.allclose(K[2], [0.0, 0.0, 1.0], atol=1e-9):
-            raise ValueError(f"K's last row must be [0, 0, 1], got {K[2]}")
-        if T.shape != (4, 4) or not np.isfinite(T).all():
-            raise ValueError(f"T_c2w must be a finite 4×4 matrix, got shape {T.shape}")
-        R = T[:3, :3]
-        if not np.allclose(T[3], [0, 0, 0, 1], atol=1e-9) or not np.allclose(R.T @ R, np.eye(3), atol=1e-4) \
-                or np.linalg.det(R) <= 0:
-            raise ValueError("T_c2w must be a rigid transform (orthonormal rotation with det +1, last row "
-                             "[0, 0, 0, 1]); a Blender/OpenGL pose needs the diag(1, -1, -1, 1) flip")
-        if int(self.width) <= 0 or int(self.height) <= 0:
-            raise ValueError(f"width/height must be positive, got {self.width}×{self.height}")
-        if self.depth_type not in DEPTH_TYPES:
-            raise ValueError(f"depth_type must be one of {DEPTH_TYPES}, got {self.depth_type!r}")
-        if not float(self.depth_scale) > 0:
-            raise ValueError(f"depth_scale must be > 0, got {self.depth_scale}")
-        object.__setattr__(self, "K", K)
-        object.__setattr__(self, "T_c2w", T)
-        object.__setattr__(self, "width", int(self.width))
-        object.__setattr__(self, "height", int(self.height))
-        object.__setattr__(self, "depth_scale", float(self.depth_scale))
-        object.__setattr__(self, "pixel_center", float(self.pixel_center))
-
-    @property
-    def T_w2c(self) -> np.ndarray:
-        return invert_rigid(self.T_c2w)
-
-    @property
-    def center(self) -> np.ndarray:
-        """Camera centre in world coordinates."""
-        return self.T_c2w[:3, 3].copy()
-
-
-@dataclass(frozen=True)
-class GTVolume:
-    """Ground-truth anomaly volume of one instance on a regular grid (``shared.geometry``).
-
-    ``labels`` bool (X, Y, Z): anomalous surface voxels; ``occupancy`` optional bool (X, Y, Z): object
-    surface voxels (the evaluation domain of metrics.md §7); ``origin`` (3,) metres = minimum corner of
-    voxel (0, 0, 0); ``voxel_size`` metres.
-    """
-
-    labels: np.ndarray
-    origin: np.ndarray
-    voxel_size: float
-    occupancy: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        labels = np.asarray(self.labels).astype(bool, copy=False)
-        if labels.ndim != 3:
-            raise ValueError(f"GT labels must be a 3D volume, got shape {labels.shape}")
-        origin = np.asarray(self.origin, dtype=np.float64).reshape(-1)
-        if origin.shape != (3,) or not np.isfinite(origin).all():
-            raise ValueError(f"GT origin must be 3 finite numbers, got {self.origin!r}")
-        if not float(self.voxel_size) > 0:
-            raise ValueError(f"GT voxel_size must be > 0, got {self.voxel_size}")
-        occ = None
-        if self.occupancy is not None:
-            occ = np.asarray(self.occupancy).astype(bool, copy=False)
-            if occ.shape != labels.shape:
-                raise ValueError(f"GT occupancy shape {occ.shape} != labels shape {labels.shape}")
-        object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "origin", origin)
-        object.__setattr__(self, "voxel_size", float(self.voxel_size))
-        object.__setattr__(self, "occupancy", occ)
-
-    @classmethod
-    def from_sparse(cls, indices: np.ndarray, shape: Sequence[int], origin: Sequence[float], voxel_size: float,
-                    occupancy_indices: np.ndarray | None = None) -> GTVolume:
-        """Build from (M, 3) integer voxel indices (the sparse form allowed by data_formats §7.1)."""
-
-        def dense(idx: np.ndarray) -> np.ndarray:
-            idx = np.asarray(idx, dtype=np.int64).reshape(-1, 3)
-            if len(idx) and ((idx < 0).any() or (idx >= np.asarray(shape)).any()):
-                raise ValueError("sparse GT indices fall outside the volume shape")
-            vol = np.zeros(tuple(int(s) for s in shape), bool)
-            vol[idx[:, 0], idx[:, 1], idx[:, 2]] = True
-            return vol
-
-        occ = dense(occupancy_indices) if occupancy_indices is not None else None
-        return cls(dense(indices), np.asarray(origin, dtype=np.float64), float(voxel_size), occ)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.labels.shape)
-
-    @property
-    def grid(self) -> VoxelGrid:
-        return VoxelGrid(self.origin, self.voxel_size, self.shape)
+# One calibration class for the readers and the volume (detect.volume.ViewCalibration); ViewCalib is the
+# readers' name for it.
+ViewCalib = ViewCalibration
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -508,73 +402,6 @@ def _depth_stem(filename: str) -> str:
     raise SiM3DError(f"{filename}: not a depth file (.npy or _depth.exr)")
 
 
-@dataclass(frozen=True)
-class ViewFiles:
-    view_id: int
-    stem: str
-    depth_path: Path
-    image_path: Path
-    mask_path: Path | None
-
-
-@dataclass(frozen=True)
-class InstanceRecord:
-    """An instance folder, scanned but not loaded."""
-
-    class_name: str
-    name: str
-    path: Path
-    role: str  # "train_real", "train_synth" or "test"
-    label: int  # 1 anomalous ("bad" in a test folder's name), 0 otherwise
-    views: tuple[ViewFiles, ...]
-
-    @property
-    def stems(self) -> list[str]:
-        return [v.stem for v in self.views]
-
-
-@dataclass
-class View:
-    """One loaded view. ``depth`` is in the stored unit (× ``calib.depth_scale`` = metres)."""
-
-    view_id: int
-    stem: str
-    image: np.ndarray  # uint8 (H, W)
-    depth: np.ndarray  # float32 (H, W), NaN = invalid
-    calib: ViewCalib | None
-    mask: np.ndarray | None  # bool (H, W) 2D GT when the dataset provides it
-    image_path: Path
-    depth_path: Path
-
-    @property
-    def K(self) -> np.ndarray | None:
-        return None if self.calib is None else self.calib.K
-
-    @property
-    def T_c2w(self) -> np.ndarray | None:
-        return None if self.calib is None else self.calib.T_c2w
-
-
-@dataclass
-class Instance:
-    record: InstanceRecord
-    views: list[View]
-    gt: GTVolume | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.record.name
-
-    @property
-    def label(self) -> int:
-        return self.record.label
-
-    @property
-    def stems(self) -> list[str]:
-        return [v.stem for v in self.views]
-
-
 def _list_depth_files(instance_dir: Path) -> list[Path]:
     for sub, suffix in (("depth", ".npy"), ("DEPTH", "_depth.exr"), ("depth", ".exr")):
         folder = instance_dir / sub
@@ -639,7 +466,7 @@ def list_classes(root: str | os.PathLike) -> list[str]:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _load_image(path: Path, where: str) -> np.ndarray:
+def load_image(path: Path, where: str) -> np.ndarray:
     import cv2  # lazy
 
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
@@ -680,7 +507,7 @@ def load_depth(path: Path, where: str = "") -> np.ndarray:
     return depth
 
 
-class SiM3DClass:
+class SiM3DClass(InstanceDataset):
     """One class of a SiM3D-style dataset (real SiM3D or our synthetic benchmark).
 
     Args:
@@ -755,14 +582,6 @@ class SiM3DClass:
         self.stems = ref.stems
 
     # -- access --------------------------------------------------------------------------------------
-    @property
-    def n_views(self) -> int:
-        return len(self.stems)
-
-    @property
-    def has_calibration(self) -> bool:
-        return self.calib_reader is not None
-
     def train_record(self, setup: str = "real2real") -> InstanceRecord:
         if setup not in SETUP_TO_ROLE:
             raise ValueError(f"setup must be one of {sorted(SETUP_TO_ROLE)}, got {setup!r}")
@@ -771,21 +590,11 @@ class SiM3DClass:
                              f"{self.class_name}_{'real' if setup == 'real2real' else 'synth'} in {self.path})")
         return self.train_records[setup]
 
-    def __len__(self) -> int:
-        return len(self.test_records)
-
-    def __getitem__(self, i: int) -> Instance:
-        return self.load_instance(self.test_records[i])
-
-    def __iter__(self) -> Iterator[Instance]:
-        for rec in self.test_records:
-            yield self.load_instance(rec)
-
     def load_view(self, record: InstanceRecord, view_id: int) -> View:
         """Load and check one view (image, depth, calibration, 2D mask)."""
         vf = record.views[view_id]
         where = f"class {record.class_name!r}, instance {record.name!r}, view {vf.stem!r}"
-        image = _load_image(vf.image_path, where)
+        image = load_image(vf.image_path, where)
         depth = load_depth(vf.depth_path, where)
         if image.shape != depth.shape:
             raise SiM3DError(f"{where}: image {vf.image_path} is {image.shape[1]}×{image.shape[0]} but depth "
@@ -806,7 +615,7 @@ class SiM3DClass:
                                  f"{vf.image_path} is {image.shape[1]}×{image.shape[0]}")
         mask = None
         if self.load_masks and vf.mask_path is not None:
-            m = _load_image(vf.mask_path, where)
+            m = load_image(vf.mask_path, where)
             if m.shape != image.shape:
                 raise SiM3DError(f"{where}: mask {vf.mask_path} is {m.shape[1]}×{m.shape[0]}, image is "
                                  f"{image.shape[1]}×{image.shape[0]}")

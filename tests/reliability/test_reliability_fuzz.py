@@ -6,7 +6,7 @@ or the array, they return a valid result or raise their documented error type, n
 | ``shared.depth.normalize_depth`` / ``downsample_depth`` | ``ValueError`` |
 | ``shared.exr.read_exr_channel0`` | ``ExrError`` |
 | ``shared.formats.read_png_uint16`` / ``read_tiff`` / ``read_npy`` / ``xyz_to_z`` | ``FormatError`` |
-| ``pretrain.data._npy_from_buffer`` (shard samples) | ``ValueError`` |
+| ``shared.shards.npy_from_buffer`` (shard samples) | ``ValueError`` |
 | ``detect.data.sim3d.load_depth`` | ``SiM3DError`` |
 | data preparation (``process_item`` of the folder reader) | none: a :class:`SkippedItem` |
 
@@ -27,10 +27,10 @@ from hypothesis.extra import numpy as hnp
 from data_prep.shards import EncodedSample, SampleJob, SkippedItem, SourceItem, process_item
 from data_prep.sources.folder import FolderSource
 from detect.data.sim3d import SiM3DError, load_depth
-from pretrain.data import _npy_from_buffer
 from shared.depth import downsample_depth, normalize_depth, target_size
 from shared.exr import ExrError, encode_exr, read_exr_channel0
 from shared.formats import FormatError, read_npy, read_png_uint16, read_tiff, xyz_to_z
+from shared.shards import npy_from_buffer
 
 FUZZ = settings(max_examples=60, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -180,7 +180,7 @@ def test_xyz_to_z_raises_only_format_error(xyz):
 @given(data=st.one_of(file_contents("npy"), st.builds(_npy, depth_arrays())))
 def test_shard_sample_decoder_raises_only_value_error(data):
     try:
-        arr = _npy_from_buffer(bytearray(data), "shard.tar:key.depth.npy")
+        arr = npy_from_buffer(bytearray(data), "shard.tar:key.depth.npy")
     except ValueError:
         return
     assert arr.dtype == np.float32 and arr.ndim == 2 and arr.flags.writeable

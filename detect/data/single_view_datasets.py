@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from detect.data.base import InstanceDataset
 from detect.data.sim3d import (
     Instance,
     InstanceRecord,
@@ -105,7 +106,7 @@ def _image_shape(path: Path) -> tuple[int, int]:
         return im.size[1], im.size[0]
 
 
-class SingleViewClass:
+class SingleViewClass(InstanceDataset):
     """One class of a single-view dataset (N = 1). Subclasses fill ``_train`` and ``test_records`` and
     implement :meth:`_read_image` and :meth:`_read_depth`."""
 
@@ -131,14 +132,6 @@ class SingleViewClass:
         return InstanceRecord(class_name, name, path, role, int(label),
                               (ViewFiles(0, SINGLE_STEM, depth_path, image_path, mask_path),))
 
-    @property
-    def n_views(self) -> int:
-        return 1
-
-    @property
-    def has_calibration(self) -> bool:
-        return False
-
     def train_set(self, setup: str = "real2real") -> list[InstanceRecord]:
         """Every training image of the class (one N = 1 record each)."""
         key = setup if setup in self._train else "default"
@@ -153,16 +146,6 @@ class SingleViewClass:
             raise SingleViewError(f"{self.dataset} class {self.class_name!r} has {len(records)} training images: "
                                   "use train_set() (single-view training uses all of them)")
         return records[0]
-
-    def __len__(self) -> int:
-        return len(self.test_records)
-
-    def __getitem__(self, i: int) -> Instance:
-        return self.load_instance(self.test_records[i])
-
-    def __iter__(self) -> Iterator[Instance]:
-        for rec in self.test_records:
-            yield self.load_instance(rec)
 
     # -- loading --------------------------------------------------------------------------------
     def _read_image(self, vf: ViewFiles, where: str) -> np.ndarray:
@@ -423,9 +406,9 @@ class SiM3DSingleViewClass(SingleViewClass):
         return self._train[setup]
 
     def _read_image(self, vf: ViewFiles, where: str) -> np.ndarray:
-        from detect.data.sim3d import _load_image
+        from detect.data.sim3d import load_image
 
-        return _load_image(vf.image_path, where)
+        return load_image(vf.image_path, where)
 
     def _read_depth(self, vf: ViewFiles, where: str) -> np.ndarray:
         return load_depth(vf.depth_path, where)
