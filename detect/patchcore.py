@@ -18,11 +18,14 @@ Choices (``PatchCoreSettings``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from detect.infer import InferenceSettings, ViewScorer
 
 PatchCoreFeatures = Literal["image", "depth", "both"]
 
@@ -150,5 +153,50 @@ class PatchCoreBank:
     def size(self) -> int:
         return sum(int(b.shape[0]) for b in self.banks.values())
 
+    def state(self) -> dict:
+        """The banks and settings as plain tensors and containers (for ``torch.load(weights_only=True)``)."""
+        return {"settings": asdict(self.settings), "banks": {str(k): b.contiguous() for k, b in self.banks.items()}}
 
-__all__ = ["PatchCoreBank", "PatchCoreSettings", "greedy_coreset", "nearest_distances", "patch_features"]
+    @classmethod
+    def from_state(cls, state: dict) -> PatchCoreBank:
+        """Inverse of :meth:`state` (KeyError/TypeError/ValueError on a malformed record)."""
+        bank = cls(PatchCoreSettings(**state["settings"]))
+        bank.banks = {int(k): v.float() for k, v in state["banks"].items()}
+        if not bank.banks:
+            raise ValueError("no memory banks")
+        return bank
+
+
+def build_bank(image: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor | None,
+               settings: PatchCoreSettings) -> PatchCoreBank:
+    """Memory banks of one training instance's N views: ``image`` (N, T, c_I), ``depth`` (N, T, c_D),
+    ``valid`` (N, T) bool (tokens on the object; None: every token)."""
+    bank = PatchCoreBank(settings)
+    feats = patch_features(image, depth, settings.features)
+    for v in range(feats.shape[0]):
+        bank.add(v, feats[v], None if valid is None else valid[v])
+    return bank.build()
+
+
+class PatchCoreScorer(ViewScorer):
+    """PatchCore in ModMap's one map loop: a target view's token map is each token's distance to the
+    nearest token of its memory bank (no mapping networks, no source views); upsampling, foreground
+    mask and back-projection stay those of :class:`detect.infer.ViewScorer`. The one distance map fills
+    both directions, so every aggregation Ξ returns it unchanged except ``prod`` (its square, same order)."""
+
+    def __init__(self, settings: InferenceSettings, bank: PatchCoreBank) -> None:
+        super().__init__(settings)
+        self.bank = bank
+
+    def sources(self, model, n_views: int) -> list[list[int]]:
+        return [[t] for t in range(n_views)]
+
+    def token_maps(self, model, image: torch.Tensor, depth: torch.Tensor, target: int, sources: Sequence[int],
+                   class_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = patch_features(image[target], depth[target], self.bank.settings.features)
+        dist = self.bank.score(target, feats)
+        return dist, dist
+
+
+__all__ = ["PatchCoreBank", "PatchCoreScorer", "PatchCoreSettings", "build_bank", "greedy_coreset",
+           "nearest_distances", "patch_features"]

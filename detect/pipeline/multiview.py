@@ -40,6 +40,7 @@ from detect.pipeline.settings import (
     feature_settings,
     image_encoder,
     inference_settings,
+    patchcore_settings,
     scoring_settings,
     train_settings,
 )
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
     from detect.model import ModMap
 
 MULTICLASS_DIR = "_multiclass"  # <out>/<setup>/_multiclass/model.pt: the one model of a multi-class run
+PATCHCORE_FILE = "patchcore.pt"  # <out>/<setup>/<class>/patchcore.pt: --method patchcore's memory banks
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -171,6 +173,8 @@ class MultiviewRunner:
         record = self.train_record(ds, setup)
         feats, encode_s = self.features(ds, record, f"{class_name}/{record.name}")
         image, depth, valid = feats.tensors(self.device)
+        if cfg.method == "patchcore":
+            return self._fit_patchcore(setup, class_name, ds, record, feats, image, depth, valid, encode_s)
         settings = train_settings(cfg)
         _, _, total = total_training_steps(feats.n_views, settings)
         out_dir = self.class_dir(setup, class_name)
@@ -192,6 +196,45 @@ class MultiviewRunner:
         if cfg.scoring == "cmdr":  # CMDR-IAD reconstruction decoders on the same cached tokens (detect/cmdr.py)
             self._fit_decoders(out_dir, image, depth, valid, feats.grid, meta, f"{setup}/{class_name}")
         return path
+
+    def _fit_patchcore(self, setup: str, class_name: str, ds, record, feats, image, depth, valid,
+                       encode_s: float) -> Path:
+        """PatchCore's memory banks of one class from its training instance's object tokens (``patchcore.pt``)."""
+        from detect.patchcore import build_bank
+        from shared.checkpoint import save_checkpoint
+
+        t0 = time.perf_counter()
+        bank = build_bank(image, depth, valid, patchcore_settings(self.cfg))
+        meta = {
+            "format_version": MODEL_FORMAT_VERSION, "method": "patchcore", "n_views": feats.n_views,
+            "view_stems": feats.stems, "view_order": ds.view_order, "class_name": class_name, "setup": setup,
+            "train_instance": record.name, "bank_tokens": bank.size(), "random_image_encoder": self.random_encoder,
+            "build_seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(encode_s, 3),
+            **self.encoder_record(),
+        }
+        path = self.class_dir(setup, class_name) / PATCHCORE_FILE
+        save_checkpoint({"patchcore": bank.state(), "config": meta}, path)
+        return path
+
+    def load_patchcore(self, setup: str, class_name: str, n_views: int, stems: list[str]):
+        """The class's PatchCore memory banks, checked against this run's views and encoders."""
+        from detect.patchcore import PatchCoreBank
+        from shared.checkpoint import CheckpointError, load_checkpoint
+
+        path = self.class_dir(setup, class_name) / PATCHCORE_FILE
+        if not path.is_file():
+            raise RunError(f"no PatchCore memory banks {path}: run --mode fit (or all) with --method patchcore first")
+        try:
+            obj = load_checkpoint(path)
+            meta = dict(obj["config"])
+            bank = PatchCoreBank.from_state(obj["patchcore"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{path} is not a PatchCore memory-bank file: {exc}") from None
+        if int(meta["n_views"]) != n_views or list(meta["view_stems"]) != list(stems):
+            raise RunError(f"view mismatch for {setup}/{class_name}: the memory banks in {path} hold views "
+                           f"{meta['view_stems']} but the test instances have {n_views} views {list(stems)}")
+        check_encoders(path, meta, self.encoder_record())
+        return bank, meta
 
     def fit_multiclass(self, setup: str, classes: Sequence[str]) -> Path:
         """One model for ``classes`` (in that order) on their training instances (§15)."""
@@ -328,10 +371,16 @@ class MultiviewRunner:
         if not ds.test_records:
             raise RunError(f"class {class_name}: no test instances under {ds.path}")
         out_dir = self.class_dir(setup, class_name)
-        model, model_meta = self.load_model(setup, class_name, ds.n_views, ds.stems)
-        class_id = model_meta.get("class_index")  # multi-class models only
-        scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
         inf = inference_settings(cfg)
+        if cfg.method == "patchcore":  # no mapping networks: the memory banks score (detect/patchcore.py)
+            from detect.patchcore import PatchCoreScorer
+
+            model, class_id = None, None
+            scorer = PatchCoreScorer(inf, self.load_patchcore(setup, class_name, ds.n_views, ds.stems)[0])
+        else:
+            model, model_meta = self.load_model(setup, class_name, ds.n_views, ds.stems)
+            class_id = model_meta.get("class_index")  # multi-class models only
+            scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
         rows, timings = [], []
         pixel_acc = SegmentationAccumulator()
         has_pixel_gt = True
@@ -518,5 +567,7 @@ def run_multiview(cfg: DetectConfig, adopt: Callable[[str, str], bool] | None = 
             m.get("random_image_encoder") for per in results.values() for m in per.values())
         title = {"modmap": "ModMap results", "cfm": "ModMap with CFM scoring: results",
                  "cmdr": "ModMap with CMDR-IAD scoring: results"}[cfg.scoring]
+        if cfg.method == "patchcore":
+            title = f"PatchCore results ({cfg.patchcore_features} tokens, per-{cfg.patchcore_bank} memory banks)"
         write_results(out, results, random_encoder, title)
     return results
