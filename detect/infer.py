@@ -106,6 +106,7 @@ class InferenceSettings:
     source_chunk: int = 0
     project_stride: int = 1
     seed: int = 42
+    fg_erosion: int = 0  # pixels (input size) of foreground next to invalid depth left unscored; 0 = the paper
 
 
 @dataclass
@@ -152,7 +153,17 @@ class ViewScorer:
         self.settings = settings
 
     def foreground(self, depth_input: torch.Tensor) -> np.ndarray:
-        return foreground_mask(depth_input, self.settings.fg_connectivity)
+        """The scored pixels: the foreground (§10), less a band of ``fg_erosion`` pixels along silhouettes
+        and depth holes, where features straddle object and background (demo-scale option)."""
+        fg = foreground_mask(depth_input, self.settings.fg_connectivity)
+        if self.settings.fg_erosion > 0:
+            import cv2
+
+            k = 2 * self.settings.fg_erosion + 1
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+            # outside the image counts as foreground (as in the opening): only depth edges are eroded
+            fg = cv2.erode(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=1).astype(bool)
+        return fg
 
     def sources(self, model: ModMap | None, n_views: int) -> list[list[int]]:
         """Source views of every target (ModMap: all views, or a seeded subset; same-view variants: t)."""

@@ -93,6 +93,12 @@ def test_patchcore_end_to_end_with_cnn_encoders(bench, tmp_path, capsys):
     assert 0.0 <= m["image_auroc"] <= 1.0 or np.isnan(m["image_auroc"])
     assert "voxel_aupro" in m
     assert len(list((class_dir / "volumes").glob("*.npz"))) == 2
+    # the demo report shows a reference run's table and names the CNN image encoder
+    from detect.report import build_report
+
+    html = build_report(out, tmp_path / "report" / "index.html", references=[("PatchCore", out)]).read_text()
+    assert "Reference: PatchCore" in html and "PatchCore results" in html
+    assert "tf_efficientnet_lite0" in html and "cannot be downloaded" in html
     # banks built with one encoder refuse another (the one encoder check)
     other = tmp_path / "lite0_other.pth"
     sd = torch.load(weights, weights_only=True)
@@ -102,3 +108,17 @@ def test_patchcore_end_to_end_with_cnn_encoders(bench, tmp_path, capsys):
     bad = [a if a != str(weights) else str(other) for a in args]
     assert main([*bad, "--mode", "predict", "--no-feature-cache"]) == 2
     assert "different image encoder" in capsys.readouterr().err
+
+
+def test_fg_erosion_leaves_a_band_next_to_invalid_depth_unscored():
+    from detect.infer import ViewScorer
+
+    depth = torch.zeros(1, 40, 40)
+    depth[0, 10:30, 5:40] = 1.0  # object touching the right image border, a hole inside
+    depth[0, 18:21, 18:21] = 0.0
+    plain = ViewScorer(InferenceSettings()).foreground(depth)
+    eroded = ViewScorer(InferenceSettings(fg_erosion=2)).foreground(depth)
+    assert plain[10, 10] and not eroded[10, 10] and not eroded[11, 10]  # silhouette band
+    assert plain[17, 19] and not eroded[17, 19]  # next to the hole
+    assert eroded[25, 39] and not eroded[11, 39]  # the image border is not an edge; the top silhouette is
+    assert eroded.sum() < plain.sum() and not (eroded & ~plain).any()

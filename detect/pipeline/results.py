@@ -111,7 +111,8 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
     atomic_write_text(out / "results.md", "\n".join(lines))
     write_csv(out / "results.csv", [{k: ("" if v is None else v) for k, v in r.items()} for r in csv_rows],
               ["setup", "metric", *classes, "mean"])
-    atomic_write_json(out / "results.json", jsonable({"random_image_encoder": random_encoder, "results": results}))
+    atomic_write_json(out / "results.json", jsonable({"title": title, "random_image_encoder": random_encoder,
+                                                   "results": results}))
 
 
 
