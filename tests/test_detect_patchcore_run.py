@@ -122,3 +122,34 @@ def test_fg_erosion_leaves_a_band_next_to_invalid_depth_unscored():
     assert plain[17, 19] and not eroded[17, 19]  # next to the hole
     assert eroded[25, 39] and not eroded[11, 39]  # the image border is not an edge; the top silhouette is
     assert eroded.sum() < plain.sum() and not (eroded & ~plain).any()
+
+
+
+def test_volume_view_aggregation_mean_dilutes_what_one_view_sees():
+    """The same view twice, once with a spike: max keeps the spike, mean halves it (a voxel's mean over
+    the views that score it); a voxel scored by one view only keeps that view's value; default = max."""
+    from detect.volume import ViewCalibration, VolumeAccumulator, bounding_grid
+    from shared.geometry import look_at_c2w
+
+    h, w, f = 24, 32, 40.0
+    K = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1.0]])
+    calib = ViewCalibration(K, look_at_c2w(np.array([0.3, -0.2, 0.5]), np.zeros(3)))
+    depth = np.full((h, w), 0.6, np.float32)
+    grid = bounding_grid([(depth, calib)], 0.004)
+    base = np.full((h, w), 0.2, np.float32)
+    spike = base.copy()
+    spike[10:12, 10:12] = 1.0
+    fg = np.ones((h, w), bool)
+    half = fg.copy()
+    half[:, 16:] = False  # the second view scores only the left half
+    acc_max, acc_mean = VolumeAccumulator(grid), VolumeAccumulator(grid, "mean")
+    for acc in (acc_max, acc_mean):
+        acc.add_view(depth, calib, spike, fg)
+        acc.add_view(depth, calib, base, half)
+    assert acc_max.instance_score() == pytest.approx(1.0)
+    assert acc_mean.instance_score() == pytest.approx(0.6)  # (1.0 + 0.2) / 2
+    vol = acc_mean.volume()
+    assert np.isclose(vol[acc_mean.hit.reshape(grid.shape)], 0.2).mean() > 0.9  # elsewhere: 0.2 in both modes
+    assert (acc_mean.hit == acc_max.hit).all()
+    with pytest.raises(ValueError, match="view_aggregation"):
+        VolumeAccumulator(grid, "median")

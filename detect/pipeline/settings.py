@@ -36,7 +36,8 @@ def inference_settings(cfg: DetectConfig) -> InferenceSettings:
     return InferenceSettings(aggregation=cfg.aggregation, blur_sigma=cfg.blur_sigma,
                              fg_connectivity=cfg.fg_connectivity, num_source_views=cfg.num_source_views,
                              num_target_views=cfg.num_target_views, source_chunk=cfg.source_chunk,
-                             project_stride=cfg.project_stride, seed=cfg.seed, fg_erosion=cfg.fg_erosion)
+                             project_stride=cfg.project_stride, seed=cfg.seed, fg_erosion=cfg.fg_erosion,
+                             view_aggregation=cfg.view_aggregation)
 
 
 def scoring_settings(cfg: DetectConfig) -> ScoringSettings:
