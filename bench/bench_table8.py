@@ -7,7 +7,9 @@ instance, with ``torch.cuda.synchronize()`` around the timed region; the 3D volu
 paper excludes it too). Timed stages: host → device copy of the 36 images and depth maps, both
 frozen encoders (random weights — speed does not depend on them), and :func:`detect.infer.iter_view_maps`
 (N² = 1296 source/target pairs with running minima, upsampling to 896², foreground masks, combination).
-Variants: encoders and mapping in bf16 autocast (the primary figure), and fp32 with TF32 matmuls.
+Variants: encoders and mapping in bf16 autocast (the primary figure), fp32 with TF32 matmuls and
+convolutions (what ``detect/run.py --allow-tf32`` computes: the same switch,
+:func:`detect.pipeline.base.cuda_precision`), and strict fp32 (``detect/run.py``'s default).
 The stage split (copy / encode / maps) and the peak GPU memory are reported.
 
 Needs CUDA; without it the benchmark is skipped (``run`` returns ``{"skipped": reason}``). The same
@@ -74,16 +76,23 @@ def synthetic_views(n_views: int, size: int, seed: int = 0) -> tuple[torch.Tenso
 
 
 def measure_instance(n_views: int = 36, size: int = 896, dev: str = "cuda", variant: str = "bf16",
-                     instances: int = 3, encode_batch: int = 6, tiny: bool = False) -> dict:
-    """Median per-instance milliseconds (and stage split) over ``instances`` after one warm-up."""
+                     instances: int = 3, encode_batch: int = 6, tiny: bool = False, allow_tf32: bool = True) -> dict:
+    """Median per-instance milliseconds (and stage split) over ``instances`` after one warm-up, with TF32
+    as ``detect/run.py --allow-tf32`` (or its default, strict fp32, with ``allow_tf32=False``)."""
+    from detect.pipeline.base import cuda_precision
+
+    with cuda_precision(allow_tf32):
+        return {**_measure_instance(n_views, size, dev, variant, instances, encode_batch, tiny),
+                "allow_tf32": allow_tf32}
+
+
+def _measure_instance(n_views: int, size: int, dev: str, variant: str, instances: int, encode_batch: int,
+                      tiny: bool) -> dict:
     from detect.infer import InferenceSettings, iter_view_maps
 
     if variant not in ("bf16", "fp32"):
         raise ValueError(f"variant must be bf16 or fp32, got {variant!r}")
     cuda = dev.startswith("cuda")
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     image_enc, depth_enc, model = build_models(n_views, dev, variant, tiny)
     images, depths = synthetic_views(n_views, size)
     if cuda:
@@ -145,6 +154,8 @@ def run(quick: bool = True) -> dict:
     for variant in ("bf16", "fp32"):
         res[variant] = measure_instance(n_views, size, "cuda", variant, instances)
         torch.cuda.empty_cache()
+    res["fp32_strict"] = measure_instance(n_views, size, "cuda", "fp32", instances, allow_tf32=False)  # detect's default
+    torch.cuda.empty_cache()
     ms = res["bf16"]["total_ms"]
     res["speedup_vs_paper"] = round(PAPER_MS / ms, 2)
     return with_checks(res, [
@@ -161,11 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, default=5)
     ap.add_argument("--variant", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--no-tf32", dest="allow_tf32", action="store_false",
+                    help="strict fp32 matmuls (detect/run.py's default; TF32 = detect/run.py --allow-tf32)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps(run()))
         return 0
-    print(json.dumps(measure_instance(args.views, args.size, args.device, args.variant, args.instances), indent=2))
+    print(json.dumps(measure_instance(args.views, args.size, args.device, args.variant, args.instances,
+                                      allow_tf32=args.allow_tf32), indent=2))
     return 0
 
 

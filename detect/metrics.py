@@ -407,3 +407,338 @@ def _segmentation_from_pooled(pooled: _Pooled, limits: Iterable[float], prefix: 
     fpr, pro = _pro_from_pooled(pooled, curves, fpr_max=max(limits, default=1.0))
     out[f"{prefix}_aupro"] = {a: area_under_curve(fpr, pro, a) for a in limits}
     return out
+
+
+# -- 95 % bootstrap intervals over instances (issue 18) ---------------------------------------------
+#
+# Every reported metric carries a percentile bootstrap interval over *instances*: a replicate draws the
+# instances with replacement (stratified by label, so every replicate keeps the numbers of normal and
+# anomalous instances and I-AUROC stays defined) and recomputes the pooled metric with each element
+# weighted by its instance's multiplicity. Pooled metrics are linear in those multiplicities at every
+# threshold, so per instance the cumulative nominal / anomalous / PRO-mass counts at a grid of
+# thresholds are computed once, and all replicates follow from one matrix product
+# (replicates × instances) @ (instances × thresholds) — seconds for 1000 replicates of millions of
+# voxels. The grid is every distinct score when there are at most ``max_thresholds`` of them (then a
+# replicate equals the exact metric of its resampled set); otherwise quantiles of the nominal scores,
+# dense at small FPR, and of the anomalous scores. Point estimates are always the exact metrics above.
+
+DEFAULT_N_BOOT = 1000
+DEFAULT_MAX_THRESHOLDS = 8192
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A metric on all instances with its bootstrap interval ``[low, high]`` at ``level``."""
+
+    value: float
+    low: float
+    high: float
+    level: float = 0.95
+    n_boot: int = 0
+    n_undefined: int = 0  # replicates where the metric was undefined (left out of the percentiles)
+
+    def to_dict(self) -> dict:
+        return {"value": self.value, "low": self.low, "high": self.high, "level": self.level,
+                "n_boot": self.n_boot, "n_undefined": self.n_undefined}
+
+    def format(self, digits: int = 3) -> str:
+        """``0.812 [0.751, 0.866]`` (the interval in brackets)."""
+        if np.isnan(self.value):
+            return "n/a"
+        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+
+
+def bootstrap_counts(strata: Sequence[int] | np.ndarray, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
+                     ) -> np.ndarray:
+    """(n_boot, n) float64 multiplicities of n instances in ``n_boot`` stratified bootstrap replicates:
+    within each stratum (e.g. label) as many draws with replacement as it has instances. Seeded."""
+    strata = np.asarray(strata).reshape(-1)
+    n = strata.size
+    if n == 0:
+        raise ValueError("bootstrap over zero instances")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((n_boot, n), dtype=np.float64)
+    for value in np.unique(strata):
+        idx = np.flatnonzero(strata == value)
+        draws = rng.integers(0, idx.size, size=(n_boot, idx.size))
+        flat = (draws + np.arange(n_boot)[:, None] * idx.size).ravel()
+        counts[:, idx] = np.bincount(flat, minlength=n_boot * idx.size).reshape(n_boot, idx.size)
+    return counts
+
+
+@dataclass
+class _InstanceCurves:
+    """Per instance, counts at every grid threshold (descending): elements with score ≥ threshold."""
+
+    fp: np.ndarray  # (n_inst, K) nominal
+    tp: np.ndarray  # (n_inst, K) anomalous
+    pro: np.ndarray  # (n_inst, K) PRO mass (Σ 1/|region|)
+    n_ok: np.ndarray  # (n_inst,)
+    n_anom: np.ndarray  # (n_inst,)
+    n_regions: np.ndarray  # (n_inst,)
+    exact: bool  # the grid holds every distinct score
+
+
+def _threshold_grid(scores: np.ndarray, nominal: np.ndarray, max_thresholds: int, fpr_focus: float
+                    ) -> tuple[np.ndarray, bool]:
+    """Ascending thresholds: all distinct scores if few enough, else quantiles (see the section note)."""
+    uniq = np.unique(scores)
+    if uniq.size <= max_thresholds:
+        return uniq, True
+    nom = np.sort(scores[nominal])
+    anom = np.sort(scores[~nominal])
+    parts = [uniq[[0, -1]]]
+    if nom.size:
+        focus = np.linspace(0.0, min(1.0, fpr_focus), max_thresholds // 2)
+        spread = np.linspace(0.0, 1.0, max_thresholds // 4)
+        pos = np.clip(nom.size - 1 - np.round(np.concatenate([focus, spread]) * nom.size).astype(np.int64),
+                      0, nom.size - 1)
+        parts.append(nom[pos])
+    if anom.size:
+        parts.append(anom[np.linspace(0, anom.size - 1, max_thresholds // 4).astype(np.int64)])
+    return np.unique(np.concatenate(parts)), False
+
+
+def _instance_curves(scores: np.ndarray, nominal: np.ndarray, pro_weight: np.ndarray, inst: np.ndarray,
+                     n_inst: int, n_regions: np.ndarray, max_thresholds: int, fpr_focus: float) -> _InstanceCurves:
+    thr, exact = _threshold_grid(scores, nominal, max_thresholds, fpr_focus)
+    k = thr.size
+    j = np.searchsorted(thr, scores, side="right") - 1  # largest threshold ≤ score (-1: below the grid)
+    ok = j >= 0
+    flat = inst[ok].astype(np.int64) * k + j[ok]
+    size = n_inst * k
+
+    def cum(weights: np.ndarray) -> np.ndarray:
+        hist = np.bincount(flat, weights=weights[ok], minlength=size).reshape(n_inst, k)
+        return np.cumsum(hist[:, ::-1], axis=1)  # descending thresholds: count of score ≥ threshold
+
+    nom_w = nominal.astype(np.float64)
+    n_ok = np.bincount(inst, weights=nom_w, minlength=n_inst)
+    n_all = np.bincount(inst, minlength=n_inst).astype(np.float64)
+    return _InstanceCurves(cum(nom_w), cum(1.0 - nom_w), cum(pro_weight), n_ok, n_all - n_ok,
+                           np.asarray(n_regions, dtype=np.float64), exact)
+
+
+def _clipped_area(x: np.ndarray, y: np.ndarray, limit: float) -> np.ndarray:
+    """Row-wise (1/limit)·∫₀^limit y dx of piecewise-linear curves (B, P), x non-decreasing: the
+    trapezoid rule with linear interpolation at ``limit`` (as :func:`area_under_curve`)."""
+    x0, x1, y0, y1 = x[:, :-1], x[:, 1:], y[:, :-1], y[:, 1:]
+    xc0, xc1 = np.minimum(x0, limit), np.minimum(x1, limit)
+    dx = x1 - x0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y_end = np.where(dx > 0, y0 + (y1 - y0) * (xc1 - x0) / np.where(dx > 0, dx, 1.0), y1)
+    return np.sum((xc1 - xc0) * (y0 + y_end) * 0.5, axis=1) / limit
+
+
+def _replicate_metrics(curves: _InstanceCurves, counts: np.ndarray, limits: Sequence[float],
+                       need_auroc: bool = True) -> tuple[np.ndarray, dict[float, np.ndarray]]:
+    """AUROC (B,) and AUPRO@α (B,) of the weighted sets ``counts`` (B, n_inst); NaN where undefined."""
+    b = counts.shape[0]
+    k = curves.fp.shape[1]
+    chunk = max(1, 4_000_000 // max(k, 1))
+    auroc = np.full(b, np.nan)
+    aupro = {a: np.full(b, np.nan) for a in limits}
+    for lo in range(0, b, chunk):
+        c = counts[lo:lo + chunk]
+        n_ok, n_anom, n_reg = c @ curves.n_ok, c @ curves.n_anom, c @ curves.n_regions
+        zeros, ones = np.zeros((c.shape[0], 1)), np.ones((c.shape[0], 1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            fpr = np.concatenate([zeros, np.minimum((c @ curves.fp) / n_ok[:, None], 1.0), ones], axis=1)
+            if need_auroc:
+                tpr = np.concatenate([zeros, np.minimum((c @ curves.tp) / n_anom[:, None], 1.0), ones], axis=1)
+                val = np.sum((fpr[:, 1:] - fpr[:, :-1]) * (tpr[:, 1:] + tpr[:, :-1]) * 0.5, axis=1)
+                auroc[lo:lo + chunk] = np.where((n_ok > 0) & (n_anom > 0), val, np.nan)
+            if limits:
+                pro = np.concatenate([zeros, np.minimum((c @ curves.pro) / n_reg[:, None], 1.0), ones], axis=1)
+                defined = (n_ok > 0) & (n_reg > 0)
+                for a in limits:
+                    aupro[a][lo:lo + chunk] = np.where(defined, _clipped_area(fpr, pro, a), np.nan)
+    return auroc, aupro
+
+
+def _interval(value: float, replicates: np.ndarray, level: float) -> Interval:
+    good = replicates[np.isfinite(replicates)]
+    if good.size == 0 or not np.isfinite(value):
+        return Interval(float(value), float("nan"), float("nan"), level, int(replicates.size),
+                        int(replicates.size - good.size))
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(good, [tail, 100.0 - tail])
+    return Interval(float(value), float(low), float(high), level, int(replicates.size),
+                    int(replicates.size - good.size))
+
+
+class InstanceElements:
+    """Scored elements (pixels of an instance's views, or its voxels) grouped by instance, for pooled
+    AUROC / exact AUPRO with bootstrap intervals over instances and paired differences of variants.
+
+    ``add(instance, scores, gt, domain)`` may be called several times per instance (one call per view
+    map); GT regions are labelled per call (8-connectivity in 2D, 26 in 3D), restricted to ``domain``.
+    Only the domain's elements are kept (float64 score, nominal flag, PRO weight, instance index).
+    """
+
+    def __init__(self, connectivity: int | None = None, regions: bool = True) -> None:
+        self.connectivity = connectivity
+        self.regions = regions  # False: AUROC only (no PRO weights, e.g. the all-pixel P-AUROC)
+        self._acc = SegmentationAccumulator(connectivity)
+        self._inst: list[np.ndarray] = []
+        self.keys: list = []
+        self._index: dict = {}
+        self._labels: list[int | None] = []
+        self._n_regions: list[int] = []
+
+    def add(self, instance, scores: np.ndarray, gt: np.ndarray, domain: np.ndarray | None = None,
+            label: int | None = None) -> None:
+        """Add one map/volume of ``instance`` (any hashable key); ``label`` (0/1) of the instance
+        stratifies the bootstrap (default: 1 iff any of its elements is anomalous)."""
+        i = self._index.get(instance)
+        if i is None:
+            i = self._index[instance] = len(self.keys)
+            self.keys.append(instance)
+            self._labels.append(None)
+            self._n_regions.append(0)
+        if label is not None:
+            self._labels[i] = int(label != 0)
+        where = f"instance {instance!r}"
+        s, n, w, regions, conn = _sample_elements(scores, gt, domain, self.connectivity, self.regions, where)
+        acc = self._acc
+        acc._s.append(s)
+        acc._n.append(n)
+        acc._w.append(w)
+        acc.n_regions += regions
+        acc._conn = conn
+        acc.n_samples += 1
+        self._n_regions[i] += regions
+        self._inst.append(np.full(s.size, i, dtype=np.int32))
+
+    def bootstrap_counts(self, n_boot: int, seed: int) -> np.ndarray:
+        """(n_boot, n_instances) multiplicities, columns in this set's instance order; the draws are made
+        in the order of the sorted instance keys, so they do not depend on the order of ``add`` calls."""
+        order = sorted(range(self.n_instances), key=lambda i: repr(self.keys[i]))
+        canonical = bootstrap_counts(self.labels()[order], n_boot, seed)
+        counts = np.empty_like(canonical)
+        counts[:, order] = canonical
+        return counts
+
+    @property
+    def n_instances(self) -> int:
+        return len(self.keys)
+
+    def labels(self) -> np.ndarray:
+        inst = np.concatenate(self._inst) if self._inst else np.zeros(0, np.int32)
+        nominal = np.concatenate(self._acc._n) if self._acc._n else np.zeros(0, bool)
+        has_anom = np.bincount(inst[~nominal], minlength=self.n_instances) > 0
+        return np.array([lab if lab is not None else int(has_anom[i]) for i, lab in enumerate(self._labels)])
+
+    def _curves(self, max_thresholds: int, fpr_focus: float, order: Sequence[int] | None = None) -> _InstanceCurves:
+        pooled = self._acc.pooled()
+        inst = np.concatenate(self._inst)
+        if order is not None:  # renumber instances (align with another set's keys)
+            remap = np.empty(self.n_instances, dtype=np.int32)
+            remap[np.asarray(order)] = np.arange(self.n_instances, dtype=np.int32)
+            inst = remap[inst]
+            n_regions = np.asarray(self._n_regions)[np.asarray(order)]
+        else:
+            n_regions = np.asarray(self._n_regions)
+        weight = np.zeros(pooled.scores.size)
+        weight[~pooled.nominal] = pooled.anom_weight
+        return _instance_curves(pooled.scores, pooled.nominal, weight, inst, self.n_instances, n_regions,
+                                max_thresholds, fpr_focus)
+
+    def exact(self, limits: Iterable[float] = (0.3, 0.01), prefix: str = "voxel") -> dict:
+        """The exact metrics of all instances (:func:`segmentation_metrics`' dict)."""
+        return _segmentation_from_pooled(self._acc.pooled(), limits if self.regions else (), prefix)
+
+    def metrics(self, limits: Iterable[float] = (0.3, 0.01), prefix: str = "voxel", n_boot: int = DEFAULT_N_BOOT,
+                seed: int = 0, level: float = 0.95, max_thresholds: int = DEFAULT_MAX_THRESHOLDS) -> dict:
+        """``{f"{prefix}_auroc": Interval, f"{prefix}_aupro": {α: Interval}, "n_instances", "bootstrap"}``."""
+        limits = tuple(float(a) for a in limits) if self.regions else ()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            point = self.exact(limits, prefix)
+        counts = self.bootstrap_counts(n_boot, seed)
+        curves = self._curves(max_thresholds, 4.0 * max(limits, default=0.01))
+        auroc, aupro = _replicate_metrics(curves, counts, limits)
+        out: dict = {f"{prefix}_auroc": _interval(point[f"{prefix}_auroc"], auroc, level)}
+        if self.regions:
+            out[f"{prefix}_aupro"] = {a: _interval(point[f"{prefix}_aupro"][a], aupro[a], level) for a in limits}
+        out["n_instances"] = self.n_instances
+        out["bootstrap"] = _bootstrap_meta(n_boot, seed, level, curves.exact)
+        return out
+
+
+def _bootstrap_meta(n_boot: int, seed: int, level: float, exact: bool) -> dict:
+    return {"over": "instances", "stratified_by": "label", "n_boot": n_boot, "seed": seed, "level": level,
+            "thresholds": "all distinct scores" if exact else "quantile grid"}
+
+
+def paired_difference(a: InstanceElements, b: InstanceElements, limits: Iterable[float] = (0.3, 0.01),
+                      prefix: str = "voxel", n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95,
+                      max_thresholds: int = DEFAULT_MAX_THRESHOLDS) -> dict:
+    """Metric of ``a`` minus metric of ``b`` on the same instances, with the paired bootstrap interval
+    (both evaluated on the same resampled instances in every replicate). Same keys as
+    :meth:`InstanceElements.metrics`; an interval excluding 0 means the ordering is not chance."""
+    if sorted(map(repr, a.keys)) != sorted(map(repr, b.keys)) or a.n_instances != b.n_instances:
+        raise ValueError("paired difference needs the same instances in both variants")
+    limits = tuple(float(x) for x in limits) if (a.regions and b.regions) else ()
+    pos = {k: i for i, k in enumerate(b.keys)}
+    order = [pos[k] for k in a.keys]  # b's index of a's i-th instance
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        pa, pb = a.exact(limits, prefix), b.exact(limits, prefix)
+    counts = a.bootstrap_counts(n_boot, seed)
+    focus = 4.0 * max(limits, default=0.01)
+    ca = a._curves(max_thresholds, focus)
+    cb = b._curves(max_thresholds, focus, order=order)
+    ra, pra = _replicate_metrics(ca, counts, limits)
+    rb, prb = _replicate_metrics(cb, counts, limits)
+    out: dict = {f"{prefix}_auroc": _interval(pa[f"{prefix}_auroc"] - pb[f"{prefix}_auroc"], ra - rb, level)}
+    if limits:
+        out[f"{prefix}_aupro"] = {x: _interval(pa[f"{prefix}_aupro"][x] - pb[f"{prefix}_aupro"][x],
+                                               pra[x] - prb[x], level) for x in limits}
+    out["n_instances"] = a.n_instances
+    out["bootstrap"] = _bootstrap_meta(n_boot, seed, level, ca.exact and cb.exact)
+    return out
+
+
+def _instance_set(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> InstanceElements:
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    labels = (np.asarray(labels).reshape(-1) != 0).astype(np.int64)
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.size} scores but {labels.size} labels")
+    _check_finite(scores, "instance scores")
+    out = InstanceElements(regions=False)
+    for i, (s, lab) in enumerate(zip(scores, labels)):
+        out.add(i, s.reshape(1, 1), lab.reshape(1, 1), label=int(lab))
+    return out
+
+
+def instance_auroc_interval(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                            n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95) -> Interval:
+    """I-AUROC (:func:`instance_auroc`) with its stratified bootstrap interval over instances."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        value = instance_auroc(scores, labels)
+    res = _instance_set(scores, labels).metrics((), "image", n_boot, seed, level)
+    return Interval(value, res["image_auroc"].low, res["image_auroc"].high, level, n_boot,
+                    res["image_auroc"].n_undefined)
+
+
+def paired_instance_auroc_difference(scores_a: Sequence[float] | np.ndarray, scores_b: Sequence[float] | np.ndarray,
+                                     labels: Sequence[int] | np.ndarray, n_boot: int = DEFAULT_N_BOOT,
+                                     seed: int = 0, level: float = 0.95) -> Interval:
+    """I-AUROC(a) − I-AUROC(b) on the same instances with the paired bootstrap interval."""
+    res = paired_difference(_instance_set(scores_a, labels), _instance_set(scores_b, labels), (), "image",
+                            n_boot, seed, level)
+    return res["image_auroc"]
+
+
+def object_pixel_domain(depth: np.ndarray, gt_mask: np.ndarray | None = None) -> np.ndarray:
+    """The object-foreground pixels of a multiview view: valid depth (the scanner measures only the
+    object), plus every GT-anomalous pixel (anomalous elements always belong to the domain)."""
+    depth = np.asarray(depth)
+    dom = np.isfinite(depth) & (depth > 0)
+    if gt_mask is not None:
+        dom |= np.asarray(gt_mask) != 0
+    return dom

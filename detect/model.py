@@ -50,13 +50,16 @@ class ViewModulator(nn.Module):
     def condition(self, source_view: torch.Tensor, target_view: torch.Tensor,
                   class_id: torch.Tensor | None = None) -> torch.Tensor:
         """The one-hot code ``[v_s ; v_t (; c)]`` (B, 2N (+C)) as float."""
+        # Ids on the host are range-checked here; ids already on an accelerator are not (reading them
+        # back would stall every training step and target): F.one_hot's device-side assert stops them there.
+        on_host = [not isinstance(v, torch.Tensor) or v.device.type == "cpu" for v in (source_view, target_view)]
         source_view = torch.as_tensor(source_view, device=self.fc1.weight.device).long().reshape(-1)
         target_view = torch.as_tensor(target_view, device=self.fc1.weight.device).long().reshape(-1)
         if source_view.shape != target_view.shape:
             raise ValueError(f"source_view {tuple(source_view.shape)} and target_view {tuple(target_view.shape)} "
                              "must have the same length")
-        for name, v in (("source_view", source_view), ("target_view", target_view)):
-            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= self.n_views):
+        for name, v, host in (("source_view", source_view, on_host[0]), ("target_view", target_view, on_host[1])):
+            if host and v.numel() and (int(v.min()) < 0 or int(v.max()) >= self.n_views):
                 raise ValueError(f"{name} ids must lie in [0, {self.n_views}), got range "
                                  f"[{int(v.min())}, {int(v.max())}]")
         parts = [F.one_hot(source_view, self.n_views), F.one_hot(target_view, self.n_views)]

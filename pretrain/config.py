@@ -224,6 +224,9 @@ class DistConfig:
 class SlurmConfig:
     nodes: int = 1
     gpus_per_node: int | None = None  # required for submissions
+    # Ranks per node: null = gpus_per_node (one per GPU), or 1 when gpus_per_node=0; with GPUs it must
+    # equal gpus_per_node (each rank drives one GPU); on a CPU partition it sets the gloo ranks per node.
+    tasks_per_node: int | None = None
     cpus_per_task: int = 10
     timeout_min: int = 2800
     signal_delay_s: int = 120

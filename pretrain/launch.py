@@ -11,8 +11,9 @@ variables (:func:`shared.distributed.detect_env`). ``../shared/spec/dino_depth.m
 Executor (``submitit.AutoExecutor``, folder ``slurm.folder`` or ``<train.output_dir>/submitit``;
 ``%j`` in the folder becomes the job id):
 
-* SLURM: ``nodes``, ``tasks_per_node = gpus_per_node`` (``slurm.gpus_per_node`` is required: no
-  guessed default, unlike upstream's 8; ``0`` submits a CPU job, one task per node),
+* SLURM: ``nodes``, ``tasks_per_node`` (``slurm.tasks_per_node``; default ``gpus_per_node``, or 1
+  with ``gpus_per_node=0``; ``slurm.gpus_per_node`` is required: no guessed default, unlike
+  upstream's 8; ``0`` submits a CPU job with ``tasks_per_node`` gloo ranks per node),
   ``cpus_per_task``, ``timeout_min`` (int),
   ``slurm_signal_delay_s`` (120), partition / account / qos / constraint / mem_gb passthrough,
   ``slurm.setup`` lines before ``srun``, ``slurm_max_num_timeout``.
@@ -167,6 +168,19 @@ def local_tasks(gpus_per_node: int | None, visible: int) -> tuple[int, int]:
     return (gpus_per_node, gpus_per_node) if gpus_per_node else (1, 0)
 
 
+def tasks_per_node(tasks: int | None, gpus: int) -> int:
+    """Ranks per node: ``slurm.tasks_per_node`` when set, else one per GPU (1 without GPUs). With GPUs the
+    two must agree: every rank drives the GPU of its local rank."""
+    if tasks is None:
+        return gpus or 1
+    if tasks < 1:
+        raise LaunchError(f"slurm.tasks_per_node must be >= 1, got {tasks}")
+    if gpus and tasks != gpus:
+        raise LaunchError(f"slurm.tasks_per_node={tasks} but slurm.gpus_per_node={gpus}: with GPUs every rank "
+                          "drives one GPU (leave tasks_per_node unset, or set gpus_per_node=0 for a CPU job)")
+    return tasks
+
+
 def executor_parameters(cfg: PretrainConfig, cluster: str, visible_gpus: int) -> dict:
     """``AutoExecutor.update_parameters`` keyword arguments for ``cluster`` (``slurm``, ``local``, ``debug``)."""
     s = cfg.slurm
@@ -177,8 +191,10 @@ def executor_parameters(cfg: PretrainConfig, cluster: str, visible_gpus: int) ->
         if s.gpus_per_node is None:
             raise LaunchError("slurm.gpus_per_node is required for SLURM submissions (one task per GPU; 0: a CPU "
                               "job with one task per node); upstream's default of 8 breaks on other machines")
-        # 0 GPUs (a CPU partition, as in tests/test_slurm_real.py): one task per node, no GPU request.
-        params.update(nodes=s.nodes, tasks_per_node=s.gpus_per_node or 1, slurm_signal_delay_s=s.signal_delay_s)
+        # 0 GPUs (a CPU partition, as in tests/test_slurm_real.py): slurm.tasks_per_node (default 1) gloo
+        # ranks per node, no GPU request.
+        params.update(nodes=s.nodes, tasks_per_node=tasks_per_node(s.tasks_per_node, s.gpus_per_node),
+                      slurm_signal_delay_s=s.signal_delay_s)
         if s.gpus_per_node:
             params["gpus_per_node"] = s.gpus_per_node
         for key in ("partition", "account", "qos", "constraint"):
@@ -193,7 +209,8 @@ def executor_parameters(cfg: PretrainConfig, cluster: str, visible_gpus: int) ->
     if s.nodes != 1:
         raise LaunchError(f"--cluster {cluster} runs on this machine: slurm.nodes must be 1, got {s.nodes}")
     tasks, gpus = local_tasks(s.gpus_per_node, visible_gpus)
-    params.update(nodes=1, tasks_per_node=tasks, gpus_per_node=gpus)
+    params.update(nodes=1, tasks_per_node=tasks_per_node(s.tasks_per_node, gpus) if s.tasks_per_node else tasks,
+                  gpus_per_node=gpus)
     if cluster == "local" and s.setup:
         params["local_setup"] = list(s.setup)
     # (The local executor signals 30 s before its timeout; AutoExecutor does not expose that delay.)

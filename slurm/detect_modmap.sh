@@ -13,9 +13,12 @@
 # own OUT/<setup>/<class>/ folder, so tasks share --out. The per-task results table only lists its
 # own class: the `--mode evaluate` job rebuilds OUT/results.{md,csv,json} from the saved predictions
 # of every class. Without an array, CLASSES (if set) is passed as --classes to the single task.
+# Array tasks run with --skip-finished: a re-submitted array skips each class whose folder holds
+# finished.json under the same settings (written last, so a killed task's class is redone) and
+# rewrites nothing when its class is finished (SKIP_FINISHED=0 recomputes).
 #
-# Environment knobs: PYTHON (default <repo>/.venv/bin/python, else python3); CLASSES; DRY_RUN=1
-# prints the command instead of running it.
+# Environment knobs: PYTHON (default <repo>/.venv/bin/python, else python3); CLASSES; SKIP_FINISHED;
+# DRY_RUN=1 prints the command instead of running it.
 #
 #SBATCH --job-name=detect_modmap
 #SBATCH --nodes=1
@@ -48,6 +51,7 @@ if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
         exit 2
     fi
     class_args=(--classes "${class_list[$index]}")
+    if [[ "${SKIP_FINISHED:-1}" != 0 ]]; then class_args+=(--skip-finished); fi
 elif [[ -n "${CLASSES:-}" ]]; then
     class_args=(--classes "$CLASSES")
 fi

@@ -115,7 +115,9 @@ def test_detect_array_task_runs_its_class():
     out = _run_script("detect_modmap.sh", ["--config", "c.yaml", "--out", "o"],
                       {**env, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0"})
     assert out.returncode == 0, out.stderr
-    assert "detect/run.py --config c.yaml --out o --classes wooden_stool --no-progress" in out.stdout
+    assert "detect/run.py --config c.yaml --out o --classes wooden_stool --skip-finished --no-progress" in out.stdout
+    recompute = _run_script("detect_modmap.sh", [], {**env, "SLURM_ARRAY_TASK_ID": "1", "SKIP_FINISHED": "0"})
+    assert "--classes wooden_stool --no-progress" in recompute.stdout
     single = _run_script("detect_modmap.sh", ["--mode", "evaluate"], env)
     assert "--mode evaluate --classes plastic_stool\\,wooden_stool\\,rack" in single.stdout
     missing = _run_script("detect_modmap.sh", [], {"DRY_RUN": "1", "PYTHON": "python3", "SLURM_ARRAY_TASK_ID": "0"})

@@ -324,14 +324,14 @@ def test_launch_py_on_slurm_is_preempted_and_requeued_through_checkpoint(slurm, 
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "pretrain/launch.py", "--cluster", "slurm", "--config", str(pretrain_config),
-           f"train.output_dir={run_dir}", "slurm.gpus_per_node=0", "slurm.cpus_per_task=1",
+           f"train.output_dir={run_dir}", "slurm.gpus_per_node=0", "slurm.tasks_per_node=2", "slurm.cpus_per_task=1",
            "slurm.timeout_min=60"]  # submitit counts a signal in the first 80 % of the time limit as a preemption
     submitted = run(cmd, slurm)
     job = submitted.stdout.strip().splitlines()[-1]
     folder = run_dir / "submitit" / job
     logs = [folder / f"{job}_0_log.out", folder / f"{job}_0_log.err"]
     script = (folder / f"{job}_submission.sh").read_text()
-    assert "#SBATCH --signal=USR2@120" in script and "#SBATCH --ntasks-per-node=1" in script
+    assert "#SBATCH --signal=USR2@120" in script and "#SBATCH --ntasks-per-node=2" in script
     assert "gpus" not in script
     wait_until(lambda: metric_iterations(run_dir), 120, "the first iteration", slurm, job, logs)
     run(["scancel", "--signal=USR2", job], slurm)  # what submitit expects on preemption
@@ -420,6 +420,15 @@ def test_detect_array_over_classes_then_evaluation_job(slurm, tmp_path):
     results = json.loads((out / "results.json").read_text())["results"]
     assert set(results["real2real"]) == {"vase", "stool"}  # the table over both classes, from their predictions
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    # A re-submitted array (array tasks run --skip-finished) finds both classes finished: nothing is written.
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert {p.parent.name for p in before if p.name == "finished.json"} == {"vase", "stool"}
+    again = sbatch(env, "--array=0-1", *common, "slurm/detect_modmap.sh", *tiny)
+    records = wait_done(slurm, again, 300, sorted(tmp_path.glob(f"*-{again}_*.out")))
+    assert sorted((r["JobState"], r["ExitCode"]) for r in records) == [("COMPLETED", "0:0")] * 2, records
+    rerun = "".join(p.read_text() for p in tmp_path.glob(f"detect_modmap-{again}_*.out"))
+    assert rerun.count("every class is finished") == 2, rerun
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cluster_script_reports_why_it_cannot_run(tmp_path):
@@ -440,3 +449,26 @@ def test_launch_on_a_cpu_partition_asks_for_one_task_per_node_and_no_gpu(pretrai
     cfg = load_config(PretrainConfig, str(pretrain_config), ["slurm.gpus_per_node=0", "slurm.nodes=3"])
     params = executor_parameters(cfg, "slurm", visible_gpus=0)
     assert (params["nodes"], params["tasks_per_node"]) == (3, 1) and "gpus_per_node" not in params
+
+
+def test_launch_tasks_per_node(pretrain_config):
+    """``slurm.tasks_per_node``: gloo ranks per node on a CPU partition; with GPUs one rank per GPU only."""
+    from pretrain.config import PretrainConfig
+    from pretrain.launch import LaunchError, executor_parameters
+    from shared.config import load_config
+
+    def params(*overrides: str) -> dict:
+        return executor_parameters(load_config(PretrainConfig, str(pretrain_config), list(overrides)), "slurm",
+                                   visible_gpus=0)
+
+    cpu = params("slurm.gpus_per_node=0", "slurm.tasks_per_node=2", "slurm.nodes=2")
+    assert (cpu["nodes"], cpu["tasks_per_node"]) == (2, 2) and "gpus_per_node" not in cpu
+    assert params("slurm.gpus_per_node=4")["tasks_per_node"] == 4  # default: one per GPU
+    assert params("slurm.gpus_per_node=4", "slurm.tasks_per_node=4")["tasks_per_node"] == 4
+    with pytest.raises(LaunchError, match="every rank drives one GPU"):
+        params("slurm.gpus_per_node=4", "slurm.tasks_per_node=2")
+    with pytest.raises(LaunchError, match=">= 1"):
+        params("slurm.gpus_per_node=0", "slurm.tasks_per_node=0")
+    local = executor_parameters(load_config(PretrainConfig, str(pretrain_config), ["slurm.tasks_per_node=2"]),
+                                "local", visible_gpus=0)
+    assert (local["tasks_per_node"], local["gpus_per_node"]) == (2, 0)  # two CPU processes here

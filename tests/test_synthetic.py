@@ -11,7 +11,7 @@ pytest.importorskip("open3d")  # the generator ray-casts with open3d (needs libu
 
 from data_prep import synthetic as syn
 from detect.data.sim3d import SiM3DClass, load_depth
-from shared.geometry import backproject_depth, dilate_volume, project_points
+from shared.geometry import backproject_depth, project_points
 
 TINY = {"classes": ("stool", "bin"), "n_views": 6, "width": 192, "height": 144, "n_test": 4, "seed": 3,
         "depth_noise_m": 0.0, "voxels_across": 96}
@@ -172,9 +172,10 @@ def test_missing_depth_patches_remove_object_pixels(bench):
     assert found >= 1
 
 
-def _single_anomaly_instance(tmp_path: Path, kind: str, seed: int):
-    cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=256, height=192, seed=seed, depth_noise_m=0.0,
-                          artefact_view_prob=0.0, specular_view_prob=0.0)
+def _single_anomaly_instance(tmp_path: Path, kind: str, seed: int, **overrides):
+    cfg = syn.SynthConfig(**{"classes": ("bin",), "n_views": 4, "width": 256, "height": 192, "seed": seed,
+                             "depth_noise_m": 0.0, "artefact_view_prob": 0.0, "specular_view_prob": 0.0,
+                             **overrides})
     setup = syn.build_class_setup("bin", cfg)
     job = syn.InstanceJob(setup, f"bin_01_bad_{kind}", "test", True, (kind,), [seed, 17], tmp_path / kind, cfg)
     meta = syn.generate_instance(job)
@@ -182,51 +183,63 @@ def _single_anomaly_instance(tmp_path: Path, kind: str, seed: int):
 
 
 @pytest.mark.parametrize("kind", syn.ANOMALY_TYPES)
-def test_gt_volume_matches_injected_anomaly(tmp_path, kind):
-    """Every pixel of the 2D GT mask whose depth shows the anomalous surface back-projects into a GT
-    voxel; for a missing chunk, the rays through the hole cross the GT (the missing material)."""
-    setup, job, _ = _single_anomaly_instance(tmp_path, kind, seed=11)
+def test_gt_volume_is_the_observed_anomalous_surface(tmp_path, kind):
+    """GT format 2: the label voxels are exactly the voxels that the masked pixels' measured depth
+    (noise and artefacts included) back-projects into — every label is reachable from the 2D masks and
+    every masked pixel with depth reaches a label. A cut's labels are its rim, never the removed ball."""
+    setup, job, _ = _single_anomaly_instance(tmp_path, kind, seed=11, depth_noise_m=1.5e-4,
+                                             artefact_view_prob=0.5, specular_view_prob=0.5)
     inst_dir = job.instance_dir
     meta = json.loads((inst_dir / "meta.json").read_text())
-    assert [a["type"] for a in meta["anomalies"]] == [kind]
-    assert meta["anomalies"][0]["visible_in_views"], "anomaly must be visible in at least one view"
+    an = meta["anomalies"][0]
+    assert an["type"] == kind and an["visible_in_views"], "anomaly must be visible in at least one view"
     with np.load(inst_dir / "gt" / "volume.npz") as z:
-        labels, origin, vs = z["labels"], z["origin"], float(z["voxel_size"])
+        labels, occupancy, origin = z["labels"], z["occupancy"], z["origin"]
+        assert int(z["format_version"]) == syn.GT_FORMAT_VERSION == 2
+        assert str(z["labels_definition"]) == "observed"
     grid = setup.grid
     assert labels.shape == grid.shape and np.allclose(origin, grid.origin)
-    assert labels.sum() >= 3
-    dilated = dilate_volume(labels)
-    n_mask = 0
+    assert labels.sum() >= 3 and not (labels & ~occupancy).any()
+    import cv2
+
+    reached = np.zeros(grid.shape, bool)
     for cam in setup.cameras:
         depth = load_depth(inst_dir / "depth" / f"{cam.stem}.npy")
-        import cv2
-
         mask = cv2.imread(str(inst_dir / "gt" / "masks" / f"{cam.stem}.png"), cv2.IMREAD_GRAYSCALE) > 0
-        n_mask += int(mask.sum())
-        if not mask.any():
-            continue
         pts, _ = backproject_depth(depth, cam.K, cam.T_c2w, mask=mask)
-        if len(pts) == 0:  # the anomaly is only seen at grazing angles here: no depth measured
-            continue
         idx, inside = grid.index(pts)
         assert inside.all()
-        if kind != "missing":
-            in_gt = labels[idx[:, 0], idx[:, 1], idx[:, 2]]
-            assert in_gt.mean() >= 0.995
-            assert dilated[idx[:, 0], idx[:, 1], idx[:, 2]].all()
-        else:  # march along each ray from the camera to the surface seen through the hole
-            steps = np.linspace(0.0, 1.0, 400)[None, :, None]
-            ray_pts = cam.center + steps * (pts - cam.center)[:, None, :]
-            ridx, rin = grid.index(ray_pts.reshape(-1, 3))
-            hit = np.zeros(len(ridx), bool)
-            hit[rin] = dilated[ridx[rin, 0], ridx[rin, 1], ridx[rin, 2]]
-            assert hit.reshape(len(pts), -1).any(axis=1).mean() >= 0.95
-    assert n_mask > 0
-    # GT voxels lie near the anomaly centre (within its radius or length plus a few voxels)
-    an = meta["anomalies"][0]
+        reached[idx[:, 0], idx[:, 1], idx[:, 2]] = True
+    assert (reached == labels).all()
+    # labels lie near the anomaly centre (within its radius, a cut's rim band, or half a scratch's length)
     centres = grid.centers(np.argwhere(labels))
-    reach = an["radius"] + an.get("length", 0.0) / 2 + 3 * vs
-    assert np.linalg.norm(centres - np.asarray(an["center"]), axis=1).max() <= reach * 1.2 + 0.01
+    dist = np.linalg.norm(centres - np.asarray(an["center"]), axis=1)
+    reach = (1 + syn.MISSING_RIM) * an["radius"] + an.get("length", 0.0) / 2 + 3 * grid.voxel_size
+    assert dist.max() <= reach * 1.1 + syn.SynthConfig().mesh_spacing_m
+    if kind == "missing":  # absent material is never labelled: nothing deep inside the removed ball
+        assert dist.min() >= an["radius"] - 2 * grid.voxel_size
+    size = an["largest_view"]
+    assert size["view"] in an["visible_in_views"] and size["area_tokens"] > 0
+
+
+def test_old_gt_format_is_refused_with_a_clear_message(bench, tmp_path):
+    import shutil
+
+    from detect.data.sim3d import SiM3DError
+
+    root = tmp_path / "old"
+    shutil.copytree(bench, root)
+    rec = SiM3DClass(root, "stool").test_records[0]
+    path = rec.path / "gt" / "volume.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez_compressed(path, **{**arrays, "format_version": np.int64(1)})
+    with pytest.raises(SiM3DError, match="format version 1.*Regenerate"):
+        SiM3DClass(root, "stool").load_gt(rec)
+    arrays.pop("format_version")
+    arrays.pop("labels_definition")
+    np.savez_compressed(path, **arrays)  # a user's converted GT without a version is read as it is
+    assert SiM3DClass(root, "stool").load_gt(rec).labels.shape == arrays["labels"].shape
 
 
 def test_normal_instances_have_empty_gt_and_full_occupancy(bench):
@@ -328,17 +341,31 @@ def test_npy_synth_layout(tmp_path):
 def test_anomaly_scale_grows_the_same_anomaly(tmp_path):
     """--anomaly-scale multiplies the radius of the same random draw (same centre); the GT grows with it."""
     metas, gt_voxels = {}, {}
-    for scale in (1.0, 2.5):
-        cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=128, height=96, seed=11, depth_noise_m=0.0,
+    for scale in (0.5, 1.25):
+        cfg = syn.SynthConfig(classes=("bin",), n_views=4, width=256, height=192, seed=11, depth_noise_m=0.0,
                               artefact_view_prob=0.0, specular_view_prob=0.0, anomaly_scale=scale)
         setup = syn.build_class_setup("bin", cfg)
         job = syn.InstanceJob(setup, "bin_01_bad", "test", True, ("stain",), [11, 17], tmp_path / str(scale), cfg)
         metas[scale] = syn.generate_instance(job)
         with np.load(tmp_path / str(scale) / "gt" / "volume.npz") as z:
             gt_voxels[scale] = int(z["labels"].sum())
-    small, large = (json.loads((tmp_path / str(s) / "meta.json").read_text())["anomalies"][0] for s in (1.0, 2.5))
+    small, large = (json.loads((tmp_path / str(s) / "meta.json").read_text())["anomalies"][0] for s in (0.5, 1.25))
     assert large["center"] == small["center"]
     assert large["radius"] == pytest.approx(2.5 * small["radius"])
-    assert gt_voxels[2.5] > 3 * gt_voxels[1.0] > 0
+    assert gt_voxels[1.25] > 3 * gt_voxels[0.5] > 0
     with pytest.raises(syn.SynthError, match="anomaly_scale"):
         syn.SynthConfig(anomaly_scale=0.0).validate()
+
+
+def test_speckles_are_the_small_pieces_beside_a_defects_largest_piece():
+    from shared.geometry import VoxelGrid
+
+    grid = VoxelGrid(np.zeros(3), 0.01, (40, 40, 40))
+    labels = np.zeros(grid.shape, bool)
+    labels[5:10, 5:10, 5:10] = True  # defect A: main piece (125 voxels) ...
+    labels[14, 5, 5] = True  # ... and a one-voxel piece nearby
+    labels[30:32, 30:32, 30:33] = True  # defect B: a lone small piece (12 voxels) stays
+    a = syn.Anomaly("stain", np.array([0.075, 0.075, 0.075]), np.array([0.0, 0.0, 1.0]), 0.05)
+    b = syn.Anomaly("bump", np.array([0.31, 0.31, 0.315]), np.array([0.0, 0.0, 1.0]), 0.02)
+    specks = syn._speckles(labels, grid, [a, b])
+    assert specks.sum() == 1 and specks[14, 5, 5]

@@ -319,6 +319,25 @@ class CamerasJsonCalibReader(CalibReader):
                          depth_type=doc.get("depth_type", "z"), pixel_center=doc.get("pixel_center", 0.0))
 
 
+GT_FORMAT_VERSION = 2  # the newest gt/volume.npz this reader understands (data_prep/synthetic.py writes it)
+
+
+def _check_gt_version(path: Path, data: Any) -> None:
+    """Refuse synthetic GT files of format 1 (labels included removed material no view observes, so
+    no detector could reach them) and files newer than this reader; files without ``format_version``
+    (converted by users, docs/synthetic_benchmark.md) are read as they are."""
+    if "format_version" not in data:
+        return
+    version = int(_npz_scalar(data, "format_version"))
+    if version == 1:
+        raise ValueError(f"{path}: GT format version 1 (synthetic benchmark before generator 2.0) is no longer "
+                         "read: its labels mark removed material that no view observes. Regenerate the benchmark "
+                         "(python data_prep/synthetic.py --out DIR --overwrite)")
+    if version > GT_FORMAT_VERSION:
+        raise ValueError(f"{path}: GT format version {version} is newer than this reader "
+                         f"(up to {GT_FORMAT_VERSION}); update the toolkit")
+
+
 @register_gt_reader("npz")
 class NpzGTReader(GTReader):
     """Our GT format: ``<instance>/gt/volume.npz`` with ``labels`` (bool X×Y×Z) — or sparse
@@ -333,6 +352,7 @@ class NpzGTReader(GTReader):
         if not path.is_file():
             return None
         with np.load(path, allow_pickle=False) as data:
+            _check_gt_version(path, data)
             try:
                 origin, vs = data["origin"], float(_npz_scalar(data, "voxel_size"))
                 if "labels" in data:

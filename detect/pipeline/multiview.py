@@ -31,7 +31,14 @@ from detect.pipeline.artifacts import (
     save_model,
     write_volume_ply,
 )
-from detect.pipeline.base import RunError, device, progress_bar, run_classes, train_with_progress
+from detect.pipeline.base import (
+    FinishedClasses,
+    RunError,
+    device,
+    progress_bar,
+    run_classes,
+    train_with_progress,
+)
 from detect.pipeline.results import jsonable, write_csv, write_results
 from detect.pipeline.settings import (
     cache_dir,
@@ -549,8 +556,12 @@ def run_multiview(cfg: DetectConfig, adopt: Callable[[str, str], bool] | None = 
     runner = MultiviewRunner(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     classes = list_run_classes(cfg)
+    finished = FinishedClasses(cfg, runner.class_dir)
+    if finished.all_finished(setups(cfg), classes):  # a re-submitted task: every output stays as it is
+        print(f"every class is finished in {out}: nothing to do", file=sys.stderr)
+    else:
+        save_config(cfg, out / "config.yaml")
 
     def fit(setup: str, class_name: str) -> None:
         if adopt is None or not adopt(setup, class_name):
@@ -561,8 +572,8 @@ def run_multiview(cfg: DetectConfig, adopt: Callable[[str, str], bool] | None = 
             runner.fit_multiclass(setup, classes)
 
     results = run_classes(cfg.mode, setups(cfg), classes, None if cfg.multi_class else fit, runner.predict,
-                          runner.evaluate, fit_all if cfg.multi_class else None)
-    if results:
+                          runner.evaluate, fit_all if cfg.multi_class else None, finished)
+    if results and finished.ran:
         random_encoder = cfg.image_encoder == "random" or any(
             m.get("random_image_encoder") for per in results.values() for m in per.values())
         title = {"modmap": "ModMap results", "cfm": "ModMap with CFM scoring: results",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,7 +46,14 @@ from detect.pipeline.artifacts import (
     save_maps,
     save_model,
 )
-from detect.pipeline.base import RunError, device, progress_bar, run_classes, train_with_progress
+from detect.pipeline.base import (
+    FinishedClasses,
+    RunError,
+    device,
+    progress_bar,
+    run_classes,
+    train_with_progress,
+)
 from detect.pipeline.results import jsonable, write_csv, write_single_view_results
 from detect.pipeline.settings import (
     cache_dir,
@@ -156,18 +164,18 @@ def sample_map(inputs: SampleInputs, model: ModMap | None, decoders: Decoders | 
 
 
 # -- the runner ------------------------------------------------------------------------------------
-def depth_training_data(ckpt: str, dataset: str) -> dict:
-    """What the DINO-Depth export says it was pretrained on (``train_meta.data``), for the run report.
+def depth_training_data(export: str, dataset: str, name: str | None = None) -> dict:
+    """What the DINO-Depth export (a .pth, or the HF folder of ``pretrain.export --format hf``, e.g. a
+    hub id's snapshot) says it was pretrained on (``train_meta.data``), for the run report; ``name``:
+    what the user gave (``--ckpt``) for the warning.
 
     Evaluating an encoder that saw MVTec 3D-AD / Eyecandies *test* splits on that benchmark is
     transductive (``modmap.md`` §20): warn, and record it in ``predict_info.json``.
     """
-    from shared.checkpoint import CheckpointError, load_checkpoint
+    from shared.encoder_export import export_train_meta
 
-    try:
-        meta = load_checkpoint(ckpt).get("train_meta") or {}
-    except CheckpointError:
-        return {}
+    meta = export_train_meta(export)  # {} when none is recorded: the data is unknown, hence the risk
+    ckpt = name or export
     data = meta.get("data") or {}
     splits = list(data.get("splits") or [])
     sources = data.get("sources") or data.get("preset")
@@ -227,7 +235,7 @@ class SingleViewRunner:
             else:
                 stored = depth_enc.info.input_norm
                 if cfg.depth_encoder == "dino_depth":
-                    self.depth_training_data = depth_training_data(cfg.ckpt, cfg.dataset)
+                    self.depth_training_data = depth_training_data(depth_enc.info.weights, cfg.dataset, cfg.ckpt)
         self.depth_norm, settings = feature_settings(cfg, stored)
         if image_enc is not None and depth_enc is not None:
             grid = check_token_grids(image_enc, depth_enc, cfg.image_size, settings.depth_size,
@@ -501,14 +509,19 @@ def run_single_view(cfg: DetectConfig) -> dict:
     runner = SingleViewRunner(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    finished = FinishedClasses(cfg, lambda _, c: runner.class_dir(c))
     try:
-        per_setup = run_classes(cfg.mode, [None], runner.classes(), lambda _, c: runner.fit(c),
-                                lambda _, c: runner.predict(c), lambda _, c: runner.evaluate(c))
+        classes = runner.classes()
+        if finished.all_finished([None], classes):  # a re-submitted task: every output stays as it is
+            print(f"every class is finished in {out}: nothing to do", file=sys.stderr)
+        else:
+            save_config(cfg, out / "config.yaml")
+        per_setup = run_classes(cfg.mode, [None], classes, lambda _, c: runner.fit(c),
+                                lambda _, c: runner.predict(c), lambda _, c: runner.evaluate(c), finished=finished)
     except (SiM3DError, FormatError) as exc:  # bad or missing dataset files: the message names them
         raise RunError(str(exc)) from None
     results: dict[str, dict] = per_setup.get(None, {})
-    if not results:
+    if not results or not finished.ran:
         return {}
     random_encoder = runner.random_encoder or any(m.get("random_image_encoder") for m in results.values())
     write_single_view_results(out, cfg.dataset, method_name(cfg), cfg.pro_limits, results, random_encoder)
