@@ -44,11 +44,12 @@ from detect.pipeline.results import fmt
 from shared.cli import ArgumentParser, fail, label_path, run_main
 from shared.io import atomic_write_text
 
-HEADLINE_METRICS = ("image_auroc", "voxel_aupro@0.01")
+HEADLINE_METRICS = ("image_auroc", "voxel_aupro@0.01", "object_pixel_auroc")
 METRIC_NAMES = {
     "image_auroc": "I-AUROC", "voxel_auroc": "V-AUROC", "voxel_aupro@0.3": "V-AUPRO@30%",
     "voxel_aupro@0.1": "V-AUPRO@10%", "voxel_aupro@0.05": "V-AUPRO@5%", "voxel_aupro@0.01": "V-AUPRO@1%",
-    "pixel_auroc": "P-AUROC", "pixel_aupro@0.3": "P-AUPRO@30%",
+    "pixel_auroc": "P-AUROC (all pixels)", "pixel_aupro@0.3": "P-AUPRO@30% (all pixels)",
+    "object_pixel_auroc": "O-P-AUROC (object pixels)", "object_pixel_aupro@0.3": "O-P-AUPRO@30% (object pixels)",
 }
 CONFIG_KEYS = ("image_encoder", "image_encoder_weights", "depth_encoder", "ckpt", "image_size", "epochs",
                "batch_size", "aggregation", "setup", "eval_domain")

@@ -92,6 +92,11 @@ def test_patchcore_end_to_end_with_cnn_encoders(bench, tmp_path, capsys):
     m = json.loads((class_dir / "metrics.json").read_text())
     assert 0.0 <= m["image_auroc"] <= 1.0 or np.isnan(m["image_auroc"])
     assert "voxel_aupro" in m
+    # every headline metric carries its 95 % bootstrap interval over instances; pixel domains are named
+    for key in ("image_auroc_ci", "voxel_auroc_ci", "object_pixel_auroc_ci"):
+        assert m[key]["level"] == 0.95 and m[key]["low"] <= m[key]["high"], key
+    assert m["voxel_aupro_ci"]["0.01"]["n_boot"] > 0 and "valid depth" in m["object_pixel_eval_domain"]
+    assert "O-P-AUROC" in text and "95 % stratified bootstrap interval" in text
     assert len(list((class_dir / "volumes").glob("*.npz"))) == 2
     # the demo report shows a reference run's table and names the CNN image encoder
     from detect.report import build_report

@@ -370,7 +370,7 @@ class MultiviewRunner:
     # -- predict --------------------------------------------------------------------------------
     def predict(self, setup: str, class_name: str) -> None:
         from detect.infer import predict_instance
-        from detect.metrics import SegmentationAccumulator
+        from detect.metrics import InstanceElements, SegmentationAccumulator, object_pixel_domain
         from detect.volume import bounding_grid
 
         cfg = self.cfg
@@ -390,6 +390,8 @@ class MultiviewRunner:
             scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
         rows, timings = [], []
         pixel_acc = SegmentationAccumulator()
+        # object-foreground pixels (valid depth ∪ GT) per instance: metrics with bootstrap intervals
+        object_px = InstanceElements()
         has_pixel_gt = True
         no_volume_reason = None
         bar = progress_bar(len(ds.test_records), f"predict {setup}/{class_name}", cfg.progress, "instance")
@@ -419,6 +421,8 @@ class MultiviewRunner:
                 view = _cur["view"]
                 if view.mask is not None and has_pixel_gt:
                     pixel_acc.add(combined_orig, view.mask)
+                    object_px.add(_rec.name, combined_orig, view.mask, object_pixel_domain(view.depth, view.mask),
+                                  label=_rec.label)
                 else:
                     has_pixel_gt = False
                 self._save_maps(out_dir, _rec.name, view, maps, combined_orig, _geoms[maps.view])
@@ -458,6 +462,14 @@ class MultiviewRunner:
                               "pixel_aupro": {str(k): v for k, v in px["pixel_aupro"].items()},
                               "pixel_connectivity": px["connectivity"], "pixel_eval_domain": "all",
                               "pixel_eval_res": "original (GT native resolution)"}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                op = object_px.metrics(cfg.pro_limits, "pixel", seed=cfg.seed)
+            extra["pixel"].update({
+                "object_pixel_auroc": op["pixel_auroc"].value, "object_pixel_auroc_ci": op["pixel_auroc"].to_dict(),
+                "object_pixel_aupro": {str(k): v.value for k, v in op["pixel_aupro"].items()},
+                "object_pixel_aupro_ci": {str(k): v.to_dict() for k, v in op["pixel_aupro"].items()},
+                "object_pixel_eval_domain": "object foreground: valid depth ∪ GT-anomalous pixels"})
         atomic_write_json(out_dir / "predict_info.json", extra)
 
     def _save_maps(self, out_dir: Path, instance: str, view, maps, combined_orig: np.ndarray, geom) -> None:
@@ -479,7 +491,7 @@ class MultiviewRunner:
 
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self, setup: str, class_name: str) -> dict:
-        from detect.metrics import SegmentationAccumulator, instance_auroc
+        from detect.metrics import InstanceElements, instance_auroc, instance_auroc_interval
         from detect.volume import SparseVolume, resample_to_grid
 
         cfg = self.cfg
@@ -494,11 +506,13 @@ class MultiviewRunner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             metrics["image_auroc"] = instance_auroc(scores, labels)
+            if len(set(labels.tolist())) == 2:  # 95 % stratified bootstrap interval over instances
+                metrics["image_auroc_ci"] = instance_auroc_interval(scores, labels, seed=cfg.seed).to_dict()
         if info.get("pixel"):
             metrics.update(info["pixel"])
         ds = class_dataset(cfg, class_name) if cfg.gt_reader != "none" else None
         if ds is not None and info.get("volumes", True):
-            acc = SegmentationAccumulator()
+            vox_el = InstanceElements()  # voxels grouped by instance: exact metrics + bootstrap intervals
             by_name = {r.name: r for r in ds.test_records}
             bar = progress_bar(len(rows), f"evaluate {setup}/{class_name}", cfg.progress, "instance")
             for r in rows:
@@ -528,14 +542,18 @@ class MultiviewRunner:
                     domain = occ_gt | labels
                 else:
                     domain = None
-                acc.add(pred, labels, domain)
+                vox_el.add(r["instance"], pred, labels, domain, label=record.label)
             bar.close()
-            if acc.n_samples:
+            if vox_el.n_instances:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    vox = acc.compute(cfg.pro_limits, prefix="voxel")
+                    vox = vox_el.exact(cfg.pro_limits, prefix="voxel")
+                    ci = vox_el.metrics(cfg.pro_limits, "voxel", seed=cfg.seed)
                 metrics["voxel_auroc"] = vox["voxel_auroc"]
                 metrics["voxel_aupro"] = {str(k): v for k, v in vox["voxel_aupro"].items()}
+                metrics["voxel_auroc_ci"] = ci["voxel_auroc"].to_dict()
+                metrics["voxel_aupro_ci"] = {str(k): v.to_dict() for k, v in ci["voxel_aupro"].items()}
+                metrics["bootstrap"] = ci["bootstrap"]
                 metrics.update(pro_variant="exact", connectivity=vox["connectivity"], eval_domain=cfg.eval_domain,
                                n_voxels=vox["n_elements"], n_gt_regions=vox["n_regions"])
         atomic_write_json(out_dir / "metrics.json", jsonable(metrics))
