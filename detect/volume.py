@@ -245,9 +245,14 @@ def scatter_max_runs(target: np.ndarray, flat_index: np.ndarray, values: np.ndar
 
 @dataclass
 class VolumeAccumulator:
-    """Streaming voxel max-aggregation of per-view score maps for one instance."""
+    """Streaming voxel max-aggregation of per-view score maps for one instance.
+
+    ``view_aggregation="mean"`` (a demo-scale option; the paper's is ``max``): a voxel's score is the mean,
+    over the views that score it, of each view's maximum in that voxel, so that what one view alone sees
+    (a specular highlight, a silhouette) is diluted by the views that see the surface plainly."""
 
     grid: VoxelGrid
+    view_aggregation: str = "max"
     scores: np.ndarray = field(init=False)
     hit: np.ndarray = field(init=False)
     occupied: np.ndarray = field(init=False)
@@ -259,6 +264,29 @@ class VolumeAccumulator:
         self.scores = np.zeros(n, dtype=np.float32)
         self.hit = np.zeros(n, dtype=bool)
         self.occupied = np.zeros(n, dtype=bool)
+        if self.view_aggregation not in ("max", "mean"):
+            raise ValueError(f"view_aggregation must be 'max' or 'mean', got {self.view_aggregation!r}")
+        if self.view_aggregation == "mean":  # one view's maxima, then running sums over views
+            self._view = np.zeros(n, dtype=np.float32)
+            self._view_hit = np.zeros(n, dtype=bool)
+            self._sum = np.zeros(n, dtype=np.float64)
+            self._count = np.zeros(n, dtype=np.int32)
+
+    def _target(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, hit) arrays a view scatters into: the volume's (max), or the view's own (mean)."""
+        return (self.scores, self.hit) if self.view_aggregation == "max" else (self._view, self._view_hit)
+
+    def _end_view(self) -> None:
+        """Mean mode: fold the view's maxima into the per-voxel means."""
+        if self.view_aggregation != "mean":
+            return
+        idx = np.flatnonzero(self._view_hit)
+        self._sum[idx] += self._view[idx]
+        self._count[idx] += 1
+        self.scores[idx] = (self._sum[idx] / self._count[idx]).astype(np.float32)
+        self.hit[idx] = True
+        self._view[idx] = 0.0
+        self._view_hit[idx] = False
 
     def add_view(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray | None,
                  foreground: np.ndarray | None, stride: int = 1) -> None:
@@ -283,6 +311,7 @@ class VolumeAccumulator:
         tables = _voxel_tables(calib, self.grid, geo)
         flat_scores = None if score_map is None else score_map.reshape(-1)
         flat_fg = None if foreground is None else foreground.reshape(-1)
+        target, target_hit = self._target()
         for rows in _row_blocks(*depth.shape):
             vox, inside, flat_pix = _voxel_block(depth, calib, self.grid, tables, None, stride, rows, geo)
             self.occupied[vox[inside]] = True
@@ -291,8 +320,10 @@ class VolumeAccumulator:
             sel = self._count_scored(inside, None if flat_fg is None else flat_fg[flat_pix])
             vox = vox[sel]
             # numpy ≥ 2's ufunc.at fast path beats reducing runs of equal voxels first (reduceat) here
-            np.maximum.at(self.scores, vox, flat_scores[flat_pix[sel]].astype(np.float32))
-            self.hit[vox] = True
+            np.maximum.at(target, vox, flat_scores[flat_pix[sel]].astype(np.float32))
+            target_hit[vox] = True
+        if flat_scores is not None:
+            self._end_view()
 
     def _count_scored(self, inside: np.ndarray, fg: np.ndarray | None) -> np.ndarray:
         """Points that carry a score (inside the grid, and foreground when a mask is given); counts the
@@ -315,7 +346,9 @@ class VolumeAccumulator:
         vals = score_map.reshape(-1)[flat_pix[sel]].astype(np.float32)
         if not np.all(np.isfinite(vals)):
             raise ValueError("anomaly scores contain non-finite values")
-        self.hit[scatter_max_runs(self.scores, vox[sel], vals)] = True
+        target, target_hit = self._target()
+        target_hit[scatter_max_runs(target, vox[sel], vals)] = True
+        self._end_view()
 
     # -- results ----------------------------------------------------------------------------------
     def volume(self) -> np.ndarray:

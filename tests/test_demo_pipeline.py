@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("1 benchmark", "2a nominal instances", "2b shards", "3 DINO-Depth pretraining",
-          "4a image-encoder pretraining", "4b ModMap fit", "5a predict + evaluate", "5b pictures", "5c report")
+          "4b ModMap fit", "5a predict + evaluate", "5b PatchCore", "5c pictures", "5d report")
 
 
 def _make(demo: Path, *targets: str) -> subprocess.CompletedProcess:
@@ -47,13 +47,15 @@ def test_make_demo_end_to_end_small(tmp_path):
     assert timings == list(STAGES)
 
     # stage outputs
-    assert (demo / "pretrain" / "dinodepth.pth").is_file() and (demo / "image_encoder" / "image_encoder.pth").is_file()
+    assert (demo / "pretrain" / "dinodepth.pth").is_file()
     shards = json.loads((demo / "shards" / "benchmark" / "manifest.json").read_text())
     assert shards  # the benchmark's training views only (default splits)
     results = json.loads((demo / "detect" / "results.json").read_text())
     assert set(results["results"]["real2real"]) == {"vase", "stool"} and not results["random_image_encoder"]
     config = (demo / "detect" / "config.yaml").read_text()
-    assert "image_encoder: auto" in config and "image_encoder.pth" in config
+    assert "image_encoder: cnn" in config  # the ImageNet EfficientNet-Lite0 of the wheel
+    pc = json.loads((demo / "patchcore" / "results.json").read_text())
+    assert set(pc["results"]["real2real"]) == {"vase", "stool"} and "PatchCore" in pc["title"]
     for cls in ("vase", "stool"):
         cls_dir = demo / "detect" / "real2real" / cls
         rows = list(csv.DictReader((cls_dir / "scores.csv").open()))
@@ -67,6 +69,7 @@ def test_make_demo_end_to_end_small(tmp_path):
         assert (demo / "figures" / name).is_file(), name
     html = (demo / "index.html").read_text()
     assert html.count("<img ") == 8 and "4b ModMap fit" in html
+    assert "Reference: PatchCore" in html and "EfficientNet-Lite0" in html
 
     # everything done: nothing runs again
     again = _make(demo, "demo")
@@ -78,4 +81,4 @@ def test_make_demo_end_to_end_small(tmp_path):
     alone = _make(demo, "demo-report")
     assert alone.returncode == 0, alone.stderr[-4000:]
     redone = [line.split("\t")[0] for line in (demo / "timings.tsv").read_text().splitlines()][len(STAGES):]
-    assert redone == ["5b pictures", "5c report"] and (demo / "figures" / "figures.json").is_file()
+    assert redone == ["5c pictures", "5d report"] and (demo / "figures" / "figures.json").is_file()

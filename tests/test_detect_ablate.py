@@ -64,19 +64,22 @@ def test_tables_resolve_to_the_right_variants_and_share_runs():
     acfg = AblateConfig(out="/tmp/x", source_views=[0, 2, 1])
     rows, runs = plan(acfg, _base())
     cfgs = {t: [runs[name].cfg for _, name in rows[t]] for t in rows}
-    assert [c.variant for c in cfgs["view_conditioning"]] == ["cfm", "vc_cfm"]
+    # PatchCore is the reference row of the method comparisons (one run shared by tables 3 and 6)
+    assert [c.method for c in cfgs["view_conditioning"]] == ["patchcore", "modmap", "modmap"]
+    assert rows["view_conditioning"][0][1] == rows["cross_view"][0][1]
+    assert [c.variant for c in cfgs["view_conditioning"][1:]] == ["cfm", "vc_cfm"]
     assert [(c.variant, c.depth_encoder) for c in cfgs["depth_encoder"]] == [
         ("vc_cfm", "random"), ("vc_cfm", "dinov2_on_depth"), ("vc_cfm", "dino_depth")]
-    assert [c.variant for c in cfgs["cross_view"]] == ["vc_cfm", "modmap"]
+    assert [c.variant for c in cfgs["cross_view"][1:]] == ["vc_cfm", "modmap"]
     assert [c.multi_class for c in cfgs["multi_class"]] == [False, True]
     assert [c.num_source_views for c in cfgs["view_subsampling"]] == [0, 2, 1]
     assert [c.aggregation for c in cfgs["aggregation"]] == ["max", "min", "prod", "mean"]
     # ModMap (max, all views, class-specific) is one run shared by tables 6, 7, 8 and 10; vc_cfm +
     # DINO-Depth by tables 3, 4 and 6.
-    modmap = rows["cross_view"][1][1]
+    modmap = rows["cross_view"][2][1]
     assert {rows["multi_class"][0][1], rows["view_subsampling"][0][1], rows["aggregation"][0][1]} == {modmap}
-    assert rows["view_conditioning"][1][1] == rows["depth_encoder"][2][1] == rows["cross_view"][0][1]
-    assert len(runs) == 11
+    assert rows["view_conditioning"][2][1] == rows["depth_encoder"][2][1] == rows["cross_view"][1][1]
+    assert len(runs) == 12
     assert all(r.cfg.out.startswith("/tmp/x/runs/") for r in runs.values())
     # inference-only differences share the trained models, training differences do not
     agg = [runs[n].cfg for _, n in rows["aggregation"]] + [runs[n].cfg for _, n in rows["view_subsampling"]]
@@ -85,7 +88,7 @@ def test_tables_resolve_to_the_right_variants_and_share_runs():
     assert len({fit_key(c) for c in dep}) == 3
     assert fit_key(cfgs["multi_class"][0]) != fit_key(cfgs["multi_class"][1])
     # the run key ignores where a run is written
-    c = cfgs["cross_view"][1]
+    c = cfgs["cross_view"][2]
     assert run_key(c) == run_key(dataclasses.replace(c, out="/elsewhere", progress=False))
 
 
@@ -287,7 +290,7 @@ def test_ablation_presets_resolve(preset):
     else:
         assert base.image_encoder == "random" and base.device == "cpu"
     _, runs = plan(acfg, base)
-    assert len(runs) == 12 + (preset == "paper")  # paper: Table 8 runs on sink_cabinet only (one more run)
+    assert len(runs) == 13 + (preset == "paper")  # PatchCore + ...; paper: Table 8 runs on sink_cabinet only (one more run)
 
 
 def test_cli_parsing(tmp_path):
@@ -338,9 +341,11 @@ def test_tiny_ablation_end_to_end(bench, tmp_path):
         assert (out / "tables" / f"{stem}.md").read_text() in report
     abl = json.loads((out / "ablation.json").read_text())
     runs = abl["runs"]
-    # every variant ran: cfm, vc_cfm × 3 depth encoders, modmap × 3 more aggregations, K = 2, multi-class
-    assert len(runs) == 10
-    assert len(list((out / "configs").glob("*.yaml"))) == 10
+    # every variant ran: PatchCore, cfm, vc_cfm × 3 depth encoders, modmap × 3 more aggregations, K = 2,
+    # multi-class
+    assert len(runs) == 11
+    assert len(list((out / "configs").glob("*.yaml"))) == 11
+    assert "PatchCore (reference" in report
     # one model per (class, setup) was trained for modmap and adopted by the K=2 run; one multi-class model
     k2 = next(r for n, r in runs.items() if "-k2-" in n)
     full = next(r for n, r in runs.items() if n.startswith("modmap") and "-k" not in n and "multiclass" not in n)

@@ -52,7 +52,7 @@ TABLE_NAMES = ("view_conditioning", "depth_encoder", "cross_view", "multi_class"
 # Settings that do not change a run's results: they never enter the run key.
 _NON_RESULT_FIELDS = {"out", "cache_dir", "mode", "progress"}
 # Settings used only after training: runs differing only in these share trained models.
-_INFERENCE_FIELDS = {"aggregation", "blur_sigma", "fg_connectivity", "num_source_views", "num_target_views",
+_INFERENCE_FIELDS = {"aggregation", "blur_sigma", "fg_connectivity", "fg_erosion", "view_aggregation", "num_source_views", "num_target_views",
                      "source_chunk", "project_stride", "voxel_size", "eval_domain", "pro_limits", "save_maps",
                      "viz", "save_ply", "classes", "setup", "calib_reader", "gt_reader"}
 DET, SEG = "I-AUROC", "V-AUPRO@1%"
@@ -108,23 +108,33 @@ def _image_on_depth_label(base: DetectConfig) -> str:
     return f"{base.image_encoder} on depth (3× replicated)"
 
 
+def _image_on_depth(base: DetectConfig) -> str:
+    """The image encoder applied to depth: the CNN's or the ViT's."""
+    return "cnn_on_depth" if base.image_encoder == "cnn" else "dinov2_on_depth"
+
+
+# PatchCore in the same 3D pipeline: the reference row of the tables that compare methods (issue 23).
+PATCHCORE_ROW = Row("PatchCore (reference: memory bank of the training instance's tokens)", {"method": "patchcore"})
+
+
 def _source_views_label(k: int) -> str:
     return "all" if k == 0 else str(k)
 
 
 TABLES: dict[str, TableSpec] = {t.name: t for t in (
     TableSpec("view_conditioning", 3, "Impact of view conditioning",
-              lambda a, b: [Row("CFM (no view conditioning)", {"variant": "cfm"}),
+              lambda a, b: [PATCHCORE_ROW, Row("CFM (no view conditioning)", {"variant": "cfm"}),
                             Row("CFM + view conditioning", {"variant": "vc_cfm"})],
               "Same-view pairs only, s = t at inference; depth encoder of the base config (the paper used FPFH "
               "here, which is not bundled)."),
     TableSpec("depth_encoder", 4, "Effects of the depth feature extractor (view-conditioned CFM)",
               lambda a, b: [Row("random init (DINO-Depth architecture)", {"variant": "vc_cfm", "depth_encoder": "random"}),
-                            Row(_image_on_depth_label(b), {"variant": "vc_cfm", "depth_encoder": "dinov2_on_depth"}),
+                            Row(_image_on_depth_label(b), {"variant": "vc_cfm", "depth_encoder": _image_on_depth(b)}),
                             Row("DINO-Depth", {"variant": "vc_cfm", "depth_encoder": "dino_depth"})],
               "FPFH and Point-MAE rows of the paper are not bundled."),
     TableSpec("cross_view", 6, "Cross-view conditioning",
-              lambda a, b: [Row("view-conditioned CFM + DINO-Depth", {"variant": "vc_cfm", "depth_encoder": "dino_depth"}),
+              lambda a, b: [PATCHCORE_ROW,
+                            Row("view-conditioned CFM + DINO-Depth", {"variant": "vc_cfm", "depth_encoder": "dino_depth"}),
                             Row("ModMap (cross-view pairs, min-ensembling, max-aggregation)",
                                 {"variant": "modmap", "depth_encoder": "dino_depth"})]),
     TableSpec("multi_class", 7, "Class-specific vs. multi-class",
@@ -166,6 +176,8 @@ def fit_key(cfg: DetectConfig) -> str:
 
 def run_name(cfg: DetectConfig) -> str:
     parts = [cfg.variant, cfg.depth_encoder, cfg.aggregation]
+    if cfg.method == "patchcore":
+        parts = ["patchcore", cfg.patchcore_features, cfg.patchcore_bank]
     if cfg.num_source_views:
         parts.append(f"k{cfg.num_source_views}")
     if cfg.multi_class:

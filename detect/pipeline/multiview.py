@@ -47,6 +47,7 @@ from detect.pipeline.settings import (
     feature_settings,
     image_encoder,
     inference_settings,
+    patchcore_settings,
     scoring_settings,
     train_settings,
 )
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
     from detect.model import ModMap
 
 MULTICLASS_DIR = "_multiclass"  # <out>/<setup>/_multiclass/model.pt: the one model of a multi-class run
+PATCHCORE_FILE = "patchcore.pt"  # <out>/<setup>/<class>/patchcore.pt: --method patchcore's memory banks
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -178,6 +180,8 @@ class MultiviewRunner:
         record = self.train_record(ds, setup)
         feats, encode_s = self.features(ds, record, f"{class_name}/{record.name}")
         image, depth, valid = feats.tensors(self.device)
+        if cfg.method == "patchcore":
+            return self._fit_patchcore(setup, class_name, ds, record, feats, image, depth, valid, encode_s)
         settings = train_settings(cfg)
         _, _, total = total_training_steps(feats.n_views, settings)
         out_dir = self.class_dir(setup, class_name)
@@ -199,6 +203,45 @@ class MultiviewRunner:
         if cfg.scoring == "cmdr":  # CMDR-IAD reconstruction decoders on the same cached tokens (detect/cmdr.py)
             self._fit_decoders(out_dir, image, depth, valid, feats.grid, meta, f"{setup}/{class_name}")
         return path
+
+    def _fit_patchcore(self, setup: str, class_name: str, ds, record, feats, image, depth, valid,
+                       encode_s: float) -> Path:
+        """PatchCore's memory banks of one class from its training instance's object tokens (``patchcore.pt``)."""
+        from detect.patchcore import build_bank
+        from shared.checkpoint import save_checkpoint
+
+        t0 = time.perf_counter()
+        bank = build_bank(image, depth, valid, patchcore_settings(self.cfg))
+        meta = {
+            "format_version": MODEL_FORMAT_VERSION, "method": "patchcore", "n_views": feats.n_views,
+            "view_stems": feats.stems, "view_order": ds.view_order, "class_name": class_name, "setup": setup,
+            "train_instance": record.name, "bank_tokens": bank.size(), "random_image_encoder": self.random_encoder,
+            "build_seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(encode_s, 3),
+            **self.encoder_record(),
+        }
+        path = self.class_dir(setup, class_name) / PATCHCORE_FILE
+        save_checkpoint({"patchcore": bank.state(), "config": meta}, path)
+        return path
+
+    def load_patchcore(self, setup: str, class_name: str, n_views: int, stems: list[str]):
+        """The class's PatchCore memory banks, checked against this run's views and encoders."""
+        from detect.patchcore import PatchCoreBank
+        from shared.checkpoint import CheckpointError, load_checkpoint
+
+        path = self.class_dir(setup, class_name) / PATCHCORE_FILE
+        if not path.is_file():
+            raise RunError(f"no PatchCore memory banks {path}: run --mode fit (or all) with --method patchcore first")
+        try:
+            obj = load_checkpoint(path)
+            meta = dict(obj["config"])
+            bank = PatchCoreBank.from_state(obj["patchcore"])
+        except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{path} is not a PatchCore memory-bank file: {exc}") from None
+        if int(meta["n_views"]) != n_views or list(meta["view_stems"]) != list(stems):
+            raise RunError(f"view mismatch for {setup}/{class_name}: the memory banks in {path} hold views "
+                           f"{meta['view_stems']} but the test instances have {n_views} views {list(stems)}")
+        check_encoders(path, meta, self.encoder_record())
+        return bank, meta
 
     def fit_multiclass(self, setup: str, classes: Sequence[str]) -> Path:
         """One model for ``classes`` (in that order) on their training instances (§15)."""
@@ -327,7 +370,7 @@ class MultiviewRunner:
     # -- predict --------------------------------------------------------------------------------
     def predict(self, setup: str, class_name: str) -> None:
         from detect.infer import predict_instance
-        from detect.metrics import SegmentationAccumulator
+        from detect.metrics import InstanceElements, SegmentationAccumulator, object_pixel_domain
         from detect.volume import bounding_grid
 
         cfg = self.cfg
@@ -335,12 +378,20 @@ class MultiviewRunner:
         if not ds.test_records:
             raise RunError(f"class {class_name}: no test instances under {ds.path}")
         out_dir = self.class_dir(setup, class_name)
-        model, model_meta = self.load_model(setup, class_name, ds.n_views, ds.stems)
-        class_id = model_meta.get("class_index")  # multi-class models only
-        scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
         inf = inference_settings(cfg)
+        if cfg.method == "patchcore":  # no mapping networks: the memory banks score (detect/patchcore.py)
+            from detect.patchcore import PatchCoreScorer
+
+            model, class_id = None, None
+            scorer = PatchCoreScorer(inf, self.load_patchcore(setup, class_name, ds.n_views, ds.stems)[0])
+        else:
+            model, model_meta = self.load_model(setup, class_name, ds.n_views, ds.stems)
+            class_id = model_meta.get("class_index")  # multi-class models only
+            scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
         rows, timings = [], []
         pixel_acc = SegmentationAccumulator()
+        # object-foreground pixels (valid depth ∪ GT) per instance: metrics with bootstrap intervals
+        object_px = InstanceElements()
         has_pixel_gt = True
         no_volume_reason = None
         bar = progress_bar(len(ds.test_records), f"predict {setup}/{class_name}", cfg.progress, "instance")
@@ -370,6 +421,8 @@ class MultiviewRunner:
                 view = _cur["view"]
                 if view.mask is not None and has_pixel_gt:
                     pixel_acc.add(combined_orig, view.mask)
+                    object_px.add(_rec.name, combined_orig, view.mask, object_pixel_domain(view.depth, view.mask),
+                                  label=_rec.label)
                 else:
                     has_pixel_gt = False
                 self._save_maps(out_dir, _rec.name, view, maps, combined_orig, _geoms[maps.view])
@@ -409,6 +462,14 @@ class MultiviewRunner:
                               "pixel_aupro": {str(k): v for k, v in px["pixel_aupro"].items()},
                               "pixel_connectivity": px["connectivity"], "pixel_eval_domain": "all",
                               "pixel_eval_res": "original (GT native resolution)"}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                op = object_px.metrics(cfg.pro_limits, "pixel", seed=cfg.seed)
+            extra["pixel"].update({
+                "object_pixel_auroc": op["pixel_auroc"].value, "object_pixel_auroc_ci": op["pixel_auroc"].to_dict(),
+                "object_pixel_aupro": {str(k): v.value for k, v in op["pixel_aupro"].items()},
+                "object_pixel_aupro_ci": {str(k): v.to_dict() for k, v in op["pixel_aupro"].items()},
+                "object_pixel_eval_domain": "object foreground: valid depth ∪ GT-anomalous pixels"})
         atomic_write_json(out_dir / "predict_info.json", extra)
 
     def _save_maps(self, out_dir: Path, instance: str, view, maps, combined_orig: np.ndarray, geom) -> None:
@@ -430,7 +491,7 @@ class MultiviewRunner:
 
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self, setup: str, class_name: str) -> dict:
-        from detect.metrics import SegmentationAccumulator, instance_auroc
+        from detect.metrics import InstanceElements, instance_auroc, instance_auroc_interval
         from detect.volume import SparseVolume, resample_to_grid
 
         cfg = self.cfg
@@ -445,11 +506,13 @@ class MultiviewRunner:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             metrics["image_auroc"] = instance_auroc(scores, labels)
+            if len(set(labels.tolist())) == 2:  # 95 % stratified bootstrap interval over instances
+                metrics["image_auroc_ci"] = instance_auroc_interval(scores, labels, seed=cfg.seed).to_dict()
         if info.get("pixel"):
             metrics.update(info["pixel"])
         ds = class_dataset(cfg, class_name) if cfg.gt_reader != "none" else None
         if ds is not None and info.get("volumes", True):
-            acc = SegmentationAccumulator()
+            vox_el = InstanceElements()  # voxels grouped by instance: exact metrics + bootstrap intervals
             by_name = {r.name: r for r in ds.test_records}
             bar = progress_bar(len(rows), f"evaluate {setup}/{class_name}", cfg.progress, "instance")
             for r in rows:
@@ -479,14 +542,18 @@ class MultiviewRunner:
                     domain = occ_gt | labels
                 else:
                     domain = None
-                acc.add(pred, labels, domain)
+                vox_el.add(r["instance"], pred, labels, domain, label=record.label)
             bar.close()
-            if acc.n_samples:
+            if vox_el.n_instances:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    vox = acc.compute(cfg.pro_limits, prefix="voxel")
+                    vox = vox_el.exact(cfg.pro_limits, prefix="voxel")
+                    ci = vox_el.metrics(cfg.pro_limits, "voxel", seed=cfg.seed)
                 metrics["voxel_auroc"] = vox["voxel_auroc"]
                 metrics["voxel_aupro"] = {str(k): v for k, v in vox["voxel_aupro"].items()}
+                metrics["voxel_auroc_ci"] = ci["voxel_auroc"].to_dict()
+                metrics["voxel_aupro_ci"] = {str(k): v.to_dict() for k, v in ci["voxel_aupro"].items()}
+                metrics["bootstrap"] = ci["bootstrap"]
                 metrics.update(pro_variant="exact", connectivity=vox["connectivity"], eval_domain=cfg.eval_domain,
                                n_voxels=vox["n_elements"], n_gt_regions=vox["n_regions"])
         atomic_write_json(out_dir / "metrics.json", jsonable(metrics))
@@ -529,5 +596,7 @@ def run_multiview(cfg: DetectConfig, adopt: Callable[[str, str], bool] | None = 
             m.get("random_image_encoder") for per in results.values() for m in per.values())
         title = {"modmap": "ModMap results", "cfm": "ModMap with CFM scoring: results",
                  "cmdr": "ModMap with CMDR-IAD scoring: results"}[cfg.scoring]
+        if cfg.method == "patchcore":
+            title = f"PatchCore results ({cfg.patchcore_features} tokens, per-{cfg.patchcore_bank} memory banks)"
         write_results(out, results, random_encoder, title)
     return results

@@ -64,6 +64,13 @@ def write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None
     atomic_write_text(path, buf.getvalue())
 
 
+def _ci_text(ci: dict | None) -> str:
+    """`` [low, high]`` of a stored interval (empty when there is none)."""
+    if not ci or ci.get("low") is None:
+        return ""
+    return f" [{ci['low']:.2f}, {ci['high']:.2f}]"
+
+
 def complete_mean(vals: Sequence[float | None]) -> float | None:
     """Mean over classes, only when every class has a finite value."""
     ok = [v for v in vals if v is not None and math.isfinite(v)]
@@ -84,12 +91,25 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
     classes = sorted({c for per in results.values() for c in per},
                      key=lambda c: (list(PAPER_COLUMNS).index(c) if c in PAPER_COLUMNS else len(PAPER_COLUMNS), c))
     headline = [("I-AUROC", lambda m: m.get("image_auroc")),
-                ("V-AUPRO@1%", lambda m: (m.get("voxel_aupro") or {}).get("0.01"))]
+                ("V-AUPRO@1%", lambda m: (m.get("voxel_aupro") or {}).get("0.01")),
+                ("O-P-AUROC", lambda m: m.get("object_pixel_auroc"))]
+    # 95 % bootstrap intervals over instances (detect/metrics.py), shown next to each class's value
+    intervals = {"I-AUROC": lambda m: m.get("image_auroc_ci"),
+                 "V-AUPRO@1%": lambda m: (m.get("voxel_aupro_ci") or {}).get("0.01"),
+                 "O-P-AUROC": lambda m: m.get("object_pixel_auroc_ci")}
     full = [("image_auroc", lambda m: m.get("image_auroc")), ("voxel_auroc", lambda m: m.get("voxel_auroc"))]
     for lim in ("0.3", "0.1", "0.05", "0.01"):
         full.append((f"voxel_aupro@{lim}", lambda m, lim=lim: (m.get("voxel_aupro") or {}).get(lim)))
     full += [("pixel_auroc", lambda m: m.get("pixel_auroc")),
-             ("pixel_aupro@0.3", lambda m: (m.get("pixel_aupro") or {}).get("0.3"))]
+             ("pixel_aupro@0.3", lambda m: (m.get("pixel_aupro") or {}).get("0.3")),
+             ("object_pixel_auroc", lambda m: m.get("object_pixel_auroc")),
+             ("object_pixel_aupro@0.3", lambda m: (m.get("object_pixel_aupro") or {}).get("0.3"))]
+    for key, get_ci in (("image_auroc", lambda m: m.get("image_auroc_ci")),
+                        ("voxel_auroc", lambda m: m.get("voxel_auroc_ci")),
+                        ("voxel_aupro@0.01", lambda m: (m.get("voxel_aupro_ci") or {}).get("0.01")),
+                        ("object_pixel_auroc", lambda m: m.get("object_pixel_auroc_ci"))):
+        for end in ("low", "high"):
+            full.append((f"{key}_ci95_{end}", lambda m, g=get_ci, e=end: (g(m) or {}).get(e)))
 
     lines = [f"# {title}", ""]
     if random_encoder:
@@ -101,17 +121,22 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
     for setup, per in results.items():
         for name, get in headline:
             vals = [get(per[c]) if c in per else None for c in classes]
-            lines.append(f"| {setup} | {name} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(complete_mean(vals))} |")
+            cells = [fmt(v) + _ci_text(intervals[name](per[c]) if c in per else None) for v, c in zip(vals, classes)]
+            lines.append(f"| {setup} | {name} | " + " | ".join(cells) + f" | {fmt(complete_mean(vals))} |")
         for name, get in full:
             vals = [get(per[c]) if c in per else None for c in classes]
             row = {"setup": setup, "metric": name, **{c: vals[i] for i, c in enumerate(classes)}, "mean": complete_mean(vals)}
             csv_rows.append(row)
-    lines += ["", "V-AUPRO@1% = exact voxel AUPRO at FPR 0.01 (metrics.md); eval domain: "
-              + ", ".join(sorted({str(m.get('eval_domain')) for per in results.values() for m in per.values()})), ""]
+    lines += ["", "V-AUPRO@1% = exact voxel AUPRO at FPR 0.01 (metrics.md); voxel eval domain: "
+              + ", ".join(sorted({str(m.get('eval_domain')) for per in results.values() for m in per.values()}))
+              + ". O-P-AUROC = pixel AUROC on the object foreground of every view (valid depth ∪ GT-anomalous "
+              "pixels; results.csv also has pixel_auroc over all pixels). [a, b] = 95 % stratified bootstrap "
+              "interval over the class's instances; Mean = mean over classes (no interval).", ""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     write_csv(out / "results.csv", [{k: ("" if v is None else v) for k, v in r.items()} for r in csv_rows],
               ["setup", "metric", *classes, "mean"])
-    atomic_write_json(out / "results.json", jsonable({"random_image_encoder": random_encoder, "results": results}))
+    atomic_write_json(out / "results.json", jsonable({"title": title, "random_image_encoder": random_encoder,
+                                                   "results": results}))
 
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from detect.features import FeatureSettings
     from detect.fit import TrainSettings
     from detect.infer import InferenceSettings
+    from detect.patchcore import PatchCoreSettings
 
 
 def train_settings(cfg: DetectConfig, match_steps: bool | None = None) -> TrainSettings:
@@ -35,7 +36,8 @@ def inference_settings(cfg: DetectConfig) -> InferenceSettings:
     return InferenceSettings(aggregation=cfg.aggregation, blur_sigma=cfg.blur_sigma,
                              fg_connectivity=cfg.fg_connectivity, num_source_views=cfg.num_source_views,
                              num_target_views=cfg.num_target_views, source_chunk=cfg.source_chunk,
-                             project_stride=cfg.project_stride, seed=cfg.seed)
+                             project_stride=cfg.project_stride, seed=cfg.seed, fg_erosion=cfg.fg_erosion,
+                             view_aggregation=cfg.view_aggregation)
 
 
 def scoring_settings(cfg: DetectConfig) -> ScoringSettings:
@@ -64,9 +66,19 @@ def decoder_settings(cfg: DetectConfig) -> DecoderSettings:
 
 # -- encoders and preprocessing --------------------------------------------------------------------
 def image_encoder(cfg: DetectConfig, dev: torch.device) -> FrozenEncoder:
-    """The image encoder (``--image-encoder random`` warns: its outputs are not real results)."""
-    from detect.encoders import load_image_encoder
+    """The image encoder (``--image-encoder random`` warns: its outputs are not real results; ``cnn``:
+    a frozen timm CNN, :func:`detect.cnn_encoder.load_cnn_image_encoder`)."""
+    from detect.encoders import EncoderError, load_image_encoder
 
+    if cfg.image_encoder == "cnn":
+        from detect.cnn_encoder import load_cnn_image_encoder
+
+        try:
+            return load_cnn_image_encoder(cfg.cnn_arch, cfg.image_encoder_weights or None, tuple(cfg.cnn_features),
+                                          pipeline_norm=cfg.image_norm, dtype=cfg.encoder_dtype, device=dev,
+                                          seed=cfg.seed)  # type: ignore[return-value]
+        except EncoderError as exc:
+            raise RunError(str(exc)) from None
     enc = load_image_encoder(cfg.image_encoder, cfg.image_encoder_weights or None, cfg.encoder_dtype, dev,
                              random_arch=cfg.random_encoder_arch,
                              random_overrides={"depth": cfg.random_encoder_depth}, seed=cfg.seed)
@@ -78,7 +90,7 @@ def image_encoder(cfg: DetectConfig, dev: torch.device) -> FrozenEncoder:
 
 def depth_encoder(cfg: DetectConfig, dev: torch.device) -> FrozenEncoder | None:
     """DINO-Depth (``dino_depth``), its architecture randomly initialised (``random``), or None
-    (``dinov2_on_depth``: the image encoder encodes the depth)."""
+    (``dinov2_on_depth``/``cnn_on_depth``: the image encoder encodes the depth)."""
     from detect.encoders import load_depth_encoder, load_random_depth_encoder
 
     if cfg.depth_encoder == "dino_depth":
@@ -110,6 +122,17 @@ def feature_settings(cfg: DetectConfig, stored_norm: dict) -> tuple[dict, Featur
         depth_encoder=cfg.depth_encoder, depth_token_resample=cfg.depth_token_resample,
         encoder_dtype=cfg.encoder_dtype)
     return depth_norm, settings
+
+
+def patchcore_settings(cfg: DetectConfig) -> PatchCoreSettings:
+    """``--patchcore-*`` (validated by the settings dataclass)."""
+    from detect.patchcore import PatchCoreSettings
+
+    try:
+        return PatchCoreSettings(features=cfg.patchcore_features, bank=cfg.patchcore_bank,
+                                 metric=cfg.patchcore_metric, coreset_ratio=cfg.patchcore_coreset, seed=cfg.seed)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
 
 
 def cache_dir(cfg: DetectConfig):

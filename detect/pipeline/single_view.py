@@ -215,14 +215,14 @@ class SingleViewRunner:
     # -- encoders -------------------------------------------------------------------------------
     def encoders(self) -> dict[str, ModalityEncoder]:
         """The encoders of the modalities in use (an image-only run never loads a depth encoder, nor
-        a depth-only run an image encoder — unless ``dinov2_on_depth`` makes the image encoder the
+        a depth-only run an image encoder — unless ``dinov2_on_depth``/``cnn_on_depth`` makes the image encoder the
         depth encoder)."""
         if self._encoders is not None:
             return self._encoders
-        from detect.encoders import check_token_grids
+        from detect.encoders import IMAGE_ENCODER_ON_DEPTH, check_token_grids
 
         cfg = self.cfg
-        need_image = self.scoring.uses_image or (self.scoring.uses_depth and cfg.depth_encoder == "dinov2_on_depth")
+        need_image = self.scoring.uses_image or (self.scoring.uses_depth and cfg.depth_encoder in IMAGE_ENCODER_ON_DEPTH)
         image_enc = depth_enc = None
         if need_image:
             image_enc = image_encoder(cfg, self.device)
@@ -230,7 +230,7 @@ class SingleViewRunner:
         stored: dict = {}
         if self.scoring.uses_depth:
             depth_enc = depth_encoder(cfg, self.device)
-            if depth_enc is None:  # dinov2_on_depth
+            if depth_enc is None:  # dinov2_on_depth / cnn_on_depth
                 depth_enc = image_enc
             else:
                 stored = depth_enc.info.input_norm
