@@ -119,7 +119,11 @@ def wait_done(env: dict, job: str, timeout_s: float, logs: list[Path] = ()) -> l
 
 def metric_iterations(run_dir: Path) -> list[int]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line)["iteration"] for line in path.read_text().splitlines()] if path.is_file() else []
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    # iteration records only: events (collapse warning, probes) share the file and name an iteration too
+    return [r["iteration"] for r in records if "event" not in r]
 
 
 def assert_same_weights(run_dir: Path, reference_dir: Path) -> None:
