@@ -186,35 +186,6 @@ def warp_memory_traffic(batch: dict, cfg) -> float:
     return float(total[0])
 
 
-def device_stage_split(cfg, table, dataset, n: int) -> dict:
-    """Milliseconds (CPU) per sample of the device path's worker: read / normalise / crop parameters
-    (with the validity-only redraw decisions) / packing into the batch buffers."""
-    from pretrain.augment import depth_crop_params
-    from pretrain.device_augment import pack_sources
-    from pretrain.loader import _AUG_STREAM, _rng, prepare_sample
-
-    spent = {"read": 0.0, "normalise": 0.0, "params": 0.0, "pack": 0.0}
-    for q in range(n):
-        t0 = time.process_time()
-        raw, meta = table.read(dataset.order(q))
-        t1 = time.process_time()
-        prepared = prepare_sample(cfg, raw, meta)
-        t2 = time.process_time()
-        t3 = t4 = t2
-        if prepared is not None:
-            g, loc = depth_crop_params(prepared[1], cfg.crops, cfg.aug, _rng(cfg.train.seed, _AUG_STREAM, q))
-            t3 = time.process_time()
-            pack_sources([prepared[0][0]], [prepared[1]], [g], [loc], cfg.crops.global_crops_size,
-                         cfg.crops.local_crops_size)
-            t4 = time.process_time()
-        spent["read"] += t1 - t0
-        spent["normalise"] += t2 - t1
-        spent["params"] += t3 - t2
-        spent["pack"] += t4 - t3
-        del raw, prepared
-    return {k: 1e3 * v / n for k, v in spent.items()}
-
-
 def device_path_identical(shards: Path, sources, batch: int = 3) -> bool:
     """The device path's batches (warped on CPU torch) == the numpy path's, bit for bit."""
     from pretrain.device_augment import warp_batch
@@ -257,27 +228,56 @@ def gpu_warp_s_per_sample(shards: Path, quick: bool) -> float | None:
     return start.elapsed_time(stop) / 1e3 / (reps * batch["batch_size"])
 
 
-def stage_split(cfg, table, dataset, n: int) -> dict:
-    """Milliseconds (CPU) per sample of read / normalise / crops (current implementation), sample by
-    sample as the loader does (nothing is kept between samples)."""
-    from pretrain.augment import depth_multicrop
-    from pretrain.loader import _AUG_STREAM, _rng, prepare_sample
+def _stage_split(cfg, table, dataset, n: int, crop_stages) -> dict:
+    """Milliseconds (CPU) per sample of read / normalise / each of ``crop_stages`` (name, fn(prepared, q)),
+    sample by sample as the loader does (nothing is kept between samples)."""
+    from pretrain.loader import prepare_sample
 
-    spent = {"read": 0.0, "normalise": 0.0, "crops": 0.0}
+    spent = {"read": 0.0, "normalise": 0.0, **{name: 0.0 for name, _ in crop_stages}}
     for q in range(n):
         t0 = time.process_time()
         raw, meta = table.read(dataset.order(q))
         t1 = time.process_time()
         prepared = prepare_sample(cfg, raw, meta)
-        t2 = time.process_time()
-        if prepared is not None:
-            depth_multicrop(prepared[0][0], prepared[1], cfg.crops, cfg.aug, _rng(cfg.train.seed, _AUG_STREAM, q))
-        t3 = time.process_time()
         spent["read"] += t1 - t0
-        spent["normalise"] += t2 - t1
-        spent["crops"] += t3 - t2
+        spent["normalise"] += time.process_time() - t1
+        state = {}
+        for name, fn in crop_stages:
+            t = time.process_time()
+            if prepared is not None:
+                fn(prepared, q, state)
+            spent[name] += time.process_time() - t
         del raw, prepared
     return {k: 1e3 * v / n for k, v in spent.items()}
+
+
+def stage_split(cfg, table, dataset, n: int) -> dict:
+    """Read / normalise / crops of the numpy path (current implementation)."""
+    from pretrain.augment import depth_multicrop
+    from pretrain.loader import _AUG_STREAM, _rng
+
+    def crops(prepared, q, _state):
+        depth_multicrop(prepared[0][0], prepared[1], cfg.crops, cfg.aug, _rng(cfg.train.seed, _AUG_STREAM, q))
+
+    return _stage_split(cfg, table, dataset, n, [("crops", crops)])
+
+
+def device_stage_split(cfg, table, dataset, n: int) -> dict:
+    """The device path's worker: read / normalise / crop parameters (with the validity-only redraw
+    decisions) / packing into the batch buffers."""
+    from pretrain.augment import depth_crop_params
+    from pretrain.device_augment import pack_sources
+    from pretrain.loader import _AUG_STREAM, _rng
+
+    def params(prepared, q, state):
+        state["params"] = depth_crop_params(prepared[1], cfg.crops, cfg.aug, _rng(cfg.train.seed, _AUG_STREAM, q))
+
+    def pack(prepared, _q, state):
+        g, loc = state["params"]
+        pack_sources([prepared[0][0]], [prepared[1]], [g], [loc], cfg.crops.global_crops_size,
+                     cfg.crops.local_crops_size)
+
+    return _stage_split(cfg, table, dataset, n, [("params", params), ("pack", pack)])
 
 
 def bit_identical(shards: Path, sources, n: int = 3) -> bool:

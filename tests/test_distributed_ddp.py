@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed_utils import EXACT, REPO, check_ok, free_port, spawn, train_rank
+from test_distributed_utils import (
+    EXACT,
+    REPO,
+    check_ok,
+    free_port,
+    single_process_reference,
+    spawn,
+    train_rank,
+)
 from test_pretrain_utils import memory_table, single_thread, tiny_config, write_depth_folder  # noqa: F401
 
 from pretrain.train import Trainer
@@ -54,14 +62,7 @@ def seed_run_dir(run: Path, checkpoint: Path) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """One process, G = 8, six iterations straight (checkpoints at 3 and 6)."""
-    run = tmp_path_factory.mktemp("ref")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(tiny_config(run, **EXACT, **{"train.batch_size_per_gpu": 8}), table=memory_table(8)).run()
-    finally:
-        torch.set_num_threads(previous)
-    return run
+    return single_process_reference(tmp_path_factory.mktemp("ref"), EXACT)
 
 
 @pytest.fixture(scope="module")

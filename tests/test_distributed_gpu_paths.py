@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_distributed_ddp import assert_losses_close, assert_weights_close, steps
-from test_distributed_utils import EXACT, check_ok, spawn, train_rank
+from test_distributed_utils import EXACT, check_ok, single_process_reference, spawn, train_rank
 from test_pretrain_utils import memory_table, tiny_config
 
 from pretrain.train import Trainer
@@ -21,14 +21,7 @@ SHORT = {**EXACT, "train.epoch_length": 3, "train.log_period": 1}
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """One process without a process group, G = 8, three iterations."""
-    run = tmp_path_factory.mktemp("ref")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        Trainer(tiny_config(run, **SHORT, **{"train.batch_size_per_gpu": 8}), table=memory_table(8)).run()
-    finally:
-        torch.set_num_threads(previous)
-    return run
+    return single_process_reference(tmp_path_factory.mktemp("ref"), SHORT)
 
 
 @pytest.mark.parametrize("reshard", ["true", "false"])

@@ -80,6 +80,21 @@ def check_ok(results: dict) -> list:
     return [results[r][1] for r in sorted(results)]
 
 
+def single_process_reference(run: Path, overrides: dict, global_batch: int = 8) -> Path:
+    """The same training in one process without a process group, one intra-op thread (the reference the
+    multi-rank runs are compared against); returns ``run``."""
+    from pretrain.train import Trainer
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        Trainer(tiny_config(run, **overrides, **{"train.batch_size_per_gpu": global_batch}),
+                table=memory_table(global_batch)).run()
+    finally:
+        torch.set_num_threads(previous)
+    return run
+
+
 def train_rank(rank: int, world: int, out_dir: str, overrides: dict, global_batch: int = 8, table_size: int = 8,
                signal_at: int | None = None, fail: tuple[int, int, str] | None = None, timeout_s: int = 60) -> dict:
     """One rank: process group (gloo), Trainer on the in-memory table, run.
