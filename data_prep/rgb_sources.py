@@ -117,41 +117,39 @@ def _rel(root: Path, path: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
+def _defect_folder_records(source: str, root: Path, categories: Iterable[str], split_names: tuple[str, ...],
+                           splits: set[str] | None) -> list[ImageRecord]:
+    """``<cat>/<split>/<good|defect>/*`` (the MVTec AD family's layout): "good" is normal, any other folder
+    names the defect; stems ``<defect or good>_<file stem>``."""
+    records = []
+    for cat in categories:
+        for split in split_names:
+            split_dir = root / cat / split
+            if not _wanted(split, splits) or not split_dir.is_dir():
+                continue
+            for defect_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+                defect = defect_dir.name
+                label = "normal" if defect == "good" else "anomalous"
+                for path in _images(defect_dir):
+                    records.append(ImageRecord(source, cat, split, split, label, None if label == "normal" else defect,
+                                               _rel(root, path), f"{defect}_{path.stem}", path))
+    return records
+
+
 def enumerate_mvtec_ad(root: Path, splits: set[str] | None, categories: Iterable[str] | None = None) -> list[ImageRecord]:
     """``<cat>/train/good/*.png``, ``<cat>/test/<good|defect>/*.png`` (stems ``<defect or good>_<NNN>``)."""
     found = _category_dirs(root, "mvtec_ad", lambda d: (d / "train").is_dir() and (d / "test").is_dir(),
                            "<category>/{train,test}/<good|defect>/*.png")
-    records = []
-    for cat in _select(categories, found, root, "mvtec_ad"):
-        for split in ("train", "test"):
-            if not _wanted(split, splits):
-                continue
-            split_dir = root / cat / split
-            for defect_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()) if split_dir.is_dir() else []:
-                defect = defect_dir.name
-                label = "normal" if defect == "good" else "anomalous"
-                for path in _images(defect_dir):
-                    records.append(ImageRecord("mvtec_ad", cat, split, split, label, None if label == "normal" else defect,
-                                               _rel(root, path), f"{defect}_{path.stem}", path))
-    return records
+    return _defect_folder_records("mvtec_ad", root, _select(categories, found, root, "mvtec_ad"), ("train", "test"),
+                                  splits)
 
 
 def enumerate_mvtec_loco(root: Path, splits: set[str] | None, categories: Iterable[str] | None = None) -> list[ImageRecord]:
     """``<cat>/{train,validation}/good``, ``<cat>/test/{good,logical_anomalies,structural_anomalies}``."""
     found = _category_dirs(root, "mvtec_loco", lambda d: (d / "train").is_dir(),
                            "<category>/{train,validation,test}/<good|..._anomalies>/*.png")
-    records = []
-    for cat in _select(categories, found, root, "mvtec_loco"):
-        for split in ("train", "validation", "test"):
-            if not _wanted(split, splits) or not (root / cat / split).is_dir():
-                continue
-            for defect_dir in sorted(d for d in (root / cat / split).iterdir() if d.is_dir()):
-                defect = defect_dir.name
-                label = "normal" if defect == "good" else "anomalous"
-                for path in _images(defect_dir):
-                    records.append(ImageRecord("mvtec_loco", cat, split, split, label, None if label == "normal" else defect,
-                                               _rel(root, path), f"{defect}_{path.stem}", path))
-    return records
+    return _defect_folder_records("mvtec_loco", root, _select(categories, found, root, "mvtec_loco"),
+                                  ("train", "validation", "test"), splits)
 
 
 def enumerate_mvtec_ad2(root: Path, splits: set[str] | None, categories: Iterable[str] | None = None) -> list[ImageRecord]:

@@ -122,32 +122,27 @@ _CALIB_READERS: dict[str, Callable[..., CalibReader]] = {}
 _GT_READERS: dict[str, Callable[..., GTReader]] = {}
 
 
-def register_calib_reader(name: str) -> Callable[[Callable[..., CalibReader]], Callable[..., CalibReader]]:
-    """Decorator registering a CalibReader class (or factory) under ``name``."""
+def _registrar(registry: dict[str, Callable], what: str) -> Callable[[str], Callable[[Callable], Callable]]:
+    """The ``@register_…("name")`` decorator of one reader registry (a name may not be taken twice)."""
 
-    def deco(factory: Callable[..., CalibReader]) -> Callable[..., CalibReader]:
-        if name in _CALIB_READERS and _CALIB_READERS[name] is not factory:
-            raise ValueError(f"calibration reader {name!r} is already registered")
-        _CALIB_READERS[name] = factory
-        if isinstance(factory, type):
-            factory.name = name
-        return factory
+    def register(name: str) -> Callable[[Callable], Callable]:
+        def deco(factory: Callable) -> Callable:
+            if name in registry and registry[name] is not factory:
+                raise ValueError(f"{what} {name!r} is already registered")
+            registry[name] = factory
+            if isinstance(factory, type):
+                factory.name = name
+            return factory
 
-    return deco
+        return deco
+
+    return register
 
 
-def register_gt_reader(name: str) -> Callable[[Callable[..., GTReader]], Callable[..., GTReader]]:
-    """Decorator registering a GTReader class (or factory) under ``name``."""
-
-    def deco(factory: Callable[..., GTReader]) -> Callable[..., GTReader]:
-        if name in _GT_READERS and _GT_READERS[name] is not factory:
-            raise ValueError(f"GT reader {name!r} is already registered")
-        _GT_READERS[name] = factory
-        if isinstance(factory, type):
-            factory.name = name
-        return factory
-
-    return deco
+register_calib_reader = _registrar(_CALIB_READERS, "calibration reader")
+register_calib_reader.__doc__ = "Decorator registering a CalibReader class (or factory) under ``name``."
+register_gt_reader = _registrar(_GT_READERS, "GT reader")
+register_gt_reader.__doc__ = "Decorator registering a GTReader class (or factory) under ``name``."
 
 
 def _lookup(name: str, registry: dict[str, Callable], group: str, what: str) -> Callable:
