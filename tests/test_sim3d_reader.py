@@ -22,6 +22,7 @@ from detect.data.sim3d import (
     natural_key,
     pair_image_path,
     register_calib_reader,
+    register_gt_reader,
     sort_stems,
 )
 from shared import exr
@@ -277,6 +278,11 @@ def test_registry_and_custom_reader(handmade):
     assert ds.calib_reader.name == "test_constant"
     views = list(ds.iter_views(ds.test_records[0]))
     assert all(np.array_equal(v.K, _cam(0)[0]) for v in views)
+    register_calib_reader("test_constant")(Constant)  # the same factory again: allowed
+    with pytest.raises(ValueError, match="calibration reader 'test_constant' is already registered"):
+        register_calib_reader("test_constant")(type("Other", (Constant,), {}))
+    with pytest.raises(ValueError, match="GT reader 'none' is already registered"):
+        register_gt_reader("none")(lambda: None)
 
 
 def test_pose_txt_reader_matches_npz(handmade):
