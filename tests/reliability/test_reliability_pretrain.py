@@ -158,7 +158,7 @@ class Child:
     proc: subprocess.Popen | None = None  # a plain `python pretrain/train.py` process, or
     pid: int | None = None  # a child of the zygote
     returncode: int | None = None
-    sent_at: int | None = None  # latest checkpoint when the signal was sent
+    sent_at: int | None = None  # latest checkpoint when the signal was sent (-1: it had already exited)
     due: float | None = None
     log: str = ""
     extra: dict = field(default_factory=dict)
@@ -212,7 +212,12 @@ def _drive(children: list[Child], zygote: Zygote | None, timeout: float = 300.0)
                 c.due = now + c.delay if c.due is None else c.due
                 if now >= c.due:
                     c.sent_at = _latest(c.run)
-                    os.kill(c.proc.pid if c.proc is not None else c.pid, c.sig)
+                    try:
+                        os.kill(c.proc.pid if c.proc is not None else c.pid, c.sig)
+                    except ProcessLookupError:
+                        # It exited (and the zygote reaped it) between the poll and the signal: no signal
+                        # was delivered; its exit status arrives through the next poll.
+                        c.sent_at = -1
         time.sleep(0.002)
     for c in children:
         c.log = Path(c.extra["log"]).read_text()
