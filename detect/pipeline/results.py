@@ -64,7 +64,7 @@ def write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None
     atomic_write_text(path, buf.getvalue())
 
 
-def _ci_text(ci: dict | None) -> str:
+def ci_text(ci: dict | None) -> str:
     """`` [low, high]`` of a stored interval (empty when there is none)."""
     if not ci or ci.get("low") is None:
         return ""
@@ -121,7 +121,7 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
     for setup, per in results.items():
         for name, get in headline:
             vals = [get(per[c]) if c in per else None for c in classes]
-            cells = [fmt(v) + _ci_text(intervals[name](per[c]) if c in per else None) for v, c in zip(vals, classes)]
+            cells = [fmt(v) + ci_text(intervals[name](per[c]) if c in per else None) for v, c in zip(vals, classes)]
             lines.append(f"| {setup} | {name} | " + " | ".join(cells) + f" | {fmt(complete_mean(vals))} |")
         for name, get in full:
             vals = [get(per[c]) if c in per else None for c in classes]
