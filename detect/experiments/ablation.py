@@ -564,9 +564,10 @@ def _describe_encoders(data: dict[str, dict]) -> list[str]:
 
 def diagnostics(data: dict[str, dict], setups: list[str]) -> list[str]:
     """Per run and setup: the class means of every metric the runs computed, incl. the 2D per-view maps
-    against the 2D GT masks (P-AUROC) next to the voxel metrics — where the two disagree, the loss happens
+    against the 2D GT masks (O-P-AUROC on object pixels) next to the voxel metrics — where the two disagree, the loss happens
     in the 2D → 3D aggregation rather than in the feature mapping."""
-    keys = [("I-AUROC", lambda m: m.get("image_auroc")), ("P-AUROC", lambda m: m.get("pixel_auroc")),
+    keys = [("I-AUROC", lambda m: m.get("image_auroc")), ("O-P-AUROC", lambda m: m.get("object_pixel_auroc")),
+            ("P-AUROC all px", lambda m: m.get("pixel_auroc")),
             ("V-AUROC", lambda m: m.get("voxel_auroc")),
             ("V-AUPRO@30%", lambda m: (m.get("voxel_aupro") or {}).get("0.3")),
             ("V-AUPRO@1%", lambda m: (m.get("voxel_aupro") or {}).get("0.01"))]
@@ -585,7 +586,9 @@ def diagnostics(data: dict[str, dict], setups: list[str]) -> list[str]:
                 vals.append(fmt(float(np.mean(ok)) if ok and len(ok) == len(got) else None))
             secs = entry.get("seconds")
             lines.append(f"| {name} | {s} | " + " | ".join(vals) + f" | {fmt(secs / 60 if secs else None, 1)} |")
-    lines += ["", "P-AUROC: per-view 2D maps at the original resolution against the 2D GT masks (all pixels); "
+    lines += ["", "O-P-AUROC: per-view 2D maps at the original resolution against the 2D GT masks on the object's "
+              "foreground pixels (valid depth ∪ GT); P-AUROC all px: the same over all pixels, background "
+              "included (scored 0 by every variant, so inflated: not evidence that the maps carry signal); "
               "V-AUROC / V-AUPRO: anomaly volumes against the GT volumes (occupied voxels). Run time: wall "
               "time of the run when it was computed (fit, unless adopted from a run with the same training "
               "settings, + predict + evaluate).", ""]
