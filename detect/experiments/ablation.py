@@ -504,14 +504,10 @@ def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data
     from detect.pipeline.compare import compare_runs, run_evidence
 
     stats = TableStats()
-    evidence: dict[tuple[str, str], dict] = {}
 
-    def ev(run: str, setup: str) -> dict | None:
-        if (run, setup) not in evidence:
-            classes = list(data[run]["results"].get(setup, {}))
-            evidence[(run, setup)] = (run_evidence(configs[run], Path(data[run]["out"]), setup, classes, pixels=False)
-                                      if classes else None)
-        return evidence[(run, setup)]
+    def ev(run: str, setup: str):  # read class by class when compared, not kept
+        classes = list(data[run]["results"].get(setup, {}))
+        return run_evidence(configs[run], Path(data[run]["out"]), setup, classes, pixels=False) if classes else None
 
     for table in acfg.tables:
         spec = TABLES[table]
@@ -525,7 +521,8 @@ def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data
                 if a is None:
                     continue
                 seed = configs[run].seed
-                stats.values.setdefault(s, {}).setdefault(run, compare_runs(a, None, n_boot, seed))
+                if run not in stats.values.get(s, {}):  # a run in several tables: its values once
+                    stats.values.setdefault(s, {})[run] = compare_runs(a, None, n_boot, seed)
                 b = ev(ref_run, s)
                 if run != ref_run and b is not None and sorted(a) == sorted(b):
                     stats.diffs.setdefault(s, {})[run] = compare_runs(a, b, n_boot, seed)

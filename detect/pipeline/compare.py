@@ -81,16 +81,34 @@ def class_evidence(cfg: DetectConfig, out_dir: Path, class_name: str, pixels: bo
     return ClassEvidence(inst, voxels, object_px)
 
 
+class RunEvidence(Mapping):
+    """``{class: ClassEvidence}`` of one setup of the run at ``run_out``, read from its folder when a
+    class is looked up and not kept: a paired comparison needs one class of two runs in memory at a time,
+    not every class of every run of an ablation (voxels of real scans run into the millions)."""
+
+    def __init__(self, cfg: DetectConfig, run_out: Path, setup: str, classes: Sequence[str], pixels: bool = True):
+        self.cfg, self.run_out, self.setup, self.classes, self.pixels = cfg, Path(run_out), setup, list(classes), pixels
+        for c in self.classes:
+            folder = self.run_out / setup / c
+            if not (folder / "scores.csv").is_file():
+                raise RunError(f"no {folder / 'scores.csv'}: the run has no predictions for {setup}/{c}")
+
+    def __getitem__(self, class_name: str) -> ClassEvidence:
+        if class_name not in self.classes:
+            raise KeyError(class_name)
+        return class_evidence(self.cfg, self.run_out / self.setup / class_name, class_name, self.pixels)
+
+    def __iter__(self):
+        return iter(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+
 def run_evidence(cfg: DetectConfig, run_out: Path, setup: str, classes: Sequence[str], pixels: bool = True
-                 ) -> dict[str, ClassEvidence]:
-    """:func:`class_evidence` of every class of ``setup`` of the run at ``run_out``."""
-    out: dict[str, ClassEvidence] = {}
-    for c in classes:
-        folder = Path(run_out) / setup / c
-        if not (folder / "scores.csv").is_file():
-            raise RunError(f"no {folder / 'scores.csv'}: the run has no predictions for {setup}/{c}")
-        out[c] = class_evidence(cfg, folder, c, pixels)
-    return out
+                 ) -> RunEvidence:
+    """:func:`class_evidence` of every class of ``setup`` of the run at ``run_out`` (read on lookup)."""
+    return RunEvidence(cfg, run_out, setup, classes, pixels)
 
 
 def _class_seed(seed: int, class_name: str) -> int:
@@ -107,22 +125,27 @@ def compare_runs(a: Mapping[str, ClassEvidence], b: Mapping[str, ClassEvidence] 
 
     if b is not None and sorted(a) != sorted(b):
         raise ValueError(f"different classes: {sorted(a)} vs {sorted(b)}")
-    out: dict[str, dict[str, Interval]] = {}
-    for metric, (attr, prefix, key, limits) in COMPARED.items():
-        parts: dict[str, tuple[float, np.ndarray]] = {}
-        for c in a:
-            ea, eb = getattr(a[c], attr), (getattr(b[c], attr) if b is not None else None)
-            if ea is None or (b is not None and eb is None):
-                break
+    parts: dict[str, dict[str, tuple[float, np.ndarray]]] = {m: {} for m in COMPARED}
+    for c in a:  # one class of each run in memory at a time (RunEvidence reads it on lookup)
+        ea, eb = a[c], (b[c] if b is not None else None)
+        for metric, (attr, prefix, key, limits) in COMPARED.items():
+            xa, xb = getattr(ea, attr), (getattr(eb, attr) if eb is not None else None)
+            if metric not in parts:
+                continue
+            if xa is None or (b is not None and xb is None):
+                del parts[metric]  # a class lacks the evidence: no such row
+                continue
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    reps = metric_replicates(ea, eb, limits, prefix, n_boot, _class_seed(seed, c))
+                    reps = metric_replicates(xa, xb, limits, prefix, n_boot, _class_seed(seed, c))
             except ValueError as exc:
                 raise RunError(f"{metric}, class {c}: {exc}") from None
-            parts[c] = reps[key]
-        else:
-            if parts:
-                out[metric] = {c: interval_from_replicates(v, r, level) for c, (v, r) in parts.items()}
-                out[metric]["mean"] = mean_interval(list(parts.values()), level)
+            parts[metric][c] = reps[key]
+        del ea, eb
+    out: dict[str, dict[str, Interval]] = {}
+    for metric, per in parts.items():
+        if per:
+            out[metric] = {c: interval_from_replicates(v, r, level) for c, (v, r) in per.items()}
+            out[metric]["mean"] = mean_interval(list(per.values()), level)
     return out
