@@ -1132,6 +1132,9 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
     defect spans 2.6–4 tokens, of a small one (probability ``small_prob``) 1.2–2 tokens; a scratch is
     that long and 0.8–1.1 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
     draws stay the same, so scale 1 is the default benchmark); heights and depths keep the class scale.
+    A hidden defect's site depends on its size (a larger footprint needs a more hidden place), so under
+    another ``size_scale`` it may move (as may any defect whose first candidate sites fail the fit test
+    at one size but not at the other).
     """
     n_cand = min(N_PLACEMENT_CANDIDATES, len(mesh.vertices))
     cand = rng.choice(len(mesh.vertices), n_cand, replace=False)
