@@ -441,6 +441,12 @@ class Interval:
         return {"value": self.value, "low": self.low, "high": self.high, "level": self.level,
                 "n_boot": self.n_boot, "n_undefined": self.n_undefined}
 
+    def excludes(self, x: float = 0.0) -> bool:
+        """Whether the interval lies entirely above or below ``x`` (for a difference: the ordering is not
+        chance). A zero-width interval (every replicate the same: one instance per label) says nothing."""
+        ok = np.isfinite(self.low) and np.isfinite(self.high) and self.low < self.high
+        return bool(ok and (self.low > x or self.high < x))
+
     def format(self, digits: int = 3) -> str:
         """``0.812 [0.751, 0.866]`` (the interval in brackets)."""
         if np.isnan(self.value):

@@ -191,7 +191,7 @@ def paired_table(run_dir: Path, ref_dir: Path, label: str) -> str:
             cells = []
             for c in [*classes, "mean"]:
                 iv = per.get(c)
-                star = "*" if iv is not None and (iv.low > 0 or iv.high < 0) else ""
+                star = "*" if iv is not None and iv.excludes(0.0) else ""
                 cells.append("n/a" if iv is None or iv.value != iv.value else
                              f"{iv.value:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]{star}")
             out.append(f"<tr class=\"headline\"><td>{_e(setup)}</td><td class=\"text\">Δ {_e(metric)}</td>"

@@ -63,6 +63,13 @@ def test_a_known_difference_is_detected_and_no_difference_is_zero():
     assert slight.value < 0 and slight.low <= slight.value <= slight.high
 
 
+def test_excludes_zero_needs_a_real_interval():
+    assert M.Interval(0.1, 0.02, 0.2).excludes(0.0) and M.Interval(-0.1, -0.2, -0.01).excludes(0.0)
+    assert not M.Interval(0.1, -0.02, 0.2).excludes(0.0)
+    assert not M.Interval(-1.0, -1.0, -1.0).excludes(0.0)  # one instance per label: every replicate equal
+    assert not M.Interval(float("nan"), float("nan"), float("nan")).excludes(0.0)
+
+
 def test_the_mean_interval_is_that_of_the_class_replicates():
     parts = [(0.5, np.array([0.4, 0.5, 0.6, np.nan])), (0.7, np.array([0.6, 0.7, 0.8, 0.7]))]
     iv = M.mean_interval(parts)

@@ -396,10 +396,11 @@ def _ci(iv) -> str:
 
 
 def _diff_text(iv) -> str:
-    """``+0.050 [-0.02, 0.12]``; a ``*`` marks an interval that excludes 0 (not a chance ordering)."""
+    """``+0.050 [-0.02, 0.12]``; a ``*`` marks an interval that excludes 0 (not a chance ordering; never
+    a zero-width interval, which one instance per label gives)."""
     if iv is None or not math.isfinite(iv.value):
         return "n/a"
-    star = "*" if math.isfinite(iv.low) and (iv.low > 0 or iv.high < 0) else ""
+    star = "*" if iv.excludes(0.0) else ""
     return f"{iv.value:+.3f}{ci_text(iv.to_dict())}{star}"
 
 
