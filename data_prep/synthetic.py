@@ -58,7 +58,7 @@ from shared.geometry import (
 FORMAT = "synthetic-sim3d"
 FORMAT_VERSION = 2  # 2: GT marks only observed surface, defect sizes in token units (issue 18)
 GT_FORMAT_VERSION = 2  # gt/volume.npz; 1 = labels included removed material no view observes (refused)
-GENERATOR_VERSION = "2.0.0"
+GENERATOR_VERSION = "2.1.0"  # 2.1: hidden defects placed by footprint visibility
 LABELS_DEFINITION = "observed"  # stored in gt/volume.npz: labels = measured anomalous surface voxels
 CLASS_NAMES = ("vase", "stool", "bin", "ribbed_container")
 ANOMALY_TYPES = ("bump", "dent", "missing", "stain", "scratch")
@@ -1072,7 +1072,13 @@ SCRATCH_WIDTH_TOKENS = (0.8, 1.1)  # an abraded band (a scuff): a token-level de
 # labelled span / radius of each kind: bump/dent surface displaced > 15 % of the height lies within
 # 0.78 r; a stain's weight exceeds ½ within 0.875 r; a cut's labelled rim reaches 1.3 r (MISSING_RIM)
 SPAN_PER_RADIUS = {"bump": 1.56, "dent": 1.56, "stain": 1.75, "missing": 2.6, "scratch": 1.6}
-FEW_VIEWS_PROB = 0.35  # share of defects placed where at most three views see the place at all (if any)
+# Share of "hidden" draws: placed where at most HIDDEN_MAX_VIEWS views see the defect's footprint, if the
+# class offers such a site for its size (the vase's and bin's insides do; the stool and the ribbed container
+# barely, so hidden draws there mostly fall back to ordinary sites: 0.75 gives about a third overall).
+FEW_VIEWS_PROB = 0.75
+HIDDEN_MAX_VIEWS = 3
+HIDDEN_SITES_TESTED = 400  # candidate centres whose footprint is tested per hidden defect (bounds the cost)
+N_PLACEMENT_CANDIDATES = 12000  # surface points sampled for placement and footprint visibility
 MISSING_RIM = 0.3  # the rim band of a cut, as a fraction of its radius (plus one mesh spacing)
 
 
@@ -1085,23 +1091,59 @@ def _fits(center: np.ndarray, normal: np.ndarray, part: int, reach: float, centr
     return float(tri_areas[near].sum()) >= min_fill * np.pi * reach ** 2
 
 
+def min_view_pixels(cam: Camera) -> int:
+    """Mask pixels near a defect from which a view counts as seeing it (``visible_in_views``)."""
+    return max(4, int(0.0001 * cam.width * cam.height))
+
+
+def footprint_views(sites: np.ndarray, reach: float, pts: np.ndarray, nrm: np.ndarray, part: np.ndarray,
+                    view_px: np.ndarray, min_px: np.ndarray, both_skins: bool = False) -> np.ndarray:
+    """How many views see the footprint of a defect of radius ``reach`` centred at each candidate point
+    ``sites`` (indices into ``pts``), by the measure of ``visible_in_views``: a view counts when the
+    footprint's candidate points (within ``reach``, same part and sheet — normal · n > 0.2, the sheet test
+    of the defects themselves) cover at least ``min_px`` (per view) of its pixels; ``view_px`` (points,
+    views) is the pixel area each point's share of the surface covers in each view (0: not visible).
+    ``both_skins``: the footprint includes the other side of a thin wall (a cut goes through it, and its
+    labelled rim lies on both skins).
+
+    The centre alone undercounts: a defect several tokens across reaches round an edge or out of a
+    cavity into views that never see its centre (generator 2.0 placed 35 % of the centres where ≤ 3
+    views see them, yet only 6 % of the defects were seen by ≤ 3 views)."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(len(sites), np.int64)
+    if len(sites) == 0:
+        return out
+    near = cKDTree(pts).query_ball_point(pts[sites], reach)
+    for k, (i, nb) in enumerate(zip(sites, near)):
+        nb = np.asarray(nb, np.int64)
+        nb = nb[(part[nb] == part[i]) & (both_skins | (nrm[nb] @ nrm[i] > 0.2))]
+        out[k] = int((view_px[nb].sum(axis=0) >= min_px).sum())
+    return out
+
+
 def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, scene, cams: Sequence[Camera],
                       extent: float, token_m: float, rng: np.random.Generator, size_scale: float = 1.0,
                       small_prob: float = 0.2) -> list[Anomaly]:
-    """Anomaly centres on surface points seen well by at least one camera; about a third are chosen
-    among points seen by at most three views.
+    """Anomaly centres on surface points seen well by at least one camera; about a third of the
+    defects ("hidden" draws) are placed where at most three views see any of their footprint.
 
     Sizes are drawn in token units (``token_m`` metres per token): the labelled surface of a regular
     defect spans 2.6–4 tokens, of a small one (probability ``small_prob``) 1.2–2 tokens; a scratch is
     that long and 0.8–1.1 tokens wide. ``size_scale`` multiplies radii and scratch lengths (the random
     draws stay the same, so scale 1 is the default benchmark); heights and depths keep the class scale.
+    A hidden defect's site depends on its size (a larger footprint needs a more hidden place), so under
+    another ``size_scale`` it may move (as may any defect whose first candidate sites fail the fit test
+    at one size but not at the other).
     """
-    n_cand = min(4000, len(mesh.vertices))
+    n_cand = min(N_PLACEMENT_CANDIDATES, len(mesh.vertices))
     cand = rng.choice(len(mesh.vertices), n_cand, replace=False)
     pts, nrm, part = mesh.vertices[cand], normals[cand], _vertex_parts(mesh)[cand]
     seen = np.zeros(n_cand, np.int64)  # views that see the point well (cos > 0.4)
-    seen_any = np.zeros(n_cand, np.int64)  # views that see it at all
-    for cam in cams:
+    # pixels each point's share of the surface covers in each view (foreshortened; 0 where occluded)
+    view_px = np.zeros((n_cand, len(cams)))
+    sample_area = float(mesh.face_normals_areas()[1].sum()) / n_cand
+    for v, cam in enumerate(cams):
         d = pts - cam.center
         cos = -np.sum(d * nrm, axis=1) / np.linalg.norm(d, axis=1)
         uv, z = project_points(pts, cam.K, cam.T_c2w)
@@ -1109,19 +1151,19 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
         t, _, _ = _cast(scene, cam.center, d)
         visible = inside & (z > 0) & (t > 1.0 - 1e-3)
         seen += (cos > 0.4) & visible
-        seen_any += (cos > 0.05) & visible
+        view_px[:, v] = np.where(visible & (cos > 0), cos * sample_area * (cam.K[0, 0] / np.maximum(z, 1e-6)) ** 2, 0.0)
     ok = seen >= 1
-    # at most three views see the place at all (inside a cavity, under a seat...): a defect there,
-    # even one several tokens across, is seen by few views
-    few = ok & (seen_any <= 3)
+    min_px = np.array([min_view_pixels(cam) for cam in cams])
+    # prefilter: centres that at most three views see (inside a cavity, under a seat...); a hidden
+    # defect's footprint is tested exactly below (a quarter of the pixels here: one point stands for a
+    # few pixels only)
+    few = np.nonzero(ok & ((view_px >= min_px / 4).sum(axis=1) <= HIDDEN_MAX_VIEWS))[0]
     centroids = mesh.vertices[mesh.triangles].mean(axis=1)
     tri_normals, tri_areas = mesh.face_normals_areas()
     out: list[Anomaly] = []
     scale = extent / 0.3  # heights and depths follow the class size
     for kind in kinds:
-        pool = np.nonzero(few if (few.any() and rng.random() < FEW_VIEWS_PROB) else ok)[0]
-        if len(pool) == 0:
-            raise SynthError("no visible surface point to place an anomaly on; check the camera rig")
+        hidden = rng.random() < FEW_VIEWS_PROB
         lo, hi = SMALL_ANOMALY_TOKENS if rng.random() < small_prob else REGULAR_ANOMALY_TOKENS
         span = rng.uniform(lo, hi) * token_m * size_scale  # metres across the labelled surface
         if kind == "scratch":
@@ -1130,6 +1172,19 @@ def _choose_anomalies(kinds: Sequence[str], mesh: Mesh, normals: np.ndarray, sce
         else:
             radius = span / SPAN_PER_RADIUS[kind]
         reach = span / 2  # the defect must fit on one sheet of one part (not wrap a thin leg or rim)
+        pool = np.nonzero(ok)[0]
+        if hidden and len(few):
+            # the whole footprint (a disc of the labelled span; a scratch's band lies inside it) seen by
+            # at most three views
+            sites = few if len(few) <= HIDDEN_SITES_TESTED else rng.choice(few, HIDDEN_SITES_TESTED, replace=False)
+            # a view counts from half the pixels of visible_in_views already: the sampled footprint is an
+            # estimate, and a bump or dent turns part of its surface towards other views
+            n_views = footprint_views(sites, reach, pts, nrm, part, view_px, min_px / 2, both_skins=kind == "missing")
+            hid = sites[n_views <= HIDDEN_MAX_VIEWS]
+            if len(hid):  # else the geometry offers no such site for a defect this size: placed as any other
+                pool = hid
+        if len(pool) == 0:
+            raise SynthError("no visible surface point to place an anomaly on; check the camera rig")
         for _ in range(50):  # keep two anomalies of one instance apart
             i = int(rng.choice(pool))
             apart = all(np.linalg.norm(pts[i] - a.center) > 1.2 * (a.radius + a.length / 2 + radius + span / 2 * (
@@ -1351,7 +1406,7 @@ def _write_ground_truth(job: InstanceJob, mesh: Mesh, anomalies: Sequence[Anomal
     views_per_anomaly = []
     for cam, rv in zip(cams, renders):
         write_atomic(d / MASK_DIR / f"{cam.stem}.png", _encode_png(rv.mask.astype(np.uint8) * 255))
-    min_px = max(4, int(0.0001 * cams[0].width * cams[0].height))
+    min_px = min_view_pixels(cams[0])
     token_area = setup.token_px ** 2
     for an in anomalies:  # in which views is this anomaly visible (≥ min_px pixels near its centre)?
         views, best = [], {"area_tokens": 0.0, "span_tokens": [0.0, 0.0], "view": None}

@@ -441,6 +441,12 @@ class Interval:
         return {"value": self.value, "low": self.low, "high": self.high, "level": self.level,
                 "n_boot": self.n_boot, "n_undefined": self.n_undefined}
 
+    def excludes(self, x: float = 0.0) -> bool:
+        """Whether the interval lies entirely above or below ``x`` (for a difference: the ordering is not
+        chance). A zero-width interval (every replicate the same: one instance per label) says nothing."""
+        ok = np.isfinite(self.low) and np.isfinite(self.high) and self.low < self.high
+        return bool(ok and (self.low > x or self.high < x))
+
     def format(self, digits: int = 3) -> str:
         """``0.812 [0.751, 0.866]`` (the interval in brackets)."""
         if np.isnan(self.value):
@@ -673,44 +679,90 @@ def _bootstrap_meta(n_boot: int, seed: int, level: float, exact: bool) -> dict:
             "thresholds": "all distinct scores" if exact else "quantile grid"}
 
 
+def metric_replicates(a: InstanceElements, b: InstanceElements | None = None, limits: Iterable[float] = (0.3, 0.01),
+                      prefix: str = "voxel", n_boot: int = DEFAULT_N_BOOT, seed: int = 0,
+                      max_thresholds: int = DEFAULT_MAX_THRESHOLDS) -> dict[str, tuple[float, np.ndarray]]:
+    """Exact value and ``n_boot`` bootstrap replicates (over instances, stratified by label) of every metric
+    of ``a`` — or, given ``b``, of ``a`` minus ``b`` on the same instances, both evaluated on the same
+    resampled instances in every replicate (paired). Keys ``f"{prefix}_auroc"`` and
+    ``f"{prefix}_aupro@{α}"``; NaN replicates where a metric is undefined. The replicates let callers
+    combine metrics (e.g. the mean over classes, :func:`mean_interval`) before taking percentiles."""
+    sets = [a] if b is None else [a, b]
+    limits = tuple(float(x) for x in limits) if all(s.regions for s in sets) else ()
+    if b is not None and (sorted(map(repr, a.keys)) != sorted(map(repr, b.keys)) or a.n_instances != b.n_instances):
+        raise ValueError("paired difference needs the same instances in both variants")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        points = [s.exact(limits, prefix) for s in sets]
+    counts = a.bootstrap_counts(n_boot, seed)
+    focus = 4.0 * max(limits, default=0.01)
+    curves = [a._curves(max_thresholds, focus)]
+    if b is not None:
+        pos = {k: i for i, k in enumerate(b.keys)}
+        curves.append(b._curves(max_thresholds, focus, order=[pos[k] for k in a.keys]))  # b's index of a's i-th
+    reps = [_replicate_metrics(c, counts, limits) for c in curves]
+    sign = [1.0, -1.0]
+    out = {f"{prefix}_auroc": (sum(sg * p[f"{prefix}_auroc"] for sg, p in zip(sign, points)),
+                               sum(sg * r[0] for sg, r in zip(sign, reps)))}
+    for x in limits:
+        out[f"{prefix}_aupro@{x:g}"] = (sum(sg * p[f"{prefix}_aupro"][x] for sg, p in zip(sign, points)),
+                                        sum(sg * r[1][x] for sg, r in zip(sign, reps)))
+    out["exact_thresholds"] = all(c.exact for c in curves)  # type: ignore[assignment]
+    return out
+
+
+def interval_from_replicates(value: float, replicates: np.ndarray, level: float = 0.95) -> Interval:
+    """The percentile interval of ``replicates`` (NaN replicates left out and counted) around ``value``."""
+    return _interval(float(value), np.asarray(replicates, dtype=np.float64), level)
+
+
+def mean_interval(parts: Sequence[tuple[float, np.ndarray]], level: float = 0.95) -> Interval:
+    """Mean over groups (e.g. classes) of a metric with its bootstrap interval: replicate k of the mean is
+    the mean of the groups' replicates k. Valid when the groups were resampled independently (different
+    seeds per group); a replicate where any group is undefined is undefined."""
+    if not parts:
+        raise ValueError("mean over zero groups")
+    value = float(np.mean([v for v, _ in parts]))
+    reps = np.mean(np.stack([np.asarray(r, dtype=np.float64) for _, r in parts]), axis=0)
+    return _interval(value, reps, level)
+
+
 def paired_difference(a: InstanceElements, b: InstanceElements, limits: Iterable[float] = (0.3, 0.01),
                       prefix: str = "voxel", n_boot: int = DEFAULT_N_BOOT, seed: int = 0, level: float = 0.95,
                       max_thresholds: int = DEFAULT_MAX_THRESHOLDS) -> dict:
     """Metric of ``a`` minus metric of ``b`` on the same instances, with the paired bootstrap interval
     (both evaluated on the same resampled instances in every replicate). Same keys as
     :meth:`InstanceElements.metrics`; an interval excluding 0 means the ordering is not chance."""
-    if sorted(map(repr, a.keys)) != sorted(map(repr, b.keys)) or a.n_instances != b.n_instances:
-        raise ValueError("paired difference needs the same instances in both variants")
-    limits = tuple(float(x) for x in limits) if (a.regions and b.regions) else ()
-    pos = {k: i for i, k in enumerate(b.keys)}
-    order = [pos[k] for k in a.keys]  # b's index of a's i-th instance
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        pa, pb = a.exact(limits, prefix), b.exact(limits, prefix)
-    counts = a.bootstrap_counts(n_boot, seed)
-    focus = 4.0 * max(limits, default=0.01)
-    ca = a._curves(max_thresholds, focus)
-    cb = b._curves(max_thresholds, focus, order=order)
-    ra, pra = _replicate_metrics(ca, counts, limits)
-    rb, prb = _replicate_metrics(cb, counts, limits)
-    out: dict = {f"{prefix}_auroc": _interval(pa[f"{prefix}_auroc"] - pb[f"{prefix}_auroc"], ra - rb, level)}
-    if limits:
-        out[f"{prefix}_aupro"] = {x: _interval(pa[f"{prefix}_aupro"][x] - pb[f"{prefix}_aupro"][x],
-                                               pra[x] - prb[x], level) for x in limits}
+    reps = metric_replicates(a, b, limits, prefix, n_boot, seed, max_thresholds)
+    exact = bool(reps.pop("exact_thresholds"))
+    out: dict = {f"{prefix}_auroc": _interval(*reps.pop(f"{prefix}_auroc"), level)}
+    if reps:
+        out[f"{prefix}_aupro"] = {float(k.split("@", 1)[1]): _interval(*v, level) for k, v in reps.items()}
     out["n_instances"] = a.n_instances
-    out["bootstrap"] = _bootstrap_meta(n_boot, seed, level, ca.exact and cb.exact)
+    out["bootstrap"] = _bootstrap_meta(n_boot, seed, level, exact)
     return out
 
 
-def _instance_set(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray) -> InstanceElements:
+def instance_score_elements(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                            keys: Sequence | None = None) -> InstanceElements:
+    """One score per instance (keys: ``keys`` or 0, 1, ...) as an :class:`InstanceElements` set whose
+    ``image`` AUROC is the I-AUROC: for intervals and paired differences of instance scores."""
+    return _instance_set(scores, labels, keys)
+
+
+def _instance_set(scores: Sequence[float] | np.ndarray, labels: Sequence[int] | np.ndarray,
+                  keys: Sequence | None = None) -> InstanceElements:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     labels = (np.asarray(labels).reshape(-1) != 0).astype(np.int64)
     if scores.shape != labels.shape:
         raise ValueError(f"{scores.size} scores but {labels.size} labels")
+    keys = list(range(scores.size)) if keys is None else list(keys)
+    if len(keys) != scores.size:
+        raise ValueError(f"{scores.size} scores but {len(keys)} instance keys")
     _check_finite(scores, "instance scores")
     out = InstanceElements(regions=False)
-    for i, (s, lab) in enumerate(zip(scores, labels)):
-        out.add(i, s.reshape(1, 1), lab.reshape(1, 1), label=int(lab))
+    for key, s, lab in zip(keys, scores, labels):
+        out.add(key, s.reshape(1, 1), lab.reshape(1, 1), label=int(lab))
     return out
 
 

@@ -146,6 +146,60 @@ def results_table(run_dir: Path) -> str:
     return "\n".join(out)
 
 
+def paired_differences(run_dir: Path, ref_dir: Path, n_boot: int = 1000) -> dict[str, dict[str, dict]]:
+    """``{setup: {metric: {class | "mean": Interval}}}`` of the run minus the reference run on the same
+    instances (:func:`detect.pipeline.compare.compare_runs`: I-AUROC, V-AUPRO@1 %, O-P-AUROC when both
+    runs saved their maps at the original pixels). The data and evaluation settings are the run's."""
+    from detect.config import DetectConfig
+    from detect.pipeline.compare import compare_runs, run_evidence
+    from shared.config import from_dict, load_yaml
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise ReportError(f"no {cfg_path}: cannot locate the data for the paired comparison")
+    cfg = from_dict(DetectConfig, load_yaml(cfg_path))
+    ref_res = json.loads((ref_dir / "results.json").read_text())["results"]
+    out: dict[str, dict[str, dict]] = {}
+    for setup, per in json.loads((run_dir / "results.json").read_text())["results"].items():
+        classes = sorted(per)
+        if sorted(ref_res.get(setup, {})) != classes:
+            raise ReportError(f"{ref_dir} has other classes than {run_dir} in {setup}: no paired comparison")
+        a = run_evidence(cfg, run_dir, setup, classes)
+        b = run_evidence(cfg, ref_dir, setup, classes)
+        out[setup] = compare_runs(a, b, n_boot, cfg.seed)
+    return out
+
+
+def paired_table(run_dir: Path, ref_dir: Path, label: str) -> str:
+    """HTML table of :func:`paired_differences` (run − ``label``), or a visible note why there is none."""
+    from detect.data.sim3d import SiM3DError
+    from detect.pipeline.base import RunError
+
+    try:
+        diffs = paired_differences(run_dir, ref_dir)
+    except (RunError, SiM3DError, OSError, KeyError, ValueError) as exc:
+        return (f"<p class=\"warning\">No paired comparison with {_e(label)}: {_e(exc)}</p>")
+    out = [f"<p>This run − {_e(label)} on the same test instances: the difference with its 95 % paired "
+           "bootstrap interval over instances (both runs evaluated on the same resampled instances; the "
+           "mean's interval resamples the classes independently). * = the interval excludes 0, i.e. the "
+           "ordering is not chance.</p>"]
+    for setup, per_metric in diffs.items():
+        classes = [c for c in next(iter(per_metric.values()), {}) if c != "mean"]
+        out += ["<table>", "<thead><tr><th>setup</th><th class=\"text\">difference</th>"
+                + "".join(f"<th>{_e(c)}</th>" for c in classes) + "<th>mean</th></tr></thead>", "<tbody>"]
+        for metric, per in per_metric.items():
+            cells = []
+            for c in [*classes, "mean"]:
+                iv = per.get(c)
+                star = "*" if iv is not None and iv.excludes(0.0) else ""
+                cells.append("n/a" if iv is None or iv.value != iv.value else
+                             f"{iv.value:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]{star}")
+            out.append(f"<tr class=\"headline\"><td>{_e(setup)}</td><td class=\"text\">Δ {_e(metric)}</td>"
+                       + "".join(f"<td>{_e(x)}</td>" for x in cells) + "</tr>")
+        out += ["</tbody>", "</table>"]
+    return "\n".join(out)
+
+
 def read_timings(path: Path) -> list[tuple[str, float, float]]:
     """(stage, wall s, CPU s) from a ``stage<TAB>wall<TAB>user<TAB>sys`` log; the last line per stage wins."""
     stages: dict[str, tuple[float, float]] = {}
@@ -259,6 +313,7 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
                     "data, projection, voxel max and metrics, a different scorer "
                     f"(<a href=\"{_href(ref_dir / 'results.md', out_dir)}\">results.md</a>).</p>")
         body.append(results_table(ref_dir))
+        body.append(paired_table(run_dir, ref_dir, label))
     body.append(settings)
     for fig in manifest["figures"]:
         if fig["section"] == "Results":

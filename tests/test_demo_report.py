@@ -153,3 +153,29 @@ def test_report_renders_in_headless_chromium(demo_run, tmp_path):
     (figs / "mapping_curves.png").unlink()
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
     assert f'data-images-loaded="{n_images - 1}/{n_images}"' in dom and "<div class=\"missing\">" in dom
+
+
+def test_report_shows_paired_differences_with_the_reference_run(demo_run, tmp_path):
+    """``--reference PatchCore=RUN``: ModMap − PatchCore on the same instances, with paired intervals, for
+    I-AUROC, V-AUPRO@1 % and the object-pixel AUROC (both runs saved their maps at the view's pixels)."""
+    ref = tmp_path / "patchcore"
+    assert detect_main(["--data", str(demo_run["data"]), "--ckpt", str(demo_run["ckpt"]), "--image-encoder", "auto",
+                        "--image-encoder-weights", str(demo_run["image_enc"]), "--image-size", "56",
+                        "--method", "patchcore", "--no-progress", "--save-maps", "orig", "--out", str(ref)]) == 0
+    html_path = tmp_path / "index.html"
+    assert report_main(["--run", str(demo_run["detect"]), "--out", str(html_path),
+                        "--reference", f"PatchCore={ref}"]) == 0
+    text = html_path.read_text()
+    ET.fromstring(text.split("\n", 1)[1])  # still well-formed
+    for metric in ("I-AUROC", "V-AUPRO@1%", "O-P-AUROC"):
+        row = re.search(rf"<td class=\"text\">Δ {re.escape(metric)}</td><td>([^<]*)</td>", text)
+        assert row, metric
+        value, low, high = (float(x) for x in re.match(r"([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]",
+                                                        row.group(1)).groups())
+        assert low <= value <= high
+    a = json.loads((demo_run["detect"] / "results.json").read_text())["results"]["real2real"]["vase"]
+    b = json.loads((ref / "results.json").read_text())["results"]["real2real"]["vase"]
+    row = re.search(r"Δ I-AUROC</td><td>([+-][\d.]+)", text)
+    assert float(row.group(1)) == pytest.approx(a["image_auroc"] - b["image_auroc"], abs=1e-3)
+    row = re.search(r"Δ O-P-AUROC</td><td>([+-][\d.]+)", text)
+    assert float(row.group(1)) == pytest.approx(a["object_pixel_auroc"] - b["object_pixel_auroc"], abs=1e-3)

@@ -362,8 +362,15 @@ def test_tiny_ablation_end_to_end(bench, tmp_path):
     # the encoders ran once per instance: every run after the first found its features in the cache
     cached = list((out / "features").iterdir())
     assert len(cached) == 2 * 3 * 3  # 2 classes × (1 training + 2 test instances) × 3 depth encoders
-    table = list(csv.DictReader((out / "tables" / "table08_view_subsampling.csv").open()))
+    rows08 = list(csv.DictReader((out / "tables" / "table08_view_subsampling.csv").open()))
+    table = [r for r in rows08 if r["metric"] in ("I-AUROC", "V-AUPRO@1%")]
     assert [r["row"] for r in table] == ["all", "all", "2", "2"]
+    # every value with its interval, every row against the reference (K = all) with the paired interval
+    assert all(float(r["mean_ci95_low"]) <= float(r["mean"]) <= float(r["mean_ci95_high"]) for r in table)
+    diffs = [r for r in rows08 if r["metric"].endswith("- reference")]
+    assert [(r["row"], r["reference"]) for r in diffs] == [("2", "all")] * 2
+    assert all(float(r["mean_ci95_low"]) <= float(r["mean"]) <= float(r["mean_ci95_high"]) for r in diffs)
+    assert report.count("Paired differences, row − **") >= 6
     assert all(0 <= float(r["mean"]) <= 1 for r in table if r["mean"])
     assert all(float(r["time_ms"]) > 0 for r in table)
     # a repeated command reuses the finished runs

@@ -369,3 +369,39 @@ def test_speckles_are_the_small_pieces_beside_a_defects_largest_piece():
     b = syn.Anomaly("bump", np.array([0.31, 0.31, 0.315]), np.array([0.0, 0.0, 1.0]), 0.02)
     specks = syn._speckles(labels, grid, [a, b])
     assert specks.sum() == 1 and specks[14, 5, 5]
+
+
+def test_footprint_views_counts_the_views_that_see_enough_of_the_whole_footprint():
+    """A view counts when the footprint (same part, same sheet, within reach) covers ≥ min_px of it."""
+    pts = np.array([[0, 0, 0], [0.01, 0, 0], [0.02, 0, 0], [0.2, 0, 0], [0.01, 0, 0.001]], float)
+    nrm = np.array([[0, 0, 1]] * 4 + [[0, 0, -1]], float)  # the last one: the other skin of a thin wall
+    part = np.array([0, 0, 0, 0, 0])
+    view_px = np.array([[5, 0, 0, 0], [5, 0, 0, 0], [0, 3, 0, 0], [0, 0, 9, 0], [0, 0, 0, 9]], float)
+    min_px = np.full(4, 7.0)
+    # from point 0 with reach 3 cm: view 0 sees 10 px (counts), view 1 3 px (does not), view 2 is out of reach
+    assert syn.footprint_views(np.array([0]), 0.03, pts, nrm, part, view_px, min_px).tolist() == [1]
+    assert syn.footprint_views(np.array([0]), 0.03, pts, nrm, part, view_px, np.full(4, 3.0)).tolist() == [2]
+    assert syn.footprint_views(np.array([0]), 0.3, pts, nrm, part, view_px, min_px).tolist() == [2]
+    # a cut goes through the wall: its footprint includes the other skin
+    assert syn.footprint_views(np.array([0]), 0.03, pts, nrm, part, view_px, min_px, both_skins=True).tolist() == [2]
+    assert syn.footprint_views(np.array([0]), 0.3, pts, nrm, np.array([0, 0, 0, 1, 0]), view_px, min_px).tolist() == [1]
+
+
+def test_hidden_placement_yields_defects_few_views_see(tmp_path, monkeypatch):
+    """Hidden draws put the defect where at most three views see it, by the measure of meta.json
+    (``visible_in_views``); ordinary draws of the same defects are seen by more views."""
+    cfg = syn.SynthConfig(classes=("bin",), n_views=12, width=192, height=144, seed=5, depth_noise_m=0.0,
+                          artefact_view_prob=0.0, specular_view_prob=0.0, setups=("real2real",))
+    setup = syn.build_class_setup("bin", cfg)
+    views: dict[float, list[int]] = {}
+    for prob in (1.0, 0.0):
+        monkeypatch.setattr(syn, "FEW_VIEWS_PROB", prob)
+        views[prob] = []
+        for i, kind in enumerate(("bump", "stain", "dent", "scratch")):
+            job = syn.InstanceJob(setup, f"bin_{i}_bad", "test", True, (kind,), [5, i], tmp_path / f"{prob}_{i}", cfg)
+            syn.generate_instance(job)
+            meta = json.loads((tmp_path / f"{prob}_{i}" / "meta.json").read_text())
+            views[prob] += [len(a["visible_in_views"]) for a in meta["anomalies"]]
+    assert all(1 <= v for v in views[1.0]), views  # hidden, but seen by some view
+    assert sum(v <= 3 for v in views[1.0]) >= 3, views
+    assert sum(v <= 3 for v in views[0.0]) < sum(v <= 3 for v in views[1.0]), views

@@ -43,7 +43,7 @@ import numpy as np
 
 from detect.config import SETUPS, DetectConfig, setups
 from detect.pipeline.base import deterministic
-from detect.pipeline.results import PAPER_COLUMNS, complete_mean, fmt, jsonable, read_results, write_csv
+from detect.pipeline.results import PAPER_COLUMNS, ci_text, complete_mean, fmt, jsonable, read_results, write_csv
 from shared.config import ConfigError, from_dict, load_yaml, merge_dicts, save_config, to_dict
 from shared.io import atomic_write_json, atomic_write_text
 
@@ -100,6 +100,9 @@ class TableSpec:
     note: str = ""
     timing: bool = False
     setup_columns: bool = False  # Table 7 layout: setups as column groups (means only)
+    # the row every other row is compared with (paired bootstrap interval of the difference): the full
+    # method of the table (last row) unless said otherwise
+    reference: Callable[[list[Row]], int] = lambda rows: len(rows) - 1
 
 
 def _image_on_depth_label(base: DetectConfig) -> str:
@@ -141,7 +144,7 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
               lambda a, b: [Row("Class-specific", {"variant": "modmap", "multi_class": False}),
                             Row("Multi-class", {"variant": "modmap", "multi_class": True})],
               "Multi-class: one model for all classes of the setup, class one-hot appended to the modulator input.",
-              setup_columns=True),
+              setup_columns=True, reference=lambda rows: 0),
     TableSpec("view_subsampling", 8, "Number of source views vs. inference time vs. performance",
               lambda a, b: [Row(_source_views_label(k), {"variant": "modmap", "num_source_views": int(k),
                                                          **({"classes": list(a.timing_classes)} if a.timing_classes else {})})
@@ -149,9 +152,10 @@ TABLES: dict[str, TableSpec] = {t.name: t for t in (
               "K random source views per target (seeded, always incl. the target), all targets kept; training "
               "unchanged. Time = median per instance (mean over classes) of the mapping stage (per-view maps from cached tokens, "
               "volume construction and encoding excluded, modmap.md §13) on the run's device.",
-              timing=True),
+              timing=True, reference=lambda rows: next((i for i, r in enumerate(rows) if r.label == "all"), 0)),
     TableSpec("aggregation", 10, "Aggregation function of the two modality maps",
-              lambda a, b: [Row(agg, {"variant": "modmap", "aggregation": agg}) for agg in ("max", "min", "prod", "mean")]),
+              lambda a, b: [Row(agg, {"variant": "modmap", "aggregation": agg}) for agg in ("max", "min", "prod", "mean")],
+              reference=lambda rows: 0),
 )}
 
 
@@ -366,34 +370,72 @@ def table_rows(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, dic
     return classes, records
 
 
-def _bold_best(values: list[float | None], digits: int = 3) -> list[str]:
+def _bold_best(values: list[float | None], digits: int = 3, suffixes: list[str] | None = None) -> list[str]:
+    """Values as shown, the best in bold; ``suffixes`` (e.g. intervals) follow each value, not bolded."""
+    suffixes = suffixes or [""] * len(values)
     shown = [fmt(v, digits) for v in values]
     finite = [round(v, digits) for v in values if v is not None]
-    if len(set(finite)) < 2:  # nothing to single out
-        return shown
-    best = max(finite)
-    return [f"**{s}**" if v is not None and round(v, digits) == best else s for s, v in zip(shown, values)]
+    if len(set(finite)) >= 2:  # else nothing to single out
+        best = max(finite)
+        shown = [f"**{s}**" if v is not None and round(v, digits) == best else s for s, v in zip(shown, values)]
+    return [s + x for s, x in zip(shown, suffixes)]
 
 
-def render_table(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, dict], setups: list[str]
-                 ) -> tuple[str, list[dict]]:
-    """Markdown of one paper table and its CSV records."""
+@dataclass
+class TableStats:
+    """Bootstrap statistics of a table's runs (:func:`detect.pipeline.compare.compare_runs`), keyed by
+    setup and run name: ``values`` each run's metrics with intervals, ``diffs`` each run minus the
+    table's reference row, paired on the same instances (the reference itself has none)."""
+
+    values: dict[str, dict[str, dict]] = field(default_factory=dict)
+    diffs: dict[str, dict[str, dict]] = field(default_factory=dict)
+
+
+def _ci(iv) -> str:
+    return ci_text(iv.to_dict()) if iv is not None else ""
+
+
+def _diff_text(iv) -> str:
+    """``+0.050 [-0.02, 0.12]``; a ``*`` marks an interval that excludes 0 (not a chance ordering; never
+    a zero-width interval, which one instance per label gives)."""
+    if iv is None or not math.isfinite(iv.value):
+        return "n/a"
+    star = "*" if iv.excludes(0.0) else ""
+    return f"{iv.value:+.3f}{ci_text(iv.to_dict())}{star}"
+
+
+def _stat(stats: TableStats | None, kind: str, setup: str, run: str, metric: str, key: str):
+    table = getattr(stats, kind, {}) if stats is not None else {}
+    return ((table.get(setup) or {}).get(run) or {}).get(metric, {}).get(key)
+
+
+def render_table(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, dict], setups: list[str],
+                 stats: TableStats | None = None) -> tuple[str, list[dict]]:
+    """Markdown of one paper table and its CSV records. With ``stats``: every value with its 95 %
+    bootstrap interval over instances, and per setup a table of each row minus the reference row with the
+    paired bootstrap interval of the difference."""
     lines = [f"## Table {spec.number} — {spec.title}", ""]
     csv_rows: list[dict] = []
+    ref = spec.reference([r for r, _ in rows]) if rows else 0
+    ref_label, ref_run = (rows[ref][0].label, rows[ref][1]) if rows else ("", "")
     if spec.setup_columns:
         head = "| Model | " + " | ".join(f"{s} {m}" for s in setups for m in (DET, SEG)) + " |"
         lines += [head, "|---|" + "---|" * (2 * len(setups))]
         cells: list[list[float | None]] = []
+        sufs: list[list[str]] = []
         labels = []
         for row, _ in rows:
             labels.append(row.label)
             cells.append([])
+            sufs.append([])
         for s in setups:
             _, recs = table_rows(spec, rows, data, s)
             for i, rec in enumerate(recs):
                 cells[i] += [rec[DET]["mean"], rec[SEG]["mean"]]
+                sufs[i] += [_ci(_stat(stats, "values", s, rec["run"], m, "mean")) for m in (DET, SEG)]
         cols = list(zip(*cells)) if cells else []
-        shown_cols = [_bold_best(list(c)) for c in cols]
+        suf_cols = list(zip(*sufs)) if sufs else []
+        shown_cols = [_bold_best(list(c), suffixes=list(x)) for c, x in zip(cols, suf_cols)]
         for i, label in enumerate(labels):
             lines.append(f"| {label} | " + " | ".join(col[i] for col in shown_cols) + " |")
         lines.append("")
@@ -414,21 +456,78 @@ def render_table(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, d
             columns.append([fmt(r["pairs_per_instance"], 0) for r in recs])
         for metric in (DET, SEG):
             for key in [*classes, "mean"]:
-                columns.append(_bold_best([r[metric][key] for r in recs]))
+                columns.append(_bold_best([r[metric][key] for r in recs],
+                                          suffixes=[_ci(_stat(stats, "values", s, r["run"], metric, key)) for r in recs]))
         for i, rec in enumerate(recs):
             lines.append(f"| {rec['row']} | " + " | ".join(col[i] for col in columns) + " |")
             for metric in (DET, SEG):
+                iv = {k: _stat(stats, "values", s, rec["run"], metric, k) for k in [*classes, "mean"]}
                 csv_rows.append({"table": spec.number, "setup": s, "row": rec["row"], "run": rec["run"],
                                  "metric": metric, **{c: rec[metric][c] for c in classes},
                                  "mean": rec[metric]["mean"],
+                                 **{f"{k}_ci95_{e}": getattr(v, e) for k, v in iv.items() if v is not None
+                                    for e in ("low", "high")},
                                  **({"time_ms": rec["time_ms"], "pairs_per_instance": rec["pairs_per_instance"]}
                                     if spec.timing else {})})
         lines.append("")
+        if stats is not None and len(recs) > 1:
+            lines += [f"Paired differences, row − **{ref_label}** (same instances; 95 % paired bootstrap "
+                      "interval over instances; * = the interval excludes 0):", ""]
+            dhead = ["Variant"] + [f"ΔDet. {c}" for c in cols] + ["**ΔDet. mean**"] + [f"ΔSeg. {c}" for c in cols] \
+                + ["**ΔSeg. mean**"]
+            lines += ["| " + " | ".join(dhead) + " |", "|" + "---|" * len(dhead)]
+            for rec in recs:
+                if rec["run"] == ref_run:
+                    continue
+                cells_d = [_diff_text(_stat(stats, "diffs", s, rec["run"], m, k)) for m in (DET, SEG)
+                           for k in [*classes, "mean"]]
+                lines.append(f"| {rec['row']} | " + " | ".join(cells_d) + " |")
+                for metric in (DET, SEG):
+                    iv = {k: _stat(stats, "diffs", s, rec["run"], metric, k) for k in [*classes, "mean"]}
+                    csv_rows.append({"table": spec.number, "setup": s, "row": rec["row"], "run": rec["run"],
+                                     "metric": f"{metric} - reference", "reference": ref_label,
+                                     **{k: (v.value if v is not None else None) for k, v in iv.items()},
+                                     **{f"{k}_ci95_{e}": getattr(v, e) for k, v in iv.items() if v is not None
+                                        for e in ("low", "high")}})
+            lines.append("")
     lines.append("Det. = I-AUROC, Seg. = V-AUPRO@1% (exact voxel AUPRO at FPR 0.01, metrics.md); best value "
-                 "per column in bold.")
+                 "per column in bold." + (" [a, b] = 95 % stratified bootstrap interval over instances (the "
+                                          "mean's: classes resampled independently)." if stats is not None else ""))
     if spec.note:
         lines += ["", spec.note]
     return "\n".join(lines) + "\n", csv_rows
+
+
+def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data: dict[str, dict],
+                setups: list[str], configs: dict[str, DetectConfig], n_boot: int = 1000) -> TableStats:
+    """Intervals of every run and paired differences with each table's reference row, on the instances
+    of every class (the evidence each run left in its folder: scores, volumes)."""
+    from detect.pipeline.compare import compare_runs, run_evidence
+
+    stats = TableStats()
+
+    def ev(run: str, setup: str):  # read class by class when compared, not kept
+        classes = list(data[run]["results"].get(setup, {}))
+        return run_evidence(configs[run], Path(data[run]["out"]), setup, classes, pixels=False) if classes else None
+
+    for table in acfg.tables:
+        spec = TABLES[table]
+        trows = rows[table]
+        if not trows:
+            continue
+        ref_run = trows[spec.reference([r for r, _ in trows])][1]
+        for s in setups:
+            for _, run in trows:
+                a = ev(run, s)
+                if a is None:
+                    continue
+                seed = configs[run].seed
+                if run not in stats.values.get(s, {}):  # a run in several tables: its values once
+                    stats.values.setdefault(s, {})[run] = compare_runs(a, None, n_boot, seed)
+                b = ev(ref_run, s)
+                if run != ref_run and b is not None and sorted(a) == sorted(b):
+                    stats.diffs.setdefault(s, {})[run] = compare_runs(a, b, n_boot, seed)
+    return stats
 
 
 def _git_commit() -> str:
@@ -463,9 +562,10 @@ def _describe_encoders(data: dict[str, dict]) -> list[str]:
 
 def diagnostics(data: dict[str, dict], setups: list[str]) -> list[str]:
     """Per run and setup: the class means of every metric the runs computed, incl. the 2D per-view maps
-    against the 2D GT masks (P-AUROC) next to the voxel metrics — where the two disagree, the loss happens
+    against the 2D GT masks (O-P-AUROC on object pixels) next to the voxel metrics — where the two disagree, the loss happens
     in the 2D → 3D aggregation rather than in the feature mapping."""
-    keys = [("I-AUROC", lambda m: m.get("image_auroc")), ("P-AUROC", lambda m: m.get("pixel_auroc")),
+    keys = [("I-AUROC", lambda m: m.get("image_auroc")), ("O-P-AUROC", lambda m: m.get("object_pixel_auroc")),
+            ("P-AUROC all px", lambda m: m.get("pixel_auroc")),
             ("V-AUROC", lambda m: m.get("voxel_auroc")),
             ("V-AUPRO@30%", lambda m: (m.get("voxel_aupro") or {}).get("0.3")),
             ("V-AUPRO@1%", lambda m: (m.get("voxel_aupro") or {}).get("0.01"))]
@@ -484,7 +584,9 @@ def diagnostics(data: dict[str, dict], setups: list[str]) -> list[str]:
                 vals.append(fmt(float(np.mean(ok)) if ok and len(ok) == len(got) else None))
             secs = entry.get("seconds")
             lines.append(f"| {name} | {s} | " + " | ".join(vals) + f" | {fmt(secs / 60 if secs else None, 1)} |")
-    lines += ["", "P-AUROC: per-view 2D maps at the original resolution against the 2D GT masks (all pixels); "
+    lines += ["", "O-P-AUROC: per-view 2D maps at the original resolution against the 2D GT masks on the object's "
+              "foreground pixels (valid depth ∪ GT); P-AUROC all px: the same over all pixels, background "
+              "included (scored 0 by every variant, so inflated: not evidence that the maps carry signal); "
               "V-AUROC / V-AUPRO: anomaly volumes against the GT volumes (occupied voxels). Run time: wall "
               "time of the run when it was computed (fit, unless adopted from a run with the same training "
               "settings, + predict + evaluate).", ""]
@@ -492,7 +594,8 @@ def diagnostics(data: dict[str, dict], setups: list[str]) -> list[str]:
 
 
 def write_report(acfg: AblateConfig, base: DetectConfig, rows: dict[str, list[tuple[Row, str]]],
-                 data: dict[str, dict], command: str, seconds: float) -> Path:
+                 data: dict[str, dict], command: str, seconds: float,
+                 configs: dict[str, DetectConfig] | None = None) -> Path:
     out = Path(acfg.out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
     setups = list(SETUPS) if acfg.setup == "both" else [acfg.setup]
@@ -511,10 +614,11 @@ def write_report(acfg: AblateConfig, base: DetectConfig, rows: dict[str, list[tu
               "(runs reused from an earlier invocation cost nothing here)"]
     lines += [f"- {d}" for d in _describe_encoders(data)]
     lines += [f"- resolved configs: `configs/` ({len(data)} runs); per-run outputs: `runs/`", ""]
+    stats = table_stats(acfg, rows, data, setups, configs) if configs is not None else None
     all_csv: list[dict] = []
     for table in acfg.tables:
         spec = TABLES[table]
-        md, records = render_table(spec, rows[table], data, setups)
+        md, records = render_table(spec, rows[table], data, setups, stats)
         stem = f"table{spec.number:02d}_{spec.name}"
         atomic_write_text(out / "tables" / f"{stem}.md", md)
         write_csv(out / "tables" / f"{stem}.csv", records, float_format=".6f")
@@ -563,7 +667,7 @@ def run_ablation(acfg: AblateConfig, command: str = "") -> Path:
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
-    report = write_report(acfg, base, rows, data, command, seconds)
+    report = write_report(acfg, base, rows, data, command, seconds, {n: r.cfg for n, r in runs.items()})
     atomic_write_json(out / "ablation.json", jsonable({
         "command": command, "seconds": seconds, "tables": {t: [[r.label, n] for r, n in rows[t]] for t in rows},
         "runs": data}))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from detect.config import DetectConfig
 from detect.pipeline.base import RunError, deterministic
+from detect.pipeline.results import ALL_PIXEL_P_AUROC
 from shared.config import (
     ConfigError,
     from_dict,
@@ -165,7 +166,7 @@ def compare_methods(base: DetectConfig, methods: list[str], command: str, reuse:
     any_metrics = next(iter(next(iter(results.values())).values()))
     lines += ["Methods:", ""] + [f"- `{m}`: {DESCRIPTIONS[m]}" for m in results] + [""]
     lines += table
-    lines += ["", "I-AUROC over per-image scores; P-AUROC over all pixels; AUPRO@30 % / @1 % = exact PRO (every score a "
+    lines += ["", f"I-AUROC over per-image scores; {ALL_PIXEL_P_AUROC}; AUPRO@30 % / @1 % = exact PRO (every score a "
               "threshold, 8-connected GT regions) integrated up to that FPR and divided by it (metrics.md). "
               f"Evaluation resolution: {any_metrics.get('eval_res')}. Per-class columns and the unweighted mean.", ""]
     lines += ["Encoders and training: image encoder `" + base.image_encoder + "`"

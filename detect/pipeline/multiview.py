@@ -491,8 +491,7 @@ class MultiviewRunner:
 
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self, setup: str, class_name: str) -> dict:
-        from detect.metrics import InstanceElements, instance_auroc, instance_auroc_interval
-        from detect.volume import SparseVolume, resample_to_grid
+        from detect.metrics import instance_auroc, instance_auroc_interval
 
         cfg = self.cfg
         out_dir = self.class_dir(setup, class_name)
@@ -512,38 +511,7 @@ class MultiviewRunner:
             metrics.update(info["pixel"])
         ds = class_dataset(cfg, class_name) if cfg.gt_reader != "none" else None
         if ds is not None and info.get("volumes", True):
-            vox_el = InstanceElements()  # voxels grouped by instance: exact metrics + bootstrap intervals
-            by_name = {r.name: r for r in ds.test_records}
-            bar = progress_bar(len(rows), f"evaluate {setup}/{class_name}", cfg.progress, "instance")
-            for r in rows:
-                record = by_name.get(r["instance"])
-                if record is None:
-                    raise RunError(f"{scores_path}: instance {r['instance']} is not in the dataset {ds.path}")
-                bar.update(1)
-                gt = ds.load_gt(record)
-                vol_path = out_dir / "volumes" / f"{r['instance']}.npz"
-                try:
-                    vol = SparseVolume.load(vol_path)
-                except (FileNotFoundError, ValueError) as exc:
-                    raise RunError(str(exc)) from None
-                if gt is None:
-                    if record.label:
-                        warnings.warn(f"{class_name}/{record.name}: anomalous instance without a GT volume is "
-                                      "left out of the voxel metrics", stacklevel=2)
-                        continue
-                    # A nominal instance without GT: every voxel of its own grid is nominal.
-                    pred, labels, occ_gt, grid = vol.dense(), np.zeros(vol.grid.shape, bool), None, vol.grid
-                else:
-                    pred = resample_to_grid(vol.dense(), vol.grid, gt.grid)
-                    labels, occ_gt, grid = gt.labels, gt.occupancy, gt.grid
-                if cfg.eval_domain == "occupied":
-                    if occ_gt is None:  # the voxels hit by valid depth (metrics.md §7), on the GT grid
-                        occ_gt = resample_to_grid(vol.occupancy().astype(np.float32), vol.grid, grid) > 0
-                    domain = occ_gt | labels
-                else:
-                    domain = None
-                vox_el.add(r["instance"], pred, labels, domain, label=record.label)
-            bar.close()
+            vox_el = voxel_elements(cfg, ds, out_dir, rows, progress_desc=f"evaluate {setup}/{class_name}")
             if vox_el.n_instances:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
@@ -558,6 +526,50 @@ class MultiviewRunner:
                                n_voxels=vox["n_elements"], n_gt_regions=vox["n_regions"])
         atomic_write_json(out_dir / "metrics.json", jsonable(metrics))
         return metrics
+
+
+def voxel_elements(cfg: DetectConfig, ds, out_dir: Path, rows: Sequence[dict], progress_desc: str = ""):
+    """The predicted volumes ``<out_dir>/volumes/<instance>.npz`` of the instances in ``rows`` (a
+    ``scores.csv``) against the GT volumes of ``ds``, as :class:`detect.metrics.InstanceElements` on the
+    run's evaluation domain: what ``evaluate`` scores, and what a paired comparison of two runs on the
+    same instances resamples (:mod:`detect.pipeline.compare`)."""
+    from detect.metrics import InstanceElements
+    from detect.volume import SparseVolume, resample_to_grid
+
+    vox_el = InstanceElements()  # voxels grouped by instance: exact metrics + bootstrap intervals
+    by_name = {r.name: r for r in ds.test_records}
+    scores_path = out_dir / "scores.csv"
+    bar = progress_bar(len(rows), progress_desc or "volumes", cfg.progress and bool(progress_desc), "instance")
+    for r in rows:
+        record = by_name.get(r["instance"])
+        if record is None:
+            raise RunError(f"{scores_path}: instance {r['instance']} is not in the dataset {ds.path}")
+        bar.update(1)
+        gt = ds.load_gt(record)
+        vol_path = out_dir / "volumes" / f"{r['instance']}.npz"
+        try:
+            vol = SparseVolume.load(vol_path)
+        except (FileNotFoundError, ValueError) as exc:
+            raise RunError(str(exc)) from None
+        if gt is None:
+            if record.label:
+                warnings.warn(f"{ds.path.name}/{record.name}: anomalous instance without a GT volume is "
+                              "left out of the voxel metrics", stacklevel=2)
+                continue
+            # A nominal instance without GT: every voxel of its own grid is nominal.
+            pred, labels, occ_gt, grid = vol.dense(), np.zeros(vol.grid.shape, bool), None, vol.grid
+        else:
+            pred = resample_to_grid(vol.dense(), vol.grid, gt.grid)
+            labels, occ_gt, grid = gt.labels, gt.occupancy, gt.grid
+        if cfg.eval_domain == "occupied":
+            if occ_gt is None:  # the voxels hit by valid depth (metrics.md §7), on the GT grid
+                occ_gt = resample_to_grid(vol.occupancy().astype(np.float32), vol.grid, grid) > 0
+            domain = occ_gt | labels
+        else:
+            domain = None
+        vox_el.add(r["instance"], pred, labels, domain, label=record.label)
+    bar.close()
+    return vox_el
 
 
 def fit_units(cfg: DetectConfig, classes: Sequence[str]) -> list[str]:

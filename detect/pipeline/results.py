@@ -21,6 +21,8 @@ PAPER_COLUMNS = {
     "bathroom_forniture": "B. Furn.", "container": "Cont.", "plastic_vase": "Pl. Vase",
     "wooden_stool": "W. Stool", "sink_cabinet": "Sink Cab.",
 }
+# The single-view tables' P-AUROC domain, named wherever they are written (issue 18)
+ALL_PIXEL_P_AUROC = ("P-AUROC over all pixels of every image (the published MVTec 3D-AD / CFM convention, kept for parity; on views with a background, e.g. the SiM3D-layout benchmark, the background that every method scores low counts as correctly ranked, so the value is inflated and does not show that the maps separate anomalous from nominal object pixels)")
 RANDOM_ENCODER_BANNER = "**RANDOM IMAGE ENCODER (--image-encoder random): test/demo output, not a real result.**"
 
 
@@ -64,7 +66,7 @@ def write_csv(path: Path, rows: list[dict], columns: Sequence[str] | None = None
     atomic_write_text(path, buf.getvalue())
 
 
-def _ci_text(ci: dict | None) -> str:
+def ci_text(ci: dict | None) -> str:
     """`` [low, high]`` of a stored interval (empty when there is none)."""
     if not ci or ci.get("low") is None:
         return ""
@@ -121,7 +123,7 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
     for setup, per in results.items():
         for name, get in headline:
             vals = [get(per[c]) if c in per else None for c in classes]
-            cells = [fmt(v) + _ci_text(intervals[name](per[c]) if c in per else None) for v, c in zip(vals, classes)]
+            cells = [fmt(v) + ci_text(intervals[name](per[c]) if c in per else None) for v, c in zip(vals, classes)]
             lines.append(f"| {setup} | {name} | " + " | ".join(cells) + f" | {fmt(complete_mean(vals))} |")
         for name, get in full:
             vals = [get(per[c]) if c in per else None for c in classes]
@@ -176,7 +178,7 @@ def write_single_view_results(out: Path, dataset: str, method: str, pro_limits: 
     table, rows = results_table({method: results}, pro_limits)
     lines += table
     any_m = next(iter(results.values()), {})
-    lines += ["", f"I-AUROC over per-image scores; P-AUROC over all pixels; AUPRO = exact PRO (8-connected GT regions), "
+    lines += ["", f"I-AUROC over per-image scores; {ALL_PIXEL_P_AUROC}; AUPRO = exact PRO (8-connected GT regions), "
               f"integrated to the FPR limit and divided by it (metrics.md). Evaluation resolution: "
               f"{any_m.get('eval_res', 'native')}; per-image score normalisation: {any_m.get('score_norm', 'none')}.", ""]
     atomic_write_text(out / "results.md", "\n".join(lines))
