@@ -1,10 +1,11 @@
 """ModMap detection benchmarks (issue 8): scaling in the number of views, mapping-stage FLOP/s, voxel
-aggregation throughput and exact V-AUPRO cost.
+aggregation throughput, exact V-AUPRO cost and the frozen CNN image encoder's throughput.
 
     python bench/bench_detect.py                       # everything, CPU-sized defaults
     python bench/bench_detect.py --part mapping --views 6,12,24,36 --grid 64 --device cuda   # paper size on a GPU
     python bench/bench_detect.py --part voxel --height 3000 --width 4096
     python bench/bench_detect.py --part aupro --volumes 8 --shape 240,210,225
+    python bench/bench_detect.py --part cnn --cnn-size 448 --cnn-batch 12
 
 Parts:
 
@@ -310,22 +311,61 @@ def bench_aupro(args) -> dict:
             "note": "metrics time includes GT labelling (26-connectivity), pooling, V-AUROC and 4 AUPRO limits"}
 
 
+def bench_cnn_encoder(args) -> dict:
+    """Frozen CNN image encoder (demo: EfficientNet-Lite0 at 448 px): views/s of the encoder as built
+    (NHWC, stop after the last chosen stage) vs the plain NCHW forward of every stage, and the largest
+    difference of their feature maps."""
+    import torch
+
+    from detect.cnn_encoder import load_cnn_image_encoder
+
+    enc = load_cnn_image_encoder(random_init=True, device=args.device)  # weights do not change the cost
+    x = torch.rand(args.cnn_batch, 3, args.cnn_size, args.cnn_size, device=args.device) * 2 - 1
+    backbone = enc.backbone
+
+    def plain():
+        nchw = backbone.to(memory_format=torch.contiguous_format)
+        try:
+            return nchw.forward_intermediates(x, indices=list(enc.feature_indices), intermediates_only=True)
+        finally:
+            backbone.to(memory_format=torch.channels_last)
+
+    def best_of(fn) -> tuple[float, list]:
+        out = fn()
+        times = []
+        for _ in range(args.repeats):
+            _sync(args.device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(args.device)
+            times.append(time.perf_counter() - t0)
+        return min(times), out
+
+    with torch.inference_mode():
+        t_ours, ours = best_of(lambda: enc.feature_maps(x))
+        t_plain, ref = best_of(plain)
+    diff = max(float((a - b).abs().max()) for a, b in zip(ours, ref))
+    return {"input": args.cnn_size, "batch": args.cnn_batch, "views_per_s": args.cnn_batch / t_ours,
+            "plain_views_per_s": args.cnn_batch / t_plain, "speedup": t_plain / t_ours, "max_abs_diff": diff}
+
+
 TARGET_MAPPING = 0.50  # mapping FLOP/s / matmul FLOP/s
 TARGET_VOXEL = 5.0  # streaming voxel max vs np.maximum.at
 TARGET_AUPRO = 3.0  # exact V-AUPRO time / one np.argsort of the same scores
 TARGET_MEMORY_R2 = 0.95  # peak memory linear in N
+TARGET_CNN = 1.3  # frozen CNN encoder as built vs plain NCHW forward of every stage
 
 
 def _settings(quick: bool, device: str) -> argparse.Namespace:
     if quick:
         return argparse.Namespace(views=[2, 3, 4], grid=4, size=32, ci=32, cd=16, chunk=0, device=device,
                                   height=120, width=160, repeats=2, volumes=1, shape=[24, 21, 22],
-                                  sweep_chunks=[0, 1], sweep_views=3)
+                                  sweep_chunks=[0, 1], sweep_views=3, cnn_size=112, cnn_batch=2)
     # CPU: 16×16 tokens, maps at 224² (minutes); CUDA: the paper's 64×64 tokens and 896² maps.
     grid, size = (64, 896) if device.startswith("cuda") else (16, 224)
     return argparse.Namespace(views=[6, 12, 24, 36], grid=grid, size=size, ci=768, cd=384, chunk=0, device=device,
                               height=1500, width=2048, repeats=5, volumes=4, shape=[120, 105, 112],
-                              sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36)
+                              sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36, cnn_size=448, cnn_batch=12)
 
 
 def run(quick: bool = True) -> dict:
@@ -370,6 +410,8 @@ def run(quick: bool = True) -> dict:
     res["voxel"] = {k: voxel[k] for k in ("pixels", "points", "ours_s", "baseline_s", "speedup")}
     aupro = bench_aupro(args)
     res["aupro"] = {k: aupro[k] for k in ("elements", "exact_metrics_s", "argsort_s", "ratio")}
+    cnn = bench_cnn_encoder(args)
+    res["cnn_encoder"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in cnn.items()}
     largest = rows[-1]
     mapping_ratio = largest[key]
     how = "per CPU-second (shared CPU)" if cpu else "wall clock"
@@ -381,6 +423,9 @@ def run(quick: bool = True) -> dict:
         check("voxel aggregation vs np.maximum.at (speed-up)", voxel["speedup"], TARGET_VOXEL),
         check("exact V-AUPRO time / one np.argsort", aupro["ratio"], TARGET_AUPRO, "<="),
         check(f"peak memory linear in N (R² of a linear fit over N={args.views})", fit["r2"], TARGET_MEMORY_R2),
+        check(f"CNN image encoder (EfficientNet-Lite0, {args.cnn_batch} views at {args.cnn_size} px) as built vs "
+              "plain NCHW forward (speed-up)", cnn["speedup"], TARGET_CNN,
+              note=f"max |difference| {cnn['max_abs_diff']:.2g}"),
     ]
     return with_checks(res, checks)
 
@@ -395,7 +440,7 @@ def _run_worker_cmd(extra: list[str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "mapping", "voxel", "aupro"], default="all")
+    p.add_argument("--part", choices=["all", "mapping", "voxel", "aupro", "cnn"], default="all")
     p.add_argument("--views", default="6,12,24,36", help="comma-separated N values (mapping)")
     p.add_argument("--grid", type=int, default=16, help="token grid side (64 = the paper's 896 px)")
     p.add_argument("--size", type=int, default=224, help="input size the maps are upsampled to")
@@ -408,6 +453,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--volumes", type=int, default=4)
     p.add_argument("--shape", default="120,105,112")
+    p.add_argument("--cnn-size", type=int, default=448, help="input size of the CNN encoder part")
+    p.add_argument("--cnn-batch", type=int, default=12, help="views per CNN encoder batch")
     p.add_argument("--out", default="bench/results_detect.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
@@ -449,6 +496,12 @@ def main(argv=None) -> int:
         results["aupro"] = res
         print(f"\nexact V-AUPRO ({res['volumes']} volumes {res['shape']}, {res['elements']:,} voxels): "
               f"{res['exact_metrics_s']:.2f} s vs one np.argsort {res['argsort_s']:.2f} s → {res['ratio']:.2f}×")
+    if args.part in ("all", "cnn"):
+        res = bench_cnn_encoder(args)
+        results["cnn_encoder"] = res
+        print(f"\nCNN image encoder ({args.cnn_batch} views at {args.cnn_size} px, {args.device}): "
+              f"{res['views_per_s']:.1f} views/s as built vs {res['plain_views_per_s']:.1f} plain NCHW → "
+              f"{res['speedup']:.2f}× (max |difference| {res['max_abs_diff']:.2g})")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

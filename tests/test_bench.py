@@ -201,6 +201,8 @@ def test_detect_parts_tiny():
     assert voxel["speedup"] > 0 and voxel["points"] > 0
     aupro = bench_detect.bench_aupro(args)
     assert aupro["ratio"] > 0 and 0 <= aupro["voxel_aupro@0.01"] <= 1
+    cnn = bench_detect.bench_cnn_encoder(args)  # NHWC + early stop must give the plain forward's maps
+    assert cnn["views_per_s"] > 0 and cnn["max_abs_diff"] < 1e-3
 
 
 # -- Table 8 setting ---------------------------------------------------------------------------------------
