@@ -20,11 +20,21 @@ Writes one JSON record per instance and prints a summary per class.
 
 from __future__ import annotations
 
+if __package__ in (None, ""):  # run as a script: put the repo root on sys.path instead of the script dir
+    import pathlib
+    import sys
+
+    sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
+
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from detect.config import parse_config, setups
+from shared.cli import fail, run_main
+from shared.config import ConfigError
 
 SATURATED = 250  # grey level at and above which a pixel counts as saturated (specular highlight)
 
@@ -129,21 +139,29 @@ def summary(records: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from detect.config import parse_config, setups
+    args = list(sys.argv[1:] if argv is None else argv)
+    out_json = None
+    if "--json" in args:  # our one option; everything else is detect/run.py's
+        i = args.index("--json")
+        if i + 1 >= len(args):
+            return fail(ConfigError("--json needs a file name"))
+        out_json = args[i + 1]
+        del args[i:i + 2]
+    try:
+        cfg = parse_config(args)
+    except ConfigError as exc:
+        return fail(exc)
+    from detect.pipeline.base import RunError
     from detect.pipeline.multiview import MultiviewRunner, list_run_classes
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    out_json = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        out_json = argv[i + 1]
-        del argv[i:i + 2]
-    cfg = parse_config(argv)
-    runner = MultiviewRunner(cfg)
-    records: list[dict] = []
-    for setup in setups(cfg):
-        for class_name in list_run_classes(cfg):
-            records += check_class(runner, setup, class_name)
+    try:
+        runner = MultiviewRunner(cfg)
+        records: list[dict] = []
+        for setup in setups(cfg):
+            for class_name in list_run_classes(cfg):
+                records += check_class(runner, setup, class_name)
+    except RunError as exc:
+        return fail(exc)
     print(summary(records))
     if out_json:
         Path(out_json).write_text(json.dumps(records, indent=1))
@@ -151,4 +169,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main))
