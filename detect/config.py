@@ -104,6 +104,7 @@ class DetectConfig:
     method: Literal["modmap", "patchcore"] = "modmap"
     patchcore_features: Literal["image", "depth", "both"] = "image"
     patchcore_bank: Literal["view", "class"] = "view"
+    patchcore_bank_tokens: Literal["object", "all"] = "object"
     patchcore_metric: Literal["l2", "cosine"] = "l2"
     patchcore_coreset: float = 1.0
     cnn_arch: str = "tf_efficientnet_lite0"
@@ -266,6 +267,8 @@ FIELD_HELP: dict[str, str] = {
               "instance's tokens, the paper's PatchCore baseline in the same 3D pipeline)",
     'patchcore_features': 'patchcore: tokens compared (both: each modality L2-normalised, concatenated)',
     'patchcore_bank': 'patchcore: one memory bank per view index, or one per class (all views)',
+    'patchcore_bank_tokens': "patchcore: training tokens banked: 'object' (patch at least half valid depth) or 'all' "
+                             '(background and silhouette tokens too, as PatchCore banks every patch)',
     'patchcore_metric': 'patchcore: nearest-neighbour distance',
     'patchcore_coreset': 'patchcore: greedy coreset fraction of each bank (1: the whole bank)',
     'cnn_arch': "--image-encoder cnn: timm architecture (built-in weights only for tf_efficientnet_lite0, from "

@@ -11,6 +11,12 @@ Choices (``PatchCoreSettings``):
 * ``bank``: ``view`` — one bank per view index, from that view of the training instances (the views of
   a class are calibrated poses, so view v of a test instance sees what view v of the training
   instances saw); ``class`` — one bank of all views (pose-free, slower);
+* ``bank_tokens``: ``object`` — only the training tokens whose patch is ≥ 50 % valid depth; ``all`` —
+  every token of the training views, background and silhouette-straddling tokens included, as PatchCore
+  banks every patch of its nominal images. Test tokens along silhouettes and depth holes are scored (the
+  bilinear upsampling carries them onto foreground pixels); with an ``object`` bank their mixed
+  object/background features have no counterpart, so they score as anomalous on every instance
+  (issue 23: 40 of 48 instance maxima within 3 px of invalid depth, see docs/results/demo_detection.md);
 * ``metric``: ``l2`` (PatchCore's) or ``cosine`` (1 − cos);
 * ``coreset_ratio`` < 1: greedy k-center coreset on a seeded random projection (PatchCore §3.3),
   which bounds the bank's size and the scoring time at a small cost in accuracy.
@@ -34,6 +40,7 @@ PatchCoreFeatures = Literal["image", "depth", "both"]
 class PatchCoreSettings:
     features: PatchCoreFeatures = "image"
     bank: Literal["view", "class"] = "view"
+    bank_tokens: Literal["object", "all"] = "object"
     metric: Literal["l2", "cosine"] = "l2"
     coreset_ratio: float = 1.0
     coreset_projection_dim: int = 128
@@ -45,6 +52,8 @@ class PatchCoreSettings:
             raise ValueError(f"patchcore features must be image, depth or both, got {self.features!r}")
         if self.bank not in ("view", "class"):
             raise ValueError(f"patchcore bank must be 'view' or 'class', got {self.bank!r}")
+        if self.bank_tokens not in ("object", "all"):
+            raise ValueError(f"patchcore bank_tokens must be 'object' or 'all', got {self.bank_tokens!r}")
         if self.metric not in ("l2", "cosine"):
             raise ValueError(f"patchcore metric must be 'l2' or 'cosine', got {self.metric!r}")
         if not 0.0 < self.coreset_ratio <= 1.0:
@@ -170,8 +179,10 @@ class PatchCoreBank:
 def build_bank(image: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor | None,
                settings: PatchCoreSettings) -> PatchCoreBank:
     """Memory banks of one training instance's N views: ``image`` (N, T, c_I), ``depth`` (N, T, c_D),
-    ``valid`` (N, T) bool (tokens on the object; None: every token)."""
+    ``valid`` (N, T) bool (tokens on the object; None or ``settings.bank_tokens == "all"``: every token)."""
     bank = PatchCoreBank(settings)
+    if settings.bank_tokens == "all":
+        valid = None
     feats = patch_features(image, depth, settings.features)
     for v in range(feats.shape[0]):
         bank.add(v, feats[v], None if valid is None else valid[v])

@@ -15,6 +15,7 @@ from detect.encoders import EncoderError
 from detect.patchcore import (
     PatchCoreBank,
     PatchCoreSettings,
+    build_bank,
     greedy_coreset,
     nearest_distances,
     patch_features,
@@ -57,6 +58,22 @@ def test_class_bank_is_shared_across_views_and_valid_mask_filters():
     assert bank.size() == 5
     # token 2 (invalid, not in the bank) is now at distance 2·√2 from tokens 1 and 4's neighbours
     assert bank.score(5, train[2:3]).item() == pytest.approx(2 * 2 ** 0.5, rel=1e-5)
+
+
+def test_bank_tokens_all_keeps_silhouette_tokens_that_object_drops():
+    # view 0: tokens 0-3 on the object, 4-5 straddle the silhouette (invalid), far from the object's
+    image = torch.tensor([[[0.0], [1.0], [2.0], [3.0], [20.0], [21.0]]])
+    valid = torch.tensor([[True, True, True, True, False, False]])
+    depth = torch.zeros(1, 6, 1)
+    silhouette_token = torch.tensor([[20.5]])
+    obj = build_bank(image, depth, valid, PatchCoreSettings(bank_tokens="object"))
+    every = build_bank(image, depth, valid, PatchCoreSettings(bank_tokens="all"))
+    assert obj.size() == 4 and every.size() == 6
+    # with the object bank the nominal silhouette token is as far as an anomaly (17.5); with all tokens, 0.5
+    assert obj.score(0, silhouette_token).item() == pytest.approx(17.5)
+    assert every.score(0, silhouette_token).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="bank_tokens"):
+        PatchCoreSettings(bank_tokens="foreground")  # type: ignore[arg-type]
 
 
 def test_greedy_coreset_covers_clusters():

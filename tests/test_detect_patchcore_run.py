@@ -158,3 +158,41 @@ def test_volume_view_aggregation_mean_dilutes_what_one_view_sees():
     assert (acc_mean.hit == acc_max.hit).all()
     with pytest.raises(ValueError, match="view_aggregation"):
         VolumeAccumulator(grid, "median")
+
+
+def test_bank_tokens_all_banks_every_token_and_maxima_check_reports(bench, tmp_path, capsys):
+    """``--patchcore-bank-tokens all`` banks all 3 × 16 tokens of the 56-px views through the CLI (the
+    object bank above holds fewer); the maxima diagnostic reads the same run and names each maximum's place."""
+    data, weights = bench
+    out = tmp_path / "pc_all"
+    args = ["--data", str(data), "--image-encoder", "cnn", "--image-encoder-weights", str(weights),
+            "--depth-encoder", "cnn_on_depth", "--image-size", "56", "--no-progress", "--method", "patchcore",
+            "--patchcore-bank", "class", "--patchcore-bank-tokens", "all", "--out", str(out)]
+    assert main(args) == 0
+    obj = torch.load(out / "real2real" / "vase" / "patchcore.pt", weights_only=True)
+    assert obj["config"]["bank_tokens"] == 3 * 16 and sorted(obj["patchcore"]["banks"]) == ["-1"]
+    assert obj["patchcore"]["settings"]["bank_tokens"] == "all"
+    from detect.maxima_check import main as maxima_main
+
+    capsys.readouterr()
+    assert maxima_main([*args, "--json", str(tmp_path / "maxima.json")]) == 0
+    records = json.loads((tmp_path / "maxima.json").read_text())
+    assert len(records) == 2 and {r["label"] for r in records} <= {0, 1}
+    for r in records:
+        assert r["top_view"]["view"] in r["views_max"] and r["top_view"]["dist_invalid_px"] >= 0
+        assert r["score"] == pytest.approx(max(r["views_max"].values()), rel=1e-3, abs=1e-3)
+    assert "max within 1 voxel of GT" in capsys.readouterr().out
+
+
+def test_distance_helpers_of_the_maxima_check():
+    from detect.maxima_check import _distance_to_invalid, _distance_to_labels
+
+    depth = np.ones((9, 9), np.float32)
+    depth[:, 0] = np.inf  # an invalid column: distance grows by one pixel per column
+    d = _distance_to_invalid(depth)
+    assert d[4, 0] == 0 and d[4, 1] == pytest.approx(1, abs=0.05) and d[4, 5] == pytest.approx(5, abs=0.1)
+    labels = np.zeros((5, 5, 5), bool)
+    labels[0, 0, 0] = True
+    dl = _distance_to_labels(labels)
+    assert dl[0, 0, 0] == 0 and dl[0, 0, 3] == pytest.approx(3) and dl[4, 4, 4] == pytest.approx(4 * 3 ** 0.5)
+    assert np.isinf(_distance_to_labels(np.zeros((2, 2, 2), bool))).all()

@@ -25,7 +25,7 @@ ALLOWED = {
 # detect/'s layers, top to bottom: a module imports detect modules of its own layer or below only.
 DETECT_LAYERS = ("entry", "experiments", "pipeline", "config", "library")
 DETECT_ENTRY = {"detect.run", "detect.ablate", "detect.single_view_report", "detect.demo_figures", "detect.report",
-                "detect.gt_projection_check", "detect.data.preview"}
+                "detect.gt_projection_check", "detect.data.preview", "detect.maxima_check"}
 # `python detect/run.py ablate ...` is `python detect/ablate.py ...`: the one entry that hands over to another
 ENTRY_HANDOVER = {("detect.run", "detect.ablate")}
 

@@ -130,6 +130,7 @@ def patchcore_settings(cfg: DetectConfig) -> PatchCoreSettings:
 
     try:
         return PatchCoreSettings(features=cfg.patchcore_features, bank=cfg.patchcore_bank,
+                                 bank_tokens=cfg.patchcore_bank_tokens,
                                  metric=cfg.patchcore_metric, coreset_ratio=cfg.patchcore_coreset, seed=cfg.seed)
     except ValueError as exc:
         raise RunError(str(exc)) from None

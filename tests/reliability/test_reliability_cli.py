@@ -22,7 +22,7 @@ CLIS = [
     "pretrain/train.py", "pretrain/launch.py", "pretrain/export.py",
     "detect/run.py", "detect/ablate.py", "detect/report.py", "detect/demo_figures.py",
     "detect/gt_projection_check.py", "detect/single_view_report.py", "detect/data/preview.py",
-    "bench/run.py", "shared/sysdeps.py",
+    "detect/maxima_check.py", "bench/run.py", "shared/sysdeps.py",
 ]
 HEAVY = ("torch", "torchvision", "transformers", "open3d", "timm", "webdataset")
 MULTI_LINE_ARG_ERRORS: set[str] = set()  # CLIs allowed argparse's usage block before the error line
