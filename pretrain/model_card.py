@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from pretrain.config import PretrainConfig
-from pretrain.export import _json_block
+from pretrain.export import json_block
 from pretrain.probes import PROBE_NAMES, PretrainProbes
 from shared.checkpoint import file_sha256, load_checkpoint, write_sha256_sidecar
 from shared.config import load_config
@@ -180,7 +180,7 @@ def zoo_card(name: str, installed: Path, meta: dict, input_norm: dict, summary: 
               f"python detect/run.py --ckpt {installed} ...   # or make demo (DEMO_DEPTH_CKPT)", "```", "",
               "```python", "from shared.encoder_export import load_dinodepth",
               f"backbone, input_norm = load_dinodepth('{installed}')  # checks the sha256 sidecar", "```", "",
-              "Input normalisation (required):", "", _json_block({"input_norm": input_norm}), "",
+              "Input normalisation (required):", "", json_block({"input_norm": input_norm}), "",
               "## Reproduce", "", "```bash", *commands, "```", ""]
     data = meta.get("data") or {}
     lines += ["## Data", "", f"{meta.get('table_size', 'unknown')} maps from `{data.get('glob') or data.get('shards')}` "
@@ -208,7 +208,7 @@ def zoo_card(name: str, installed: Path, meta: dict, input_norm: dict, summary: 
         lines.append("")
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
-    lines += ["<details><summary>resolved training config</summary>", "", _json_block(cfg), "", "</details>", ""]
+    lines += ["<details><summary>resolved training config</summary>", "", json_block(cfg), "", "</details>", ""]
     return "\n".join(lines)
 
 
