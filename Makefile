@@ -237,7 +237,7 @@ ZOO_IMAGE_TRAIN := $(PY) pretrain/train.py --config $(ZOO_IMAGE_CFG) train.outpu
 	'data.glob=$(ZOO)/nominal/*/*/rgb/*.png' probe.root=$(ZOO)/probe_set $(ZOO_IMAGE_ARGS)
 # $(call zoo_card,run dir,checkpoint,train command,timings): install a finished run with its model card.
 zoo_card = $(PY) -m pretrain.model_card --run $(1) --install $(2) --timings $(4) --confirm-root $(ZOO)/confirm_set \
-	--command "make zoo ZOO=$(ZOO) ZOO_MODELS=$(ZOO_MODELS)   # runs:" \
+	--command "make zoo ZOO=$(ZOO) ZOO_MODELS=$(ZOO_MODELS)" \
 	--command "$(PY) data_prep/synthetic.py --out $(ZOO)/nominal $(ZOO_SYNTH_ARGS) --n-test $(ZOO_NOMINAL_N) --anomalous-fraction 0 --seed $(ZOO_NOMINAL_SEED) --setup real2real" \
 	--command "$(PY) data_prep/synthetic.py --out $(ZOO)/probe_set $(ZOO_SYNTH_ARGS) $(ZOO_PROBE_SYNTH) --seed $(ZOO_PROBE_SEED)" \
 	--command "$(PY) data_prep/synthetic.py --out $(ZOO)/confirm_set $(ZOO_SYNTH_ARGS) $(ZOO_PROBE_SYNTH) --seed $(ZOO_CONFIRM_SEED)" \

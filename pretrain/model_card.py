@@ -181,7 +181,8 @@ def zoo_card(name: str, installed: Path, meta: dict, input_norm: dict, summary: 
               "```python", "from shared.encoder_export import load_dinodepth",
               f"backbone, input_norm = load_dinodepth('{installed}')  # checks the sha256 sidecar", "```", "",
               "Input normalisation (required):", "", json_block({"input_norm": input_norm}), "",
-              "## Reproduce", "", "```bash", *commands, "```", ""]
+              "## Reproduce", "", "The commands, in order (`make zoo` runs the ones after it):" if len(commands) > 1 else "",
+              "", "```bash", *commands, "```", ""]
     data = meta.get("data") or {}
     lines += ["## Data", "", f"{meta.get('table_size', 'unknown')} maps from `{data.get('glob') or data.get('shards')}` "
               f"(sample-table fingerprint `{meta.get('fingerprint', 'unknown')}`); training seed {meta.get('seed')}, "

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +93,27 @@ def test_install_refuses_an_unfinished_run(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(FileNotFoundError, match="no final export"):
         model_card.install(tmp_path / "run", tmp_path / "x.pth", ["make zoo"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_zoo_depth_small(tmp_path):
+    """`make zoo-depth` at toy size: data, probe sets, a resumable run, the installed checkpoint and card;
+    a second call has nothing to do."""
+    zoo, models = tmp_path / "zoo", tmp_path / "models"
+    small = {"ZOO": str(zoo), "ZOO_MODELS": str(models), "ZOO_ENV": "", "PY": sys.executable,
+             "ZOO_SYNTH_ARGS": "--classes vase stool --views 4 --size 96", "ZOO_NOMINAL_N": "1",
+             "ZOO_PROBE_SYNTH": "--n-test 2 --anomaly-scale 3 --setup real2real",
+             "ZOO_DEPTH_ARGS": "optim.epochs=1 train.epoch_length=3 optim.warmup_epochs=0.5 train.eval_period=2 "
+                               "train.batch_size_per_gpu=4 train.num_workers=0 probe.size=56 probe.bootstrap=50"}
+    cmd = ["make", "--no-print-directory", "zoo-depth", *(f"{k}={v}" for k, v in small.items())]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    ckpt = models / "dinodepth_tiny_depth.pth"
+    assert verify_sha256_sidecar(ckpt) is True
+    card = ckpt.with_suffix(".md").read_text()
+    assert "## Held-out probes during training" in card and "## Confirmation on a second held-out set" in card
+    assert "zoo depth pretraining:" in card and "--seed 2025" in card and "zoo_depth_cpu.yaml" in card
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "pretrain/train.py" not in again.stdout
