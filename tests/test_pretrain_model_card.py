@@ -104,6 +104,7 @@ def test_make_zoo_depth_small(tmp_path):
     small = {"ZOO": str(zoo), "ZOO_MODELS": str(models), "ZOO_ENV": "", "PY": sys.executable,
              "ZOO_SYNTH_ARGS": "--classes vase stool --views 4 --size 96", "ZOO_NOMINAL_N": "1",
              "ZOO_PROBE_SYNTH": "--n-test 2 --anomaly-scale 3 --setup real2real",
+             "ZOO_CONFIRM_SYNTH": "--n-test 2 --anomaly-scale 3 --setup real2real",
              "ZOO_DEPTH_ARGS": "optim.epochs=1 train.epoch_length=3 optim.warmup_epochs=0.5 train.eval_period=2 "
                                "train.batch_size_per_gpu=4 train.num_workers=0 probe.size=56 probe.bootstrap=50"}
     cmd = ["make", "--no-print-directory", "zoo-depth", *(f"{k}={v}" for k, v in small.items())]
@@ -114,6 +115,6 @@ def test_make_zoo_depth_small(tmp_path):
     assert verify_sha256_sidecar(ckpt) is True
     card = ckpt.with_suffix(".md").read_text()
     assert "## Held-out probes during training" in card and "## Confirmation on a second held-out set" in card
-    assert "zoo depth pretraining:" in card and "--seed 2025" in card and "zoo_depth_cpu.yaml" in card
+    assert "zoo depth pretraining:" in card and "--seed 2026" in card and "zoo_depth_cpu.yaml" in card
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "pretrain/train.py" not in again.stdout
