@@ -247,7 +247,7 @@ zoo_card = $(PY) -m pretrain.model_card --run $(1) --install $(2) --timings $(4)
 	--command "$(PY) data_prep/synthetic.py --out $(ZOO)/confirm_set $(ZOO_SYNTH_ARGS) $(ZOO_CONFIRM_SYNTH) --seed $(ZOO_CONFIRM_SEED)" \
 	--command "$(3)" \
 	--data-note "training: the synthetic generator's nominal instances, seed $(ZOO_NOMINAL_SEED), $(ZOO_NOMINAL_N) + 1 instances per class (data_prep/synthetic.py)" \
-	--data-note "held-out probe set: seed $(ZOO_PROBE_SEED), 8 + 1 instances per class (the probes during training; the recipe was chosen on it and on seed 2025); confirmation set: seed $(ZOO_CONFIRM_SEED), 24 + 1 instances per class (used for nothing but this card)"
+	--data-note "held-out probe set: seed $(ZOO_PROBE_SEED), 8 + 1 instances per class (the probes during training; the recipes were chosen on seed-2024 sets and on seed 2025); confirmation set: seed $(ZOO_CONFIRM_SEED), 24 + 1 instances per class (used for nothing but this card)"
 
 $(ZOO_NOMINAL): | $(ZOO_ENV)
 	@rm -f $@

@@ -156,8 +156,10 @@ def zoo_card(name: str, installed: Path, meta: dict, input_norm: dict, summary: 
     """The Markdown model card of one zoo checkpoint (every number from the run or recomputed)."""
     cfg = meta.get("config") or {}
     final = summary["probes"][-1] if summary["probes"] else None
+    modality = meta.get("modality", "depth")
     lines = [f"# {name}", "",
-             f"`{installed.name}`: a {meta.get('modality', 'depth')} encoder (teacher backbone) trained self-supervised "
+             f"`{installed.name}`: {'an image' if modality == 'image' else 'a depth'} encoder (teacher backbone) trained "
+             "self-supervised "
              "by the DINO-Depth recipe of this toolkit (DINO + iBOT + KoLeo, EMA teacher, multi-crop) on CPU, "
              "kept in the repository by `make zoo` (issue 22). Written by `pretrain/model_card.py` from the "
              "run's `metrics.jsonl` and export; do not edit by hand.", "",
@@ -176,9 +178,10 @@ def zoo_card(name: str, installed: Path, meta: dict, input_norm: dict, summary: 
                   f"{e_mean:.2f}) against ln K = {summary['ln_k']:.2f}: {summary['ln_k'] - e_mean:.2f} nat below "
                   f"(target ≥ 1); iBOT teacher {summary['ibot_teacher_entropy_mean_last'] or float('nan'):.2f}. "
                   f"Collapse warnings: {len(summary['collapse_warnings'])}.", ""]
-    lines += ["## Use", "", "```bash",
-              f"python detect/run.py --ckpt {installed} ...   # or make demo (DEMO_DEPTH_CKPT)", "```", "",
-              "```python", "from shared.encoder_export import load_dinodepth",
+    lines += ["## Use", ""]
+    if modality == "depth":
+        lines += ["```bash", f"python detect/run.py --ckpt {installed} ...", "```", ""]
+    lines += ["```python", "from shared.encoder_export import load_dinodepth",
               f"backbone, input_norm = load_dinodepth('{installed}')  # checks the sha256 sidecar", "```", "",
               "Input normalisation (required):", "", json_block({"input_norm": input_norm}), "",
               "## Reproduce", "", "The commands, in order (`make zoo` runs the ones after it):" if len(commands) > 1 else "",
