@@ -26,7 +26,12 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
     sys.path[0] = str(pathlib.Path(__file__).resolve().parents[1])
 
-import argparse
+if __name__ == "__main__":  # --help and argument errors answer before the torch import below
+    from pretrain.cli import model_card_parser
+    from shared.cli import preparse
+
+    preparse(model_card_parser)
+
 import json
 import math
 import shutil
@@ -39,6 +44,7 @@ from pretrain.config import PretrainConfig
 from pretrain.export import json_block
 from pretrain.probes import PROBE_NAMES, PretrainProbes
 from shared.checkpoint import file_sha256, load_checkpoint, write_sha256_sidecar
+from shared.cli import fail, run_main
 from shared.config import load_config
 from shared.encoder_export import load_dinodepth
 from shared.vit import ViTConfig
@@ -242,21 +248,17 @@ def install(run_dir: str | Path, dest: str | Path, commands: list[str], data_not
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Install a finished run's export under models/zoo/ with its model card.")
-    p.add_argument("--run", required=True, help="run directory (metrics.jsonl, dinodepth.pth)")
-    p.add_argument("--install", required=True, help="destination .pth (the card is written beside it as .md)")
-    p.add_argument("--command", action="append", default=[], help="a command that reproduces it (repeatable)")
-    p.add_argument("--data-note", action="append", default=[], help="a line about the data, e.g. its generator seed")
-    p.add_argument("--confirm-root", default=None, help="a second held-out probe set, probed on the installed file")
-    p.add_argument("--timings", default=None, help="stage<TAB>wall<TAB>user<TAB>sys file (Makefile timing log)")
-    p.add_argument("--note", action="append", default=[], help="a free-text note for the card (repeatable)")
-    p.add_argument("--name", default=None, help="card title (default: the file stem)")
-    args = p.parse_args(argv)
-    out = install(args.run, args.install, args.command, args.data_note, args.confirm_root, args.timings, args.note,
-                  args.name)
+    from pretrain.cli import model_card_parser
+
+    args = model_card_parser().parse_args(argv)
+    try:
+        out = install(args.run, args.install, args.command, args.data_note, args.confirm_root, args.timings,
+                      args.note, args.name)
+    except (FileNotFoundError, ValueError) as exc:
+        return fail(exc, status=2)
     print("\n".join(f"{k}: {v}" for k, v in out.items()))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_main(main, status=1))
