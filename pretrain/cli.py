@@ -58,3 +58,17 @@ def export_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default=None,
                         help="JSON file of probe/detection results to put into the model card (hf/timm)")
     return parser
+
+
+def model_card_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(description="Install a finished pretraining run's export under models/zoo/ with its "
+                                        "model card (probe results, entropies, confirmation probes, sha256).")
+    parser.add_argument("--run", required=True, help="run directory (metrics.jsonl, dinodepth.pth)")
+    parser.add_argument("--install", required=True, help="destination .pth (the card is written beside it as .md)")
+    parser.add_argument("--command", action="append", default=[], help="a command that reproduces it (repeatable)")
+    parser.add_argument("--data-note", action="append", default=[], help="a line about the data, e.g. its generator seed")
+    parser.add_argument("--confirm-root", default=None, help="a second held-out probe set, probed on the installed file")
+    parser.add_argument("--timings", default=None, help="stage<TAB>wall<TAB>user<TAB>sys file (Makefile timing log)")
+    parser.add_argument("--note", action="append", default=[], help="a free-text note for the card (repeatable)")
+    parser.add_argument("--name", default=None, help="card title (default: the file stem)")
+    return parser

@@ -204,7 +204,7 @@ def _write_folder_atomically(out: Path, fill) -> Path:
     return out
 
 
-def _json_block(obj: Any) -> str:
+def json_block(obj: Any) -> str:
     return "```json\n" + json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n```"
 
 
@@ -232,7 +232,7 @@ def model_card(fmt: str, cfg: ViTConfig, input_norm: dict, train_meta: dict, res
     else:
         lines += [f"Image input: divide by {input_norm.get('scale')}, then (x − mean)/std with mean "
                   f"{input_norm.get('mean')}, std {input_norm.get('std')}.", ""]
-    lines += [_json_block({"input_norm": input_norm}), "",
+    lines += [json_block({"input_norm": input_norm}), "",
               "## Architecture", "",
               f"patch {cfg.patch_size}, embed dim {cfg.embed_dim}, {cfg.depth} blocks, {cfg.num_heads} heads, "
               f"MLP ratio {cfg.mlp_ratio}, LayerScale {cfg.layerscale}, {cfg.num_register_tokens} register tokens, "
@@ -244,7 +244,7 @@ def model_card(fmt: str, cfg: ViTConfig, input_norm: dict, train_meta: dict, res
               f"{train_meta.get('global_batch_size', 'unknown')}, world size {train_meta.get('world_size', 'unknown')}, "
               f"seed {train_meta.get('seed', 'unknown')}, code {train_meta.get('code_version', 'unknown')}.", ""]
     if train_meta.get("config"):
-        lines += ["<details><summary>resolved training config</summary>", "", _json_block(train_meta["config"]),
+        lines += ["<details><summary>resolved training config</summary>", "", json_block(train_meta["config"]),
                   "", "</details>", ""]
     lines += ["## Data", ""]
     if data or train_meta.get("fingerprint"):
@@ -257,7 +257,7 @@ def model_card(fmt: str, cfg: ViTConfig, input_norm: dict, train_meta: dict, res
     recorded = results or train_meta.get("probe_results") or train_meta.get("results")
     if recorded:
         lines += ["Recorded with this export (as given; see the source for instances and intervals):", "",
-                  _json_block(recorded), ""]
+                  json_block(recorded), ""]
     else:
         lines += ["No probe or detection results were recorded with this export.", ""]
     if notes:

@@ -19,7 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 CLIS = [
     "data_prep/convert.py", "data_prep/pseudo_depth.py", "data_prep/synthetic.py", "data_prep/inspect_shards.py",
-    "pretrain/train.py", "pretrain/launch.py", "pretrain/export.py",
+    "pretrain/train.py", "pretrain/launch.py", "pretrain/export.py", "pretrain/model_card.py",
     "detect/run.py", "detect/ablate.py", "detect/report.py", "detect/demo_figures.py",
     "detect/gt_projection_check.py", "detect/single_view_report.py", "detect/data/preview.py",
     "detect/maxima_check.py", "bench/run.py", "shared/sysdeps.py",
@@ -71,6 +71,7 @@ MISSING_LIGHT = {
     "detect/gt_projection_check.py": ["--data", "{missing}"],
     "detect/data/preview.py": ["--root", "{missing}", "--out", "{tmp}/preview.png"],
     "detect/report.py": ["--run", "{missing}", "--out", "{tmp}/report.html"],
+    "pretrain/model_card.py": ["--run", "{missing}", "--install", "{tmp}/x.pth"],
 }
 
 
