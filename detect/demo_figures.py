@@ -442,6 +442,16 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
     out_dir.mkdir(parents=True, exist_ok=True)
     pairs = run_classes(detect_dir)
     figures: list[Figure] = []
+    cfg_path = detect_dir / "config.yaml"
+    run_cfg: dict = {}
+    if cfg_path.is_file():
+        import yaml
+
+        run_cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    patchcore = run_cfg.get("method") == "patchcore"  # no mapping was trained: no mapping curves
+    map_text = ("PatchCore map (cosine/L2 distance of each token to its nearest neighbour in the memory bank of "
+                "the training instance's tokens)" if patchcore else
+                "combined ModMap map (max of image→depth and depth→image 1 − cos)")
 
     def add(path: Path | None, title: str, caption: str, section: str) -> None:
         if path is not None:
@@ -455,9 +465,8 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
             f"Per-view anomaly maps: {class_name} ({setup})",
             "Top row: the anomalous test instance with the largest visible defect (chosen from the ground "
             "truth, not from the scores), its views with the most defect pixels; bottom row: a nominal "
-            "instance, same views. Heatmap = combined ModMap map (max of image→depth and depth→image "
-            "1 − cos) at the original pixels, transparent at and below the median foreground score; green "
-            "= GT defect contour.", "Per-view anomaly maps")
+            f"instance, same views. Heatmap = {map_text} at the original pixels, transparent at and below the "
+            "median foreground score; green = GT defect contour.", "Per-view anomaly maps")
         add(volume_figure(ds, class_dir, out_dir / f"volume_{tag}.png"),
             f"3D anomaly volume: {class_name} ({setup})",
             "Left: the per-view maps back-projected into the voxel grid (max per voxel), coloured by score; "
@@ -467,12 +476,7 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
         "Each dot is a test instance; its score is the maximum of its anomaly volume. I-AUROC measures how "
         "well the red dots (anomalous) sit above the blue ones (nominal).", "Results")
     if ckpt is not None:
-        cfg_path = detect_dir / "config.yaml"
-        size = pca_size
-        if size is None and cfg_path.is_file():
-            import yaml
-
-            size = int((yaml.safe_load(cfg_path.read_text()) or {}).get("image_size", 224))
+        size = pca_size if pca_size is not None else int(run_cfg.get("image_size", 224))
         classes = list(dict.fromkeys(c for _, c in pairs))
         add(pca_figure(Path(ckpt), data_root, classes, out_dir / "pca_depth_features.png", size or 224),
             "DINO-Depth features (PCA)",
@@ -487,9 +491,10 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
             "KoLeo loss terms, the entropy of the teacher targets (grey: ln K, the uniform distribution over "
             "the K prototypes; a run that settles on it has collapsed: its targets carry no information) and "
             "the learning-rate schedule.", "Pretrained encoders")
-    add(mapping_curves_figure(detect_dir, out_dir / "mapping_curves.png"), "Mapping curves",
-        "ModMap training per class: loss and mean cosine similarity between mapped and actual features of "
-        "the target view, for both directions.", "Training")
+    if not patchcore:
+        add(mapping_curves_figure(detect_dir, out_dir / "mapping_curves.png"), "Mapping curves",
+            "ModMap training per class: loss and mean cosine similarity between mapped and actual features of "
+            "the target view, for both directions.", "Training")
     volumes = export_dense_volumes(detect_dir, Path(volumes_out)) if volumes_out is not None else []
     manifest = {"format": "demo-figures", "format_version": 1,
                 "data_root": str(data_root.resolve()), "detect_dir": str(detect_dir.resolve()),

@@ -249,8 +249,12 @@ def _volumes_html(volumes: list[dict], out_dir: Path) -> str:
 def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figures_dir: str | os.PathLike | None = None,
                  timings: str | os.PathLike | None = None, links: Sequence[tuple[str, str | os.PathLike]] = (),
                  title: str = "DINO-Depth + ModMap: demo report",
-                 references: Sequence[tuple[str, str | os.PathLike]] = ()) -> Path:
-    """Write the report; every referenced file must exist (and every picture decode). Returns its path."""
+                 references: Sequence[tuple[str, str | os.PathLike]] = (),
+                 reference_figures: Sequence[tuple[str, str | os.PathLike]] = ()) -> Path:
+    """Write the report; every referenced file must exist (and every picture decode). Returns its path.
+
+    ``reference_figures``: (label of a reference, its detect/demo_figures.py folder): those pictures go
+    under that reference's table."""
     run_dir, out_html = Path(run_dir), Path(out_html)
     out_dir = out_html.parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,6 +268,16 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
         if not mpath.is_file():
             raise ReportError(f"no {mpath}: run detect/demo_figures.py first")
         manifest = json.loads(mpath.read_text())
+    ref_labels = [label for label, _ in references]
+    ref_figures: dict[str, tuple[Path, dict]] = {}
+    for label, folder in reference_figures:
+        if label not in ref_labels:
+            raise ReportError(f"--reference-figures {label}=…: no --reference named {label!r} "
+                              f"(references: {ref_labels})")
+        rpath = Path(folder) / "figures.json"
+        if not rpath.is_file():
+            raise ReportError(f"no {rpath}: run detect/demo_figures.py on the {label} run first")
+        ref_figures[label] = (Path(folder), json.loads(rpath.read_text()))
 
     body: list[str] = [f"<h1>{_e(title)}</h1>"]
     sections = list(dict.fromkeys(f["section"] for f in manifest["figures"]))
@@ -314,6 +328,10 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
                     f"(<a href=\"{_href(ref_dir / 'results.md', out_dir)}\">results.md</a>).</p>")
         body.append(results_table(ref_dir))
         body.append(paired_table(run_dir, ref_dir, label))
+        if label in ref_figures:
+            folder, ref_manifest = ref_figures[label]
+            body.append(f"<h4>{_e(label)}: pictures</h4>")
+            body += [_figure_html(f, folder, out_dir) for f in ref_manifest["figures"]]
     body.append(settings)
     for fig in manifest["figures"]:
         if fig["section"] == "Results":
@@ -379,13 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference", action="append", type=label_path, default=[], metavar="LABEL=RUN",
                     help="another detect/run.py output folder on the same data shown as a reference table "
                          "(e.g. PatchCore=runs/demo/patchcore; repeatable)")
+    ap.add_argument("--reference-figures", action="append", type=label_path, default=[], metavar="LABEL=DIR",
+                    help="the detect/demo_figures.py folder of the reference LABEL: its pictures go under its "
+                         "table (repeatable)")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = build_report(args.run, args.out, args.figures, args.timings, args.link, args.title, args.reference)
+        path = build_report(args.run, args.out, args.figures, args.timings, args.link, args.title, args.reference,
+                            args.reference_figures)
     except (ReportError, OSError, ValueError) as exc:
         return fail(exc)
     print(f"wrote {path} (open it in a browser: file://{Path(path).resolve()})")

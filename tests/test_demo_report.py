@@ -179,3 +179,15 @@ def test_report_shows_paired_differences_with_the_reference_run(demo_run, tmp_pa
     assert float(row.group(1)) == pytest.approx(a["image_auroc"] - b["image_auroc"], abs=1e-3)
     row = re.search(r"Δ O-P-AUROC</td><td>([+-][\d.]+)", text)
     assert float(row.group(1)) == pytest.approx(a["object_pixel_auroc"] - b["object_pixel_auroc"], abs=1e-3)
+
+    # the reference's own pictures under its table (--reference-figures)
+    figs = tmp_path / "figures_patchcore"
+    assert figures_main(["--data", str(demo_run["data"]), "--detect", str(ref), "--out", str(figs)]) == 0
+    assert report_main(["--run", str(demo_run["detect"]), "--out", str(html_path), "--reference", f"PatchCore={ref}",
+                        "--reference-figures", f"PatchCore={figs}"]) == 0
+    text = html_path.read_text()
+    ET.fromstring(text.split("\n", 1)[1])
+    pictures = text.split("PatchCore: pictures", 1)
+    assert len(pictures) == 2 and "figures_patchcore/maps_vase.png" in pictures[1]
+    assert report_main(["--run", str(demo_run["detect"]), "--out", str(html_path), "--reference", f"PatchCore={ref}",
+                        "--reference-figures", f"CFM={figs}"]) != 0  # no such reference
