@@ -178,16 +178,17 @@ $(DEMO_PATCHCORE): $(DEMO_RESULTS)
 	@$(call demo_run,5b PatchCore,$(PY) detect/run.py $(DEMO_PATCHCORE_RUN))
 
 $(DEMO_FIGURES): $(DEMO_RESULTS) $(DEMO_PATCHCORE)
-	@$(call demo_header,[5/5] Pictures and dense 3D volumes -> $(DEMO)/figures and $(DEMO)/volumes)
+	@$(call demo_header,[5/5] Pictures and dense 3D volumes -> $(DEMO)/figures$(comma) $(DEMO)/figures_patchcore and $(DEMO)/volumes)
 	@$(call demo_run,5c pictures,$(PY) detect/demo_figures.py --data $(DEMO)/data --detect $(DEMO)/detect \
 		--ckpt $(DEMO_DINODEPTH) --pretrain-log 'DINO-Depth=$(DEMO)/pretrain/metrics.jsonl' --out $(DEMO)/figures \
-		--volumes-out $(DEMO)/volumes)
+		--volumes-out $(DEMO)/volumes && $(PY) detect/demo_figures.py --data $(DEMO)/data --detect $(DEMO)/patchcore \
+		--out $(DEMO)/figures_patchcore)
 
 $(DEMO_REPORT): $(DEMO_FIGURES)
 	@$(call demo_header,[5/5] Report -> $@)
 	@$(call demo_run,5d report,$(PY) detect/report.py --run $(DEMO)/detect --figures $(DEMO)/figures \
 		--timings $(DEMO_TIMINGS) --out $@ --link 'DINO-Depth encoder=$(DEMO_DINODEPTH)' \
-		--reference 'PatchCore=$(DEMO)/patchcore' \
+		--reference 'PatchCore=$(DEMO)/patchcore' --reference-figures 'PatchCore=$(DEMO)/figures_patchcore' \
 		--link 'pretraining shards (manifest)=$(DEMO)/shards/benchmark/manifest.json')
 
 demo-data: $(DEMO_DATA)
