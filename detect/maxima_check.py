@@ -88,7 +88,7 @@ def check_class(runner, setup: str, class_name: str) -> list[dict]:
             _cur["view"] = v
             return v.depth, v.calib
 
-        def on_view(maps, combined_orig, _cur=current, _views=views):
+        def on_view(maps, combined_orig, _cur=current, _views=views, _meta=meta):
             v = _cur["view"]
             m = np.asarray(combined_orig, dtype=np.float32)
             r, c = np.unravel_index(int(np.argmax(m)), m.shape)
@@ -98,7 +98,7 @@ def check_class(runner, setup: str, class_name: str) -> list[dict]:
                            "dist_invalid_px": float(_distance_to_invalid(v.depth)[r, c]),
                            "saturated": bool(gray[r, c] >= SATURATED),
                            "on_gt_mask": bool(v.mask[r, c]) if v.mask is not None else None,
-                           "artefacts": list(meta.get("artefacts", {}).get(v.stem, []))})
+                           "artefacts": list(_meta.get("artefacts", {}).get(v.stem, []))})
 
         with torch.no_grad():
             pred = predict_instance(model, image, depth, feats.grid, load, feats.geometries, cfg.image_size,

@@ -716,6 +716,14 @@ def interval_from_replicates(value: float, replicates: np.ndarray, level: float 
     return _interval(float(value), np.asarray(replicates, dtype=np.float64), level)
 
 
+def class_seed(seed: int, group: str) -> int:
+    """The bootstrap seed of one group (class) of a run: groups are resampled independently, which
+    :func:`mean_interval` needs; stable across processes."""
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(group.encode())) % (2 ** 32)
+
+
 def mean_interval(parts: Sequence[tuple[float, np.ndarray]], level: float = 0.95) -> Interval:
     """Mean over groups (e.g. classes) of a metric with its bootstrap interval: replicate k of the mean is
     the mean of the groups' replicates k. Valid when the groups were resampled independently (different

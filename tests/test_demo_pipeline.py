@@ -68,7 +68,12 @@ def test_make_demo_end_to_end_small(tmp_path):
     for name in ("pca_depth_features.png", "pretrain_curves.png", "mapping_curves.png", "instance_scores.png"):
         assert (demo / "figures" / name).is_file(), name
     html = (demo / "index.html").read_text()
-    assert html.count("<img ") == 8 and "4b ModMap fit" in html
+    for cls in ("vase", "stool"):  # PatchCore's pictures too, under its table in the report
+        assert (demo / "figures_patchcore" / f"maps_{cls}.png").is_file()
+    assert not (demo / "figures_patchcore" / "mapping_curves.png").exists()  # PatchCore trains no mapping
+    # ModMap: 2 classes × (maps, volume) + PCA, pretraining, mapping curves, instance scores;
+    # PatchCore: 2 × (maps, volume) + instance scores
+    assert html.count("<img ") == 13 and "4b ModMap fit" in html and "PatchCore: pictures" in html
     assert "Reference: PatchCore" in html and "EfficientNet-Lite0" in html
 
     # everything done: nothing runs again

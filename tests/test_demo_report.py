@@ -180,6 +180,24 @@ def test_report_shows_paired_differences_with_the_reference_run(demo_run, tmp_pa
     row = re.search(r"Δ O-P-AUROC</td><td>([+-][\d.]+)", text)
     assert float(row.group(1)) == pytest.approx(a["object_pixel_auroc"] - b["object_pixel_auroc"], abs=1e-3)
 
+    # results.md/json: the mean over classes carries the interval of the classes' replicates — the same
+    # one compare_runs computes from the run's files (each class resampled under its own seed)
+    from detect.config import DetectConfig
+    from detect.pipeline.compare import compare_runs, run_evidence
+    from shared.config import load_config
+
+    cfg = load_config(DetectConfig, ref / "config.yaml")
+    expected = compare_runs(run_evidence(cfg, ref, "real2real", ["vase"]), None, seed=cfg.seed)
+    class_mean = json.loads((ref / "results.json").read_text())["class_mean"]["real2real"]
+    for metric, key in (("I-AUROC", "image_auroc"), ("V-AUPRO@1%", "voxel_aupro@0.01"),
+                        ("O-P-AUROC", "object_pixel_auroc")):
+        want = expected[metric]["mean"]
+        assert class_mean[key]["value"] == pytest.approx(want.value)
+        assert (class_mean[key]["low"], class_mean[key]["high"]) == pytest.approx((want.low, want.high), nan_ok=True)
+    mean_cells = [line.rsplit("|", 2)[1] for line in (ref / "results.md").read_text().splitlines()
+                  if line.startswith("| real2real |")]
+    assert len(mean_cells) == 3 and all("[" in cell for cell in mean_cells), mean_cells
+
     # the reference's own pictures under its table (--reference-figures)
     figs = tmp_path / "figures_patchcore"
     assert figures_main(["--data", str(demo_run["data"]), "--detect", str(ref), "--out", str(figs)]) == 0

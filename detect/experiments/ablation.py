@@ -43,7 +43,15 @@ import numpy as np
 
 from detect.config import SETUPS, DetectConfig, setups
 from detect.pipeline.base import deterministic
-from detect.pipeline.results import PAPER_COLUMNS, ci_text, complete_mean, fmt, jsonable, read_results, write_csv
+from detect.pipeline.results import (
+    PAPER_COLUMNS,
+    ci_text,
+    complete_mean,
+    fmt,
+    jsonable,
+    read_results,
+    write_csv,
+)
 from shared.config import ConfigError, from_dict, load_yaml, merge_dicts, save_config, to_dict
 from shared.io import atomic_write_json, atomic_write_text
 

@@ -12,7 +12,6 @@ machinery is :mod:`detect.metrics` (:func:`metric_replicates`, :func:`mean_inter
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,17 +110,12 @@ def run_evidence(cfg: DetectConfig, run_out: Path, setup: str, classes: Sequence
     return RunEvidence(cfg, run_out, setup, classes, pixels)
 
 
-def _class_seed(seed: int, class_name: str) -> int:
-    """Classes are resampled independently (the mean's interval needs it); stable across processes."""
-    return (seed * 1_000_003 + zlib.crc32(class_name.encode())) % (2 ** 32)
-
-
 def compare_runs(a: Mapping[str, ClassEvidence], b: Mapping[str, ClassEvidence] | None = None,
                  n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Interval]]:
     """Per metric of :data:`COMPARED`: ``{class: Interval, ..., "mean": Interval}`` of run ``a`` — or of
     ``a`` minus ``b``, paired on the same instances — with bootstrap intervals over instances. A metric
     is left out where a class lacks its evidence in either run; the mean is over the classes of ``a``."""
-    from detect.metrics import interval_from_replicates, mean_interval, metric_replicates
+    from detect.metrics import class_seed, interval_from_replicates, mean_interval, metric_replicates
 
     if b is not None and sorted(a) != sorted(b):
         raise ValueError(f"different classes: {sorted(a)} vs {sorted(b)}")
@@ -138,7 +132,7 @@ def compare_runs(a: Mapping[str, ClassEvidence], b: Mapping[str, ClassEvidence] 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    reps = metric_replicates(xa, xb, limits, prefix, n_boot, _class_seed(seed, c))
+                    reps = metric_replicates(xa, xb, limits, prefix, n_boot, class_seed(seed, c))
             except ValueError as exc:
                 raise RunError(f"{metric}, class {c}: {exc}") from None
             parts[metric][c] = reps[key]

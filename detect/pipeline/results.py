@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.io import atomic_write_json, atomic_write_text
+from shared.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 # Paper column names (Table 1) of the SiM3D classes, in the paper's order.
 PAPER_COLUMNS = {
@@ -86,6 +86,41 @@ def read_results(out: Path) -> dict[str, dict[str, dict]]:
     return json.loads((Path(out) / "results.json").read_text())["results"]
 
 
+# -- class-mean intervals --------------------------------------------------------------------------
+REPLICATES_DIR = "bootstrap_replicates"  # <class dir>/bootstrap_replicates/<metric key>.npz
+# results.md headline metric → key of its replicates file
+MEAN_CI_KEYS = {"I-AUROC": "image_auroc", "V-AUPRO@1%": "voxel_aupro@0.01", "O-P-AUROC": "object_pixel_auroc"}
+
+
+def save_replicates(class_dir: Path, key: str, value: float, replicates: np.ndarray) -> None:
+    """One class's exact value and bootstrap replicates of a metric (resampled with the class's own seed,
+    :func:`detect.metrics.class_seed`), kept so that the mean over classes gets an interval."""
+    buf = io.BytesIO()
+    np.savez(buf, value=np.float64(value), replicates=np.asarray(replicates, dtype=np.float64))
+    atomic_write_bytes(Path(class_dir) / REPLICATES_DIR / f"{key}.npz", buf.getvalue())
+
+
+def class_mean_intervals(out: Path, results: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """``{setup: {metric key: Interval dict}}``: the mean over a setup's classes with its bootstrap interval
+    (replicate k of the mean = mean of the classes' replicates k), for the metrics every class saved."""
+    from detect.metrics import mean_interval
+
+    means: dict[str, dict[str, dict]] = {}
+    for setup, per in results.items():
+        for key in MEAN_CI_KEYS.values():
+            parts = []
+            for class_name in per:
+                path = Path(out) / setup / class_name / REPLICATES_DIR / f"{key}.npz"
+                if not path.is_file():
+                    break
+                with np.load(path) as z:
+                    parts.append((float(z["value"]), z["replicates"]))
+            else:
+                if parts and len({r.size for _, r in parts}) == 1:
+                    means.setdefault(setup, {})[key] = mean_interval(parts).to_dict()
+    return means
+
+
 # -- multiview (SiM3D layout) ----------------------------------------------------------------------
 def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder: bool,
                   title: str = "ModMap results") -> None:
@@ -113,6 +148,7 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
         for end in ("low", "high"):
             full.append((f"{key}_ci95_{end}", lambda m, g=get_ci, e=end: (g(m) or {}).get(e)))
 
+    means = class_mean_intervals(out, results)
     lines = [f"# {title}", ""]
     if random_encoder:
         lines += [RANDOM_ENCODER_BANNER, ""]
@@ -124,7 +160,9 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
         for name, get in headline:
             vals = [get(per[c]) if c in per else None for c in classes]
             cells = [fmt(v) + ci_text(intervals[name](per[c]) if c in per else None) for v, c in zip(vals, classes)]
-            lines.append(f"| {setup} | {name} | " + " | ".join(cells) + f" | {fmt(complete_mean(vals))} |")
+            mean_ci = means.get(setup, {}).get(MEAN_CI_KEYS[name]) if None not in vals else None
+            lines.append(f"| {setup} | {name} | " + " | ".join(cells)
+                         + f" | {fmt(complete_mean(vals))}{ci_text(mean_ci)} |")
         for name, get in full:
             vals = [get(per[c]) if c in per else None for c in classes]
             row = {"setup": setup, "metric": name, **{c: vals[i] for i, c in enumerate(classes)}, "mean": complete_mean(vals)}
@@ -133,12 +171,13 @@ def write_results(out: Path, results: dict[str, dict[str, dict]], random_encoder
               + ", ".join(sorted({str(m.get('eval_domain')) for per in results.values() for m in per.values()}))
               + ". O-P-AUROC = pixel AUROC on the object foreground of every view (valid depth ∪ GT-anomalous "
               "pixels; results.csv also has pixel_auroc over all pixels). [a, b] = 95 % stratified bootstrap "
-              "interval over the class's instances; Mean = mean over classes (no interval).", ""]
+              "interval over the class's instances; Mean = mean over classes, its interval from the classes' "
+              "replicates (each class resampled independently).", ""]
     atomic_write_text(out / "results.md", "\n".join(lines))
     write_csv(out / "results.csv", [{k: ("" if v is None else v) for k, v in r.items()} for r in csv_rows],
               ["setup", "metric", *classes, "mean"])
     atomic_write_json(out / "results.json", jsonable({"title": title, "random_image_encoder": random_encoder,
-                                                   "results": results}))
+                                                   "results": results, "class_mean": means}))
 
 
 
