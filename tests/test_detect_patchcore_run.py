@@ -234,3 +234,19 @@ def test_bank_shift_adds_three_shifted_copies_of_the_training_views(bench, tmp_p
         assert (s[48 * k:48 * (k + 1)] - p).abs().mean() > 1e-3, k
     with pytest.raises(ConfigError, match="patchcore_bank_shift"):
         parse_config(["--data", "/d", "patchcore_bank_shift=-1"])
+
+
+def test_cnn_token_patch_gives_a_finer_token_grid(bench, tmp_path):
+    """``cnn_token_patch=7``: the CNN's tokens on a 4× finer grid (8×8 at 56 px instead of 4×4), banked
+    and scored end to end."""
+    data, weights = bench
+    out = tmp_path / "tp7"
+    assert main(["--data", str(data), "--image-encoder", "cnn", "--image-encoder-weights", str(weights),
+                 "--depth-encoder", "cnn_on_depth", "--image-size", "56", "--no-progress", "--method", "patchcore",
+                 "--patchcore-bank", "class", "--patchcore-bank-tokens", "all", "--out", str(out),
+                 "cnn_token_patch=7"]) == 0
+    obj = torch.load(out / "real2real" / "vase" / "patchcore.pt", weights_only=True)
+    assert obj["config"]["bank_tokens"] == 3 * 64 and obj["config"]["grid"] == [8, 8]
+    assert (out / "real2real" / "vase" / "scores.csv").is_file()
+    with pytest.raises(ConfigError, match="cnn_token_patch"):
+        parse_config(["--data", "/d", "--image-encoder", "cnn", "cnn_token_patch=0"])
