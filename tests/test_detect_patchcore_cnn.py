@@ -162,6 +162,33 @@ def test_cnn_tokens_on_patch14_grid_and_norm_is_exact():
         enc.grid(225)
 
 
+def test_cnn_smooth_window_sets_the_averaging_and_enters_the_fingerprint():
+    """``smooth=1`` skips the 3×3 averaging (equal to the raw level maps resized to the grid), a wider
+    window averages more; the non-default window is recorded in the encoder's arch (the cache key)."""
+    import torch.nn.functional as F
+
+    x = (torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(3)) - 0.445) / 0.269
+    raw = load_cnn_image_encoder(random_init=True, feature_indices=(1,), smooth=1)
+    default = load_cnn_image_encoder(random_init=True, feature_indices=(1,))
+    wide = load_cnn_image_encoder(random_init=True, feature_indices=(1,), smooth=5)
+    t_raw, grid = raw(x)
+    t_def, _ = default(x)
+    t_wide, _ = wide(x)
+    with torch.inference_mode():
+        m = raw.feature_maps(x * raw.input_scale + raw.input_shift)[0].float()
+    want = F.interpolate(m, size=grid, mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(t_raw, want.flatten(2).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    # averaging lowers the spread between neighbouring tokens: 1 > 3 > 5
+    def roughness(t):
+        g = t.reshape(*grid, -1)
+        return (g[1:] - g[:-1]).abs().mean().item()
+    assert roughness(t_raw) > roughness(t_def) > roughness(t_wide)
+    assert "smooth" not in default.info.arch and raw.info.arch["smooth"] == 1
+    for bad in (0, 2):
+        with pytest.raises(EncoderError, match="odd number"):
+            load_cnn_image_encoder(random_init=True, smooth=bad)
+
+
 def test_cnn_encoder_errors_name_the_problem(tmp_path):
     with pytest.raises(EncoderError, match="do not exist"):
         load_cnn_image_encoder(weights=tmp_path / "missing.pth")

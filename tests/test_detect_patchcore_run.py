@@ -69,6 +69,9 @@ def test_patchcore_and_cnn_config_errors():
         parse_config(["--data", "/d", "--method", "patchcore", "patchcore_coreset=0"])
     cfg = parse_config(["--data", "/d", "--image-encoder", "cnn", "--cnn-features", "1,2", "--method", "patchcore"])
     assert cfg.cnn_features == [1, 2] and cfg.method == "patchcore"
+    assert parse_config(["--data", "/d", "--image-encoder", "cnn", "cnn_smooth=1"]).cnn_smooth == 1
+    with pytest.raises(ConfigError, match="cnn_smooth"):
+        parse_config(["--data", "/d", "--image-encoder", "cnn", "cnn_smooth=2"])
 
 
 def test_patchcore_end_to_end_with_cnn_encoders(bench, tmp_path, capsys):
@@ -196,3 +199,54 @@ def test_distance_helpers_of_the_maxima_check():
     dl = _distance_to_labels(labels)
     assert dl[0, 0, 0] == 0 and dl[0, 0, 3] == pytest.approx(3) and dl[4, 4, 4] == pytest.approx(4 * 3 ** 0.5)
     assert np.isinf(_distance_to_labels(np.zeros((2, 2, 2), bool))).all()
+
+
+def test_shift_pixels_moves_content_and_replicates_the_edge():
+    from detect.features import shift_pixels
+
+    x = torch.arange(20, dtype=torch.float32).reshape(1, 4, 5)
+    down_right = shift_pixels(x, (1, 2))
+    torch.testing.assert_close(down_right[0, 1:, 2:], x[0, :3, :3])
+    torch.testing.assert_close(down_right[0, 0, 2:], x[0, 0, :3])  # top row replicated
+    torch.testing.assert_close(down_right[0, 1:, 0], x[0, :3, 0])  # left column replicated
+    up_left = shift_pixels(x, (-1, -1))
+    torch.testing.assert_close(up_left[0, :3, :4], x[0, 1:, 1:])
+    assert shift_pixels(x, (0, 0)) is x
+    with pytest.raises(ValueError, match="not smaller"):
+        shift_pixels(x, (4, 0))
+
+
+def test_bank_shift_adds_three_shifted_copies_of_the_training_views(bench, tmp_path):
+    """``patchcore_bank_shift=7``: the bank holds the training views' tokens plus those of the copies
+    shifted down, right and both by 7 px; the originals stay in it unchanged, the copies differ."""
+    data, weights = bench
+    base = ["--data", str(data), "--image-encoder", "cnn", "--image-encoder-weights", str(weights),
+            "--depth-encoder", "cnn_on_depth", "--image-size", "56", "--no-progress", "--method", "patchcore",
+            "--patchcore-bank", "class", "--patchcore-bank-tokens", "all", "--mode", "fit"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "shift"), "patchcore_bank_shift=7"]) == 0
+    plain = torch.load(tmp_path / "plain" / "real2real" / "vase" / "patchcore.pt", weights_only=True)
+    shift = torch.load(tmp_path / "shift" / "real2real" / "vase" / "patchcore.pt", weights_only=True)
+    p, s = plain["patchcore"]["banks"]["-1"], shift["patchcore"]["banks"]["-1"]
+    assert p.shape[0] == 3 * 16 and s.shape[0] == 4 * 3 * 16
+    torch.testing.assert_close(s[:48], p)
+    for k in range(1, 4):
+        assert (s[48 * k:48 * (k + 1)] - p).abs().mean() > 1e-3, k
+    with pytest.raises(ConfigError, match="patchcore_bank_shift"):
+        parse_config(["--data", "/d", "patchcore_bank_shift=-1"])
+
+
+def test_cnn_token_patch_gives_a_finer_token_grid(bench, tmp_path):
+    """``cnn_token_patch=7``: the CNN's tokens on a 4× finer grid (8×8 at 56 px instead of 4×4), banked
+    and scored end to end."""
+    data, weights = bench
+    out = tmp_path / "tp7"
+    assert main(["--data", str(data), "--image-encoder", "cnn", "--image-encoder-weights", str(weights),
+                 "--depth-encoder", "cnn_on_depth", "--image-size", "56", "--no-progress", "--method", "patchcore",
+                 "--patchcore-bank", "class", "--patchcore-bank-tokens", "all", "--out", str(out),
+                 "cnn_token_patch=7"]) == 0
+    obj = torch.load(out / "real2real" / "vase" / "patchcore.pt", weights_only=True)
+    assert obj["config"]["bank_tokens"] == 3 * 64 and obj["config"]["grid"] == [8, 8]
+    assert (out / "real2real" / "vase" / "scores.csv").is_file()
+    with pytest.raises(ConfigError, match="cnn_token_patch"):
+        parse_config(["--data", "/d", "--image-encoder", "cnn", "cnn_token_patch=0"])

@@ -211,7 +211,14 @@ class MultiviewRunner:
         from shared.checkpoint import save_checkpoint
 
         t0 = time.perf_counter()
-        bank = build_bank(image, depth, valid, patchcore_settings(self.cfg))
+        settings = patchcore_settings(self.cfg)
+        copies = []
+        if self.cfg.patchcore_bank_shift:  # shifted copies of the training views (encoded here, not cached)
+            s = self.cfg.patchcore_bank_shift
+            sources = view_sources(ds, record)
+            copies = [self.extractor().encode_shifted(sources, shift, with_depth=settings.features != "image")
+                      for shift in ((s, 0), (0, s), (s, s))]
+        bank = build_bank(image, depth, valid, settings, copies)
         meta = {
             "format_version": MODEL_FORMAT_VERSION, "method": "patchcore", "n_views": feats.n_views,
             "view_stems": feats.stems, "view_order": ds.view_order, "class_name": class_name, "setup": setup,

@@ -75,8 +75,9 @@ def image_encoder(cfg: DetectConfig, dev: torch.device) -> FrozenEncoder:
 
         try:
             return load_cnn_image_encoder(cfg.cnn_arch, cfg.image_encoder_weights or None, tuple(cfg.cnn_features),
+                                          token_patch=cfg.cnn_token_patch,
                                           pipeline_norm=cfg.image_norm, dtype=cfg.encoder_dtype, device=dev,
-                                          seed=cfg.seed)  # type: ignore[return-value]
+                                          seed=cfg.seed, smooth=cfg.cnn_smooth)  # type: ignore[return-value]
         except EncoderError as exc:
             raise RunError(str(exc)) from None
     enc = load_image_encoder(cfg.image_encoder, cfg.image_encoder_weights or None, cfg.encoder_dtype, dev,
