@@ -657,8 +657,11 @@ class InstanceElements:
         return _segmentation_from_pooled(self._acc.pooled(), limits if self.regions else (), prefix)
 
     def metrics(self, limits: Iterable[float] = (0.3, 0.01), prefix: str = "voxel", n_boot: int = DEFAULT_N_BOOT,
-                seed: int = 0, level: float = 0.95, max_thresholds: int = DEFAULT_MAX_THRESHOLDS) -> dict:
-        """``{f"{prefix}_auroc": Interval, f"{prefix}_aupro": {α: Interval}, "n_instances", "bootstrap"}``."""
+                seed: int = 0, level: float = 0.95, max_thresholds: int = DEFAULT_MAX_THRESHOLDS,
+                replicates: bool = False) -> dict:
+        """``{f"{prefix}_auroc": Interval, f"{prefix}_aupro": {α: Interval}, "n_instances", "bootstrap"}``;
+        ``replicates``: also ``"replicates": {key: (exact value, replicates)}`` under the keys of
+        :func:`metric_replicates` (e.g. for :func:`mean_interval` over classes)."""
         limits = tuple(float(a) for a in limits) if self.regions else ()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -671,6 +674,9 @@ class InstanceElements:
             out[f"{prefix}_aupro"] = {a: _interval(point[f"{prefix}_aupro"][a], aupro[a], level) for a in limits}
         out["n_instances"] = self.n_instances
         out["bootstrap"] = _bootstrap_meta(n_boot, seed, level, curves.exact)
+        if replicates:
+            out["replicates"] = {f"{prefix}_auroc": (point[f"{prefix}_auroc"], auroc),
+                                 **{f"{prefix}_aupro@{a:g}": (point[f"{prefix}_aupro"][a], aupro[a]) for a in limits}}
         return out
 
 

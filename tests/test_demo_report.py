@@ -194,6 +194,11 @@ def test_report_shows_paired_differences_with_the_reference_run(demo_run, tmp_pa
         want = expected[metric]["mean"]
         assert class_mean[key]["value"] == pytest.approx(want.value)
         assert (class_mean[key]["low"], class_mean[key]["high"]) == pytest.approx((want.low, want.high), nan_ok=True)
+    per_class = json.loads((ref / "results.json").read_text())["results"]["real2real"]["vase"]
+    for metric, ci in (("I-AUROC", per_class["image_auroc_ci"]), ("V-AUPRO@1%", per_class["voxel_aupro_ci"]["0.01"])):
+        # the class's own interval comes from the same replicates (one bootstrap per class and metric)
+        want = expected[metric]["vase"]
+        assert (ci["low"], ci["high"]) == pytest.approx((want.low, want.high), nan_ok=True), metric
     mean_cells = [line.rsplit("|", 2)[1] for line in (ref / "results.md").read_text().splitlines()
                   if line.startswith("| real2real |")]
     assert len(mean_cells) == 3 and all("[" in cell for cell in mean_cells), mean_cells

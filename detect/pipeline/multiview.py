@@ -381,7 +381,6 @@ class MultiviewRunner:
             InstanceElements,
             SegmentationAccumulator,
             class_seed,
-            metric_replicates,
             object_pixel_domain,
         )
         from detect.volume import bounding_grid
@@ -477,11 +476,10 @@ class MultiviewRunner:
                               "pixel_eval_res": "original (GT native resolution)"}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                op = object_px.metrics(cfg.pro_limits, "pixel", seed=cfg.seed)
-                # the class's replicates under its own seed: the class mean's interval (results.md)
-                value, reps = metric_replicates(object_px, None, (), "pixel",
-                                                seed=class_seed(cfg.seed, class_name))["pixel_auroc"]
-            save_replicates(out_dir, "object_pixel_auroc", value, reps)
+                # each class under its own seed: the replicates also give the class mean's interval (results.md)
+                op = object_px.metrics(cfg.pro_limits, "pixel", seed=class_seed(cfg.seed, class_name),
+                                       replicates=True)
+            save_replicates(out_dir, "object_pixel_auroc", *op["replicates"]["pixel_auroc"])
             extra["pixel"].update({
                 "object_pixel_auroc": op["pixel_auroc"].value, "object_pixel_auroc_ci": op["pixel_auroc"].to_dict(),
                 "object_pixel_aupro": {str(k): v.value for k, v in op["pixel_aupro"].items()},
@@ -508,13 +506,7 @@ class MultiviewRunner:
 
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self, setup: str, class_name: str) -> dict:
-        from detect.metrics import (
-            class_seed,
-            instance_auroc,
-            instance_auroc_interval,
-            instance_score_elements,
-            metric_replicates,
-        )
+        from detect.metrics import class_seed, instance_auroc, instance_score_elements
 
         cfg = self.cfg
         out_dir = self.class_dir(setup, class_name)
@@ -529,11 +521,11 @@ class MultiviewRunner:
             warnings.simplefilter("ignore", RuntimeWarning)
             metrics["image_auroc"] = instance_auroc(scores, labels)
             if len(set(labels.tolist())) == 2:  # 95 % stratified bootstrap interval over instances
-                metrics["image_auroc_ci"] = instance_auroc_interval(scores, labels, seed=cfg.seed).to_dict()
-                # the class's replicates under its own seed: the class mean's interval (results.md)
+                # each class under its own seed: the replicates also give the class mean's interval (results.md)
                 inst = instance_score_elements(scores, labels, [r["instance"] for r in rows])
-                save_replicates(out_dir, "image_auroc", *metric_replicates(
-                    inst, None, (), "image", seed=class_seed(cfg.seed, class_name))["image_auroc"])
+                res = inst.metrics((), "image", seed=class_seed(cfg.seed, class_name), replicates=True)
+                metrics["image_auroc_ci"] = res["image_auroc"].to_dict()
+                save_replicates(out_dir, "image_auroc", *res["replicates"]["image_auroc"])
         if info.get("pixel"):
             metrics.update(info["pixel"])
         ds = class_dataset(cfg, class_name) if cfg.gt_reader != "none" else None
@@ -543,10 +535,9 @@ class MultiviewRunner:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     vox = vox_el.exact(cfg.pro_limits, prefix="voxel")
-                    ci = vox_el.metrics(cfg.pro_limits, "voxel", seed=cfg.seed)
-                    if 0.01 in ci.get("voxel_aupro", {}):
-                        save_replicates(out_dir, "voxel_aupro@0.01", *metric_replicates(
-                            vox_el, None, (0.01,), "voxel", seed=class_seed(cfg.seed, class_name))["voxel_aupro@0.01"])
+                    ci = vox_el.metrics(cfg.pro_limits, "voxel", seed=class_seed(cfg.seed, class_name), replicates=True)
+                if "voxel_aupro@0.01" in ci["replicates"]:
+                    save_replicates(out_dir, "voxel_aupro@0.01", *ci["replicates"]["voxel_aupro@0.01"])
                 metrics["voxel_auroc"] = vox["voxel_auroc"]
                 metrics["voxel_aupro"] = {str(k): v for k, v in vox["voxel_aupro"].items()}
                 metrics["voxel_auroc_ci"] = ci["voxel_auroc"].to_dict()
