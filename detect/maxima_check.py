@@ -28,13 +28,13 @@ if __package__ in (None, ""):  # run as a script: put the repo root on sys.path 
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 
 from detect.config import parse_config, setups
 from shared.cli import fail, run_main
 from shared.config import ConfigError
+from shared.io import atomic_write_json
 
 SATURATED = 250  # grey level at and above which a pixel counts as saturated (specular highlight)
 
@@ -61,6 +61,7 @@ def check_class(runner, setup: str, class_name: str) -> list[dict]:
     import torch
 
     from detect.infer import predict_instance
+    from detect.pipeline.base import progress_bar
     from detect.pipeline.multiview import class_dataset, load_view
     from detect.pipeline.settings import inference_settings
 
@@ -75,7 +76,9 @@ def check_class(runner, setup: str, class_name: str) -> list[dict]:
         model, _ = runner.load_model(setup, class_name, ds.n_views, ds.stems)
         scorer = runner.scorer(runner.class_dir(setup, class_name))
     records = []
+    bar = progress_bar(len(ds.test_records), f"maxima {setup}/{class_name}", runner.cfg.progress, "instance")
     for record in ds.test_records:
+        bar.update(1)
         feats, _ = runner.features(ds, record, f"{class_name}/{record.name}")
         image, depth, _ = feats.tensors(runner.device)
         gt = ds.load_gt(record)
@@ -115,6 +118,7 @@ def check_class(runner, setup: str, class_name: str) -> list[dict]:
         rec["top_view"] = best
         rec["views_max"] = {d["view"]: round(d["max"], 4) for d in views}
         records.append(rec)
+    bar.close()
     return records
 
 
@@ -140,6 +144,11 @@ def summary(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in args or "--help" in args:  # our usage, then the detect/run.py options it takes
+        print("usage: python detect/maxima_check.py [--json FILE] <detect/run.py options>\n\n"
+              + __doc__.split("\n\n")[0] + "\n\n  --json FILE   write one record per instance to FILE\n\n"
+              "The detect/run.py options (the run in --out must be fitted):\n")
+        args = ["--help"]
     out_json = None
     if "--json" in args:  # our one option; everything else is detect/run.py's
         i = args.index("--json")
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     print(summary(records))
     if out_json:
-        Path(out_json).write_text(json.dumps(records, indent=1))
+        atomic_write_json(out_json, records, indent=1)
     return 0
 
 
