@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 import warnings
@@ -39,7 +40,7 @@ from detect.pipeline.base import (
     run_classes,
     train_with_progress,
 )
-from detect.pipeline.results import jsonable, save_replicates, write_csv, write_results
+from detect.pipeline.results import REPLICATES_DIR, jsonable, save_replicates, write_csv, write_results
 from detect.pipeline.settings import (
     cache_dir,
     decoder_settings,
@@ -402,6 +403,8 @@ class MultiviewRunner:
             scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
         rows, timings = [], []
         pixel_acc = SegmentationAccumulator()
+        # a new prediction: replicates of an earlier one must not enter the class mean (saved again below)
+        shutil.rmtree(out_dir / REPLICATES_DIR, ignore_errors=True)
         # object-foreground pixels (valid depth ∪ GT) per instance: metrics with bootstrap intervals
         object_px = InstanceElements()
         has_pixel_gt = True
