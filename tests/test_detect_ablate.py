@@ -11,6 +11,7 @@ import torch
 
 from detect.ablate import main, parse_args
 from detect.config import DetectConfig
+from shared.config import ConfigError
 from detect.experiments.ablation import (
     TABLES,
     AblateConfig,
@@ -276,21 +277,39 @@ def test_table_writer_format():
             in md7)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "paper"])
+@pytest.mark.parametrize("preset", ["tiny", "paper", "demo"])
 def test_ablation_presets_resolve(preset):
     from detect.experiments.ablation import REPO, resolve_base
 
     acfg = parse_args(["--config", str(REPO / "configs" / "detect" / "ablate" / f"{preset}.yaml"), "--data", "/d",
                        "--classes", "a,b", "--out", "/tmp/x"])
     base = resolve_base(acfg)
-    assert base.setup == "both" and base.classes == ["a", "b"] and base.cache_dir == "/tmp/x/features"
+    assert base.classes == ["a", "b"] and base.cache_dir == "/tmp/x/features"
+    assert base.setup == ("real2real" if preset == "demo" else "both")
     if preset == "paper":
         assert (base.epochs, base.image_size, base.image_encoder) == (200, 896, "dinov2_vitb14_reg4")
         assert acfg.source_views == [0, 18, 9, 5] and acfg.timing_classes == ["sink_cabinet"]
+    elif preset == "demo":  # the demo's detector settings, PatchCore's included
+        assert (base.image_encoder, base.image_size, base.patchcore_bank, base.patchcore_bank_tokens) == (
+            "cnn", 448, "class", "all")
     else:
         assert base.image_encoder == "random" and base.device == "cpu"
-    _, runs = plan(acfg, base)
-    assert len(runs) == 13 + (preset == "paper")  # PatchCore + ...; paper: Table 8 runs on sink_cabinet only (one more run)
+    rows, runs = plan(acfg, base)
+    # PatchCore + ...; paper: Table 8 runs on sink_cabinet only (one more run); demo: Table 7 on both setups
+    # (class-specific ModMap once more, on both setups)
+    assert len(runs) == 13 + (preset != "tiny")
+    if preset == "demo":
+        assert acfg.setups_of("multi_class") == ["real2real", "synth2real"]
+        assert acfg.all_setups() == ["real2real", "synth2real"]
+        assert {runs[n].cfg.setup for _, n in rows["multi_class"]} == {"both"}
+        assert {runs[n].cfg.setup for t in rows if t != "multi_class" for _, n in rows[t]} == {"real2real"}
+
+
+def test_table_setups_are_checked():
+    with pytest.raises(ConfigError, match="unknown table"):
+        AblateConfig(table_setups={"nonsense": "both"}).validate()
+    with pytest.raises(ConfigError, match="table_setups.multi_class"):
+        AblateConfig(table_setups={"multi_class": "all"}).validate()
 
 
 def test_cli_parsing(tmp_path):

@@ -100,13 +100,15 @@ def test_ablation_table_shows_intervals_and_paired_differences():
                                                     "voxel_aupro": {"0.01": vals["V-AUPRO@1%"][c].value}}
                                                 for c in ev}}}
         stats.values.setdefault("real2real", {})[name] = vals
-    stats.diffs["real2real"] = {"b": compare_runs(runs["b"], runs["a"], n_boot=200)}
+    stats.diffs[("aggregation", "real2real")] = {"b": compare_runs(runs["b"], runs["a"], n_boot=200)}
+    # a difference of the same run against another table's reference is not this table's
+    stats.diffs[("cross_view", "real2real")] = {"b": compare_runs(runs["a"], runs["a"], n_boot=200)}
     md, records = render_table(spec, rows, data, ["real2real"], stats)
     iv = stats.values["real2real"]["a"]["I-AUROC"]["mean"]
     assert f"{iv.value:.3f}** [{iv.low:.2f}, {iv.high:.2f}]" in md  # the best value in bold, then its interval
     assert "Paired differences, row − **max**" in md
     line = next(x for x in md.splitlines() if x.startswith("| min |") and "*" in x and "[" in x and "-0." in x)
-    d = stats.diffs["real2real"]["b"]["V-AUPRO@1%"]["mean"]
+    d = stats.diffs[("aggregation", "real2real")]["b"]["V-AUPRO@1%"]["mean"]
     assert f"{d.value:+.3f} [{d.low:.2f}, {d.high:.2f}]*" in line  # a known loss, marked as not chance
     diff_recs = [r for r in records if r["metric"].endswith("- reference")]
     assert {r["metric"] for r in diff_recs} == {"I-AUROC - reference", "V-AUPRO@1% - reference"}

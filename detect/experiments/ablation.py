@@ -77,6 +77,9 @@ class AblateConfig:
     classes: list[str] = field(default_factory=list)  # empty: every class of the dataset
     source_views: list[int] = field(default_factory=lambda: [0, 6, 3, 2])  # K per target (Table 8); 0 = all
     timing_classes: list[str] = field(default_factory=list)  # classes of Table 8 (paper: sink_cabinet); empty: all
+    # per-table setup that replaces ``setup`` for that table, e.g. {multi_class: both}: the paper reports
+    # Table 7 on both setups and the rest on real-to-real only
+    table_setups: dict[str, str] = field(default_factory=dict)
     out: str = "runs/ablate"
     reuse: bool = True
 
@@ -90,6 +93,21 @@ class AblateConfig:
             raise ConfigError(f"source_views must be >= 0 (0 = all views), got {self.source_views}")
         if "view_subsampling" in self.tables and not self.source_views:
             raise ConfigError("the view_subsampling table needs at least one value in source_views")
+        for table, setup in self.table_setups.items():
+            if table not in TABLE_NAMES:
+                raise ConfigError(f"table_setups: unknown table {table!r}; expected one of {list(TABLE_NAMES)}")
+            if setup not in ("real2real", "synth2real", "both"):
+                raise ConfigError(f"table_setups.{table}: expected real2real, synth2real or both, got {setup!r}")
+
+    def setups_of(self, table: str) -> list[str]:
+        """The setups a table's rows run and show."""
+        setup = self.table_setups.get(table, self.setup)
+        return list(SETUPS) if setup == "both" else [setup]
+
+    def all_setups(self) -> list[str]:
+        """Every setup some table runs, in the order of SETUPS."""
+        used = {s for t in self.tables for s in self.setups_of(t)}
+        return [s for s in SETUPS if s in used]
 
 
 # -- table definitions -----------------------------------------------------------------------------
@@ -233,9 +251,10 @@ def plan(acfg: AblateConfig, base: DetectConfig) -> tuple[dict[str, list[tuple[R
     for table in acfg.tables:
         spec = TABLES[table]
         rows[table] = []
+        table_setup = {"setup": acfg.table_setups[table]} if table in acfg.table_setups else {}
         for row in spec.rows(acfg, base):
             try:
-                cfg = from_dict(DetectConfig, merge_dicts(to_dict(base), row.overrides))
+                cfg = from_dict(DetectConfig, merge_dicts(to_dict(base), {**row.overrides, **table_setup}))
             except ConfigError as exc:
                 raise ConfigError(f"table {table}, row {row.label!r}: {exc}") from None
             name = run_name(cfg)
@@ -391,12 +410,13 @@ def _bold_best(values: list[float | None], digits: int = 3, suffixes: list[str] 
 
 @dataclass
 class TableStats:
-    """Bootstrap statistics of a table's runs (:func:`detect.pipeline.compare.compare_runs`), keyed by
-    setup and run name: ``values`` each run's metrics with intervals, ``diffs`` each run minus the
-    table's reference row, paired on the same instances (the reference itself has none)."""
+    """Bootstrap statistics of the tables' runs (:func:`detect.pipeline.compare.compare_runs`): ``values``
+    each run's metrics with intervals, keyed by setup and run name; ``diffs`` each run minus its table's
+    reference row, paired on the same instances (the reference itself has none), keyed by (table, setup)
+    and run name — a run in several tables (PatchCore in Tables 3 and 6) has one difference per table."""
 
     values: dict[str, dict[str, dict]] = field(default_factory=dict)
-    diffs: dict[str, dict[str, dict]] = field(default_factory=dict)
+    diffs: dict[tuple[str, str], dict[str, dict]] = field(default_factory=dict)
 
 
 def _ci(iv) -> str:
@@ -412,7 +432,7 @@ def _diff_text(iv) -> str:
     return f"{iv.value:+.3f}{ci_text(iv.to_dict())}{star}"
 
 
-def _stat(stats: TableStats | None, kind: str, setup: str, run: str, metric: str, key: str):
+def _stat(stats: TableStats | None, kind: str, setup: str | tuple[str, str], run: str, metric: str, key: str):
     table = getattr(stats, kind, {}) if stats is not None else {}
     return ((table.get(setup) or {}).get(run) or {}).get(metric, {}).get(key)
 
@@ -487,11 +507,11 @@ def render_table(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, d
             for rec in recs:
                 if rec["run"] == ref_run:
                     continue
-                cells_d = [_diff_text(_stat(stats, "diffs", s, rec["run"], m, k)) for m in (DET, SEG)
+                cells_d = [_diff_text(_stat(stats, "diffs", (spec.name, s), rec["run"], m, k)) for m in (DET, SEG)
                            for k in [*classes, "mean"]]
                 lines.append(f"| {rec['row']} | " + " | ".join(cells_d) + " |")
                 for metric in (DET, SEG):
-                    iv = {k: _stat(stats, "diffs", s, rec["run"], metric, k) for k in [*classes, "mean"]}
+                    iv = {k: _stat(stats, "diffs", (spec.name, s), rec["run"], metric, k) for k in [*classes, "mean"]}
                     csv_rows.append({"table": spec.number, "setup": s, "row": rec["row"], "run": rec["run"],
                                      "metric": f"{metric} - reference", "reference": ref_label,
                                      **{k: (v.value if v is not None else None) for k, v in iv.items()},
@@ -507,9 +527,10 @@ def render_table(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, d
 
 
 def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data: dict[str, dict],
-                setups: list[str], configs: dict[str, DetectConfig], n_boot: int = 1000) -> TableStats:
+                setups: list[str] | None, configs: dict[str, DetectConfig], n_boot: int = 1000) -> TableStats:
     """Intervals of every run and paired differences with each table's reference row, on the instances
-    of every class (the evidence each run left in its folder: scores, volumes)."""
+    of every class (the evidence each run left in its folder: scores, volumes). ``setups`` None: each
+    table's own (``acfg.setups_of``)."""
     from detect.pipeline.compare import compare_runs, run_evidence
 
     stats = TableStats()
@@ -524,7 +545,7 @@ def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data
         if not trows:
             continue
         ref_run = trows[spec.reference([r for r, _ in trows])][1]
-        for s in setups:
+        for s in acfg.setups_of(table) if setups is None else setups:
             for _, run in trows:
                 a = ev(run, s)
                 if a is None:
@@ -534,7 +555,7 @@ def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data
                     stats.values.setdefault(s, {})[run] = compare_runs(a, None, n_boot, seed)
                 b = ev(ref_run, s)
                 if run != ref_run and b is not None and sorted(a) == sorted(b):
-                    stats.diffs.setdefault(s, {})[run] = compare_runs(a, b, n_boot, seed)
+                    stats.diffs.setdefault((table, s), {})[run] = compare_runs(a, b, n_boot, seed)
     return stats
 
 
@@ -606,7 +627,7 @@ def write_report(acfg: AblateConfig, base: DetectConfig, rows: dict[str, list[tu
                  configs: dict[str, DetectConfig] | None = None) -> Path:
     out = Path(acfg.out)
     (out / "tables").mkdir(parents=True, exist_ok=True)
-    setups = list(SETUPS) if acfg.setup == "both" else [acfg.setup]
+    setups = acfg.all_setups()
     random_image = base.image_encoder == "random"
     lines = ["# ModMap ablations", ""]
     if random_image:
@@ -614,7 +635,8 @@ def write_report(acfg: AblateConfig, base: DetectConfig, rows: dict[str, list[tu
                   "Read the image-feature side of every number below accordingly.", ""]
     lines += ["Produced by", "", "```bash", command, "```", "",
               f"- code: commit {_git_commit()}",
-              f"- data: `{base.data_root}`, classes {list(base.classes)}, setups {setups}",
+              f"- data: `{base.data_root}`, classes {list(base.classes)}, setups {setups}"
+              + "".join(f"; {t}: {acfg.setups_of(t)}" for t in acfg.tables if t in acfg.table_setups),
               f"- base config: `{acfg.detect_config or '(paper defaults)'}` + {json.dumps(acfg.detect, sort_keys=True)}",
               f"- training: {base.epochs} epochs, batch {base.batch_size}, lr_max {base.lr_max}, "
               f"match_steps {base.match_steps}, image size {base.image_size}, seed {base.seed}",
@@ -622,11 +644,11 @@ def write_report(acfg: AblateConfig, base: DetectConfig, rows: dict[str, list[tu
               "(runs reused from an earlier invocation cost nothing here)"]
     lines += [f"- {d}" for d in _describe_encoders(data)]
     lines += [f"- resolved configs: `configs/` ({len(data)} runs); per-run outputs: `runs/`", ""]
-    stats = table_stats(acfg, rows, data, setups, configs) if configs is not None else None
+    stats = table_stats(acfg, rows, data, None, configs) if configs is not None else None
     all_csv: list[dict] = []
     for table in acfg.tables:
         spec = TABLES[table]
-        md, records = render_table(spec, rows[table], data, setups, stats)
+        md, records = render_table(spec, rows[table], data, acfg.setups_of(table), stats)
         stem = f"table{spec.number:02d}_{spec.name}"
         atomic_write_text(out / "tables" / f"{stem}.md", md)
         write_csv(out / "tables" / f"{stem}.csv", records, float_format=".6f")
@@ -651,18 +673,21 @@ def run_ablation(acfg: AblateConfig, command: str = "") -> Path:
     (out / "configs").mkdir(parents=True, exist_ok=True)
     save_config(acfg, out / "ablation_config.yaml")
     trained: dict[tuple[str, str, str], Path] = {}
+    complete = {name for name, run in runs.items() if acfg.reuse and _is_complete(run)}
+    for name in complete:  # models of finished runs first: a new run anywhere in the order adopts them
+        run = runs[name]
+        fk = fit_key(run.cfg)
+        for setup in setups(run.cfg):
+            for unit in _run_units(run.cfg):
+                if _model_files(Path(run.cfg.out), setup, unit)[0].is_file():
+                    trained.setdefault((fk, setup, unit), Path(run.cfg.out))
     data: dict[str, dict] = {}
     bar = tqdm(total=len(runs), desc="ablation runs", unit="run", disable=not base.progress, dynamic_ncols=True)
     for name, run in runs.items():
         save_config(run.cfg, out / "configs" / f"{name}.yaml")
         bar.set_postfix_str(name)
-        if acfg.reuse and _is_complete(run):
+        if name in complete:
             results = read_results(Path(run.cfg.out))
-            fk = fit_key(run.cfg)
-            for setup in setups(run.cfg):
-                for unit in _run_units(run.cfg):
-                    if _model_files(Path(run.cfg.out), setup, unit)[0].is_file():
-                        trained.setdefault((fk, setup, unit), Path(run.cfg.out))
         else:
             t_run = time.perf_counter()
             results = execute_run(run, trained)
