@@ -11,7 +11,6 @@ import torch
 
 from detect.ablate import main, parse_args
 from detect.config import DetectConfig
-from shared.config import ConfigError
 from detect.experiments.ablation import (
     TABLES,
     AblateConfig,
@@ -33,6 +32,7 @@ from detect.fit import (
 )
 from detect.infer import InferenceSettings, iter_view_maps, source_views_for
 from detect.model import IdentityModulator, ModMap, ViewModulator, training_pairs
+from shared.config import ConfigError
 
 CLASSES = ["vase", "stool"]
 
