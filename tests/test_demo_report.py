@@ -1,4 +1,5 @@
-"""The demo's pictures (detect/demo_figures.py) and static report (detect/report.py) on a tiny real run:
+"""The demo's pictures (detect/demo_figures.py, code in detect/pipeline/figures.py) and static report
+(detect/report.py, code in detect/pipeline/report_html.py) on a tiny real run:
 valid (well-formed) HTML whose every picture and link exists and decodes; rendered headless in Chromium
 when it is installed (`apt-get install -y chromium`)."""
 
@@ -15,8 +16,8 @@ import pytest
 import torch
 
 from detect.demo_figures import main as figures_main
-from detect.demo_figures import make_figures
-from detect.report import ReportError, build_report, png_size, read_timings
+from detect.pipeline.figures import make_figures
+from detect.pipeline.report_html import ReportError, build_report, png_size, read_timings
 from detect.report import main as report_main
 from detect.run import main as detect_main
 

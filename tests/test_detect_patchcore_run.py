@@ -102,7 +102,7 @@ def test_patchcore_end_to_end_with_cnn_encoders(bench, tmp_path, capsys):
     assert "O-P-AUROC" in text and "95 % stratified bootstrap interval" in text
     assert len(list((class_dir / "volumes").glob("*.npz"))) == 2
     # the demo report shows a reference run's table and names the CNN image encoder
-    from detect.report import build_report
+    from detect.pipeline.report_html import build_report
 
     html = build_report(out, tmp_path / "report" / "index.html", references=[("PatchCore", out)]).read_text()
     assert "Reference: PatchCore" in html and "PatchCore results" in html
