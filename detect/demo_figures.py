@@ -12,7 +12,7 @@ benchmark it ran on, and writes into ``--out``:
   view: first three principal components of the foreground tokens as RGB);
 * ``pretrain_curves.png`` (from the pretraining runs' ``metrics.jsonl``), ``mapping_curves.png`` (from
   the per-class ``train_log.jsonl``) and ``instance_scores.png`` (instance scores, nominal vs anomalous);
-* ``figures.json``: the manifest :mod:`detect.report` builds ``index.html`` from.
+* ``figures.json``: the manifest :mod:`detect.pipeline.report_html` builds ``index.html`` from.
 
 With ``--volumes-out`` every predicted volume is also written densely (``anomaly`` float32 (X, Y, Z),
 ``occupancy``, ``origin``, ``voxel_size``; ``np.load(path)["anomaly"]``) next to the PLY point sets
