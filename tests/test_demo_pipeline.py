@@ -52,10 +52,12 @@ def test_make_demo_end_to_end_small(tmp_path):
     assert shards  # the benchmark's training views only (default splits)
     results = json.loads((demo / "detect" / "results.json").read_text())
     assert set(results["results"]["real2real"]) == {"vase", "stool"} and not results["random_image_encoder"]
+    assert set(results["results"]["synth2real"]) == {"vase", "stool"}  # demo_cpu.yaml: both setups
     config = (demo / "detect" / "config.yaml").read_text()
     assert "image_encoder: cnn" in config  # the ImageNet EfficientNet-Lite0 of the wheel
     pc = json.loads((demo / "patchcore" / "results.json").read_text())
-    assert set(pc["results"]["real2real"]) == {"vase", "stool"} and "PatchCore" in pc["title"]
+    assert set(pc["results"]["real2real"]) == set(pc["results"]["synth2real"]) == {"vase", "stool"}
+    assert "PatchCore" in pc["title"]
     for cls in ("vase", "stool"):
         cls_dir = demo / "detect" / "real2real" / cls
         rows = list(csv.DictReader((cls_dir / "scores.csv").open()))
@@ -71,9 +73,10 @@ def test_make_demo_end_to_end_small(tmp_path):
     for cls in ("vase", "stool"):  # PatchCore's pictures too, under its table in the report
         assert (demo / "figures_patchcore" / f"maps_{cls}.png").is_file()
     assert not (demo / "figures_patchcore" / "mapping_curves.png").exists()  # PatchCore trains no mapping
-    # ModMap: 2 classes × (maps, volume) + PCA, pretraining, mapping curves, instance scores;
-    # PatchCore: 2 × (maps, volume) + instance scores
-    assert html.count("<img ") == 13 and "4b ModMap fit" in html and "PatchCore: pictures" in html
+    # ModMap: 2 setups × 2 classes × (maps, volume) + PCA, pretraining, mapping curves, instance scores;
+    # PatchCore: 2 × 2 × (maps, volume) + instance scores
+    assert (demo / "figures" / "maps_synth2real_vase.png").is_file()
+    assert html.count("<img ") == 21 and "4b ModMap fit" in html and "PatchCore: pictures" in html
     assert "Reference: PatchCore" in html and "EfficientNet-Lite0" in html
 
     # everything done: nothing runs again
