@@ -293,6 +293,16 @@ def _run_units(cfg: DetectConfig) -> list[str]:
     return fit_units(cfg, cfg.classes)
 
 
+def _register_models(trained: dict[tuple[str, str, str], Path], cfg: DetectConfig) -> None:
+    """Record the trained models the run folder ``cfg.out`` holds, so that runs of the same fit key adopt
+    them instead of training again (a model already recorded elsewhere keeps its source)."""
+    out, fk = Path(cfg.out), fit_key(cfg)
+    for setup in setups(cfg):
+        for unit in _run_units(cfg):
+            if _model_files(out, setup, unit)[0].is_file():
+                trained.setdefault((fk, setup, unit), out)
+
+
 def _is_complete(run: PlannedRun) -> bool:
     out = Path(run.cfg.out)
     cfg_file, results = out / "config.yaml", out / "results.json"
@@ -319,10 +329,7 @@ def execute_run(run: PlannedRun, trained: dict[tuple[str, str, str], Path]) -> d
         except ConfigError:
             same = False
         if same:
-            for setup in setups(cfg):
-                for unit in _run_units(cfg):
-                    if _model_files(out, setup, unit)[0].is_file():
-                        trained.setdefault((fk, setup, unit), out)
+            _register_models(trained, cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").unlink(missing_ok=True)  # complete again only when this run finishes
 
@@ -527,10 +534,10 @@ def render_table(spec: TableSpec, rows: list[tuple[Row, str]], data: dict[str, d
 
 
 def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data: dict[str, dict],
-                setups: list[str] | None, configs: dict[str, DetectConfig], n_boot: int = 1000) -> TableStats:
-    """Intervals of every run and paired differences with each table's reference row, on the instances
-    of every class (the evidence each run left in its folder: scores, volumes). ``setups`` None: each
-    table's own (``acfg.setups_of``)."""
+                configs: dict[str, DetectConfig], n_boot: int = 1000) -> TableStats:
+    """Intervals of every run and paired differences with each table's reference row, in each setup the
+    table shows (``acfg.setups_of``), on the instances of every class (the evidence each run left in its
+    folder: scores, volumes)."""
     from detect.pipeline.compare import compare_runs, run_evidence
 
     stats = TableStats()
@@ -545,7 +552,7 @@ def table_stats(acfg: AblateConfig, rows: dict[str, list[tuple[Row, str]]], data
         if not trows:
             continue
         ref_run = trows[spec.reference([r for r, _ in trows])][1]
-        for s in acfg.setups_of(table) if setups is None else setups:
+        for s in acfg.setups_of(table):
             for _, run in trows:
                 a = ev(run, s)
                 if a is None:
@@ -644,7 +651,7 @@ def write_report(acfg: AblateConfig, base: DetectConfig, rows: dict[str, list[tu
               "(runs reused from an earlier invocation cost nothing here)"]
     lines += [f"- {d}" for d in _describe_encoders(data)]
     lines += [f"- resolved configs: `configs/` ({len(data)} runs); per-run outputs: `runs/`", ""]
-    stats = table_stats(acfg, rows, data, None, configs) if configs is not None else None
+    stats = table_stats(acfg, rows, data, configs) if configs is not None else None
     all_csv: list[dict] = []
     for table in acfg.tables:
         spec = TABLES[table]
@@ -675,12 +682,7 @@ def run_ablation(acfg: AblateConfig, command: str = "") -> Path:
     trained: dict[tuple[str, str, str], Path] = {}
     complete = {name for name, run in runs.items() if acfg.reuse and _is_complete(run)}
     for name in complete:  # models of finished runs first: a new run anywhere in the order adopts them
-        run = runs[name]
-        fk = fit_key(run.cfg)
-        for setup in setups(run.cfg):
-            for unit in _run_units(run.cfg):
-                if _model_files(Path(run.cfg.out), setup, unit)[0].is_file():
-                    trained.setdefault((fk, setup, unit), Path(run.cfg.out))
+        _register_models(trained, runs[name].cfg)
     data: dict[str, dict] = {}
     bar = tqdm(total=len(runs), desc="ablation runs", unit="run", disable=not base.progress, dynamic_ncols=True)
     for name, run in runs.items():
