@@ -114,6 +114,8 @@ class DetectConfig:
     cnn_token_patch: int = 14
     fg_erosion: int = 0
     view_aggregation: Literal["max", "mean"] = "max"
+    occlusion_gate_m: float = 0.0
+    occlusion_gate_tokens: float = 1.5
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -143,6 +145,11 @@ class DetectConfig:
                                   "--scoring cfm/cmdr nor --multi-class (its banks are per class already)")
         if self.fg_erosion < 0:
             raise ConfigError(f"fg_erosion must be >= 0 pixels, got {self.fg_erosion}")
+        if self.occlusion_gate_m < 0 or self.occlusion_gate_tokens <= 0:
+            raise ConfigError(f"occlusion_gate_m must be >= 0 metres and occlusion_gate_tokens > 0, got "
+                              f"{self.occlusion_gate_m} and {self.occlusion_gate_tokens}")
+        if self.occlusion_gate_m > 0 and self.view_aggregation != "max":
+            raise ConfigError("occlusion_gate_m needs view_aggregation max (its second tier is a maximum)")
         if not 0.0 < self.patchcore_coreset <= 1.0:
             raise ConfigError(f"patchcore_coreset must lie in (0, 1], got {self.patchcore_coreset}")
         if not 0 <= self.patchcore_bank_shift < self.image_size:
@@ -290,6 +297,11 @@ FIELD_HELP: dict[str, str] = {
                        'with depth_token_resample=bilinear for a patch-14 depth encoder)',
     'cnn_smooth': '--image-encoder cnn: averaging window of each level before the token grid (3: 3×3; 1: none)',
     'view_aggregation': "voxel score over the views that see it: max (the paper) or mean of each view's maximum",
+    'occlusion_gate_m': "volume only: a pixel within --occlusion-gate-tokens tokens of a depth jump whose near "
+                        "side lies more than this many metres in front of it (what a view sees through a hole "
+                        "or past an occluding edge) scores its voxel only if no view sees that voxel plainly "
+                        "(0: off, the paper)",
+    'occlusion_gate_tokens': 'radius of the --occlusion-gate-m neighbourhood, in tokens',
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',
 }

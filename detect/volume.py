@@ -249,7 +249,13 @@ class VolumeAccumulator:
 
     ``view_aggregation="mean"`` (a demo-scale option; the paper's is ``max``): a voxel's score is the mean,
     over the views that score it, of each view's maximum in that voxel, so that what one view alone sees
-    (a specular highlight, a silhouette) is diluted by the views that see the surface plainly."""
+    (a specular highlight, a silhouette) is diluted by the views that see the surface plainly.
+
+    Context pixels (``add_view(..., context=mask)``, the occlusion gate of ``detect.infer``) form a second
+    tier: a voxel takes the maximum over the views that score it plainly, and the maximum over the views
+    that see it only as context (e.g. through a hole, past an occluding edge) only when no view scores it
+    plainly. The results (:meth:`volume`, :meth:`instance_score`, :meth:`save_npz`, ``scores``/``hit``
+    after :meth:`finish`) merge the two tiers."""
 
     grid: VoxelGrid
     view_aggregation: str = "max"
@@ -264,6 +270,8 @@ class VolumeAccumulator:
         self.scores = np.zeros(n, dtype=np.float32)
         self.hit = np.zeros(n, dtype=bool)
         self.occupied = np.zeros(n, dtype=bool)
+        self._ctx_scores: np.ndarray | None = None  # second tier, allocated by the first context pixel
+        self._ctx_hit: np.ndarray | None = None
         if self.view_aggregation not in ("max", "mean"):
             raise ValueError(f"view_aggregation must be 'max' or 'mean', got {self.view_aggregation!r}")
         if self.view_aggregation == "mean":  # one view's maxima, then running sums over views
@@ -288,9 +296,28 @@ class VolumeAccumulator:
         self._view[idx] = 0.0
         self._view_hit[idx] = False
 
+    def _context_target(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._ctx_scores is None:
+            self._ctx_scores = np.zeros_like(self.scores)
+            self._ctx_hit = np.zeros_like(self.hit)
+        return self._ctx_scores, self._ctx_hit  # type: ignore[return-value]
+
+    def _scatter(self, vox: np.ndarray, vals: np.ndarray, ctx: np.ndarray | None) -> None:
+        """Max-scatter scores into the plain tier, and those of context pixels (``ctx``) into the second."""
+        if ctx is not None and ctx.any():
+            c_scores, c_hit = self._context_target()
+            np.maximum.at(c_scores, vox[ctx], vals[ctx])
+            c_hit[vox[ctx]] = True
+            vox, vals = vox[~ctx], vals[~ctx]
+        target, target_hit = self._target()
+        # numpy ≥ 2's ufunc.at fast path beats reducing runs of equal voxels first (reduceat) here
+        np.maximum.at(target, vox, vals)
+        target_hit[vox] = True
+
     def add_view(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray | None,
-                 foreground: np.ndarray | None, stride: int = 1) -> None:
-        """Mark occupancy with every valid pixel; max-scatter ``score_map`` over foreground pixels.
+                 foreground: np.ndarray | None, stride: int = 1, context: np.ndarray | None = None) -> None:
+        """Mark occupancy with every valid pixel; max-scatter ``score_map`` over foreground pixels
+        (``context``: pixels whose score goes to the second tier, see the class).
 
         Works through the view in blocks of rows: every temporary is a block's worth (small, cache
         resident, reused by the allocator) instead of several arrays of all M valid pixels (tens of
@@ -304,24 +331,26 @@ class VolumeAccumulator:
                 raise ValueError(f"score map {score_map.shape} and depth {depth.shape} differ in shape")
             if foreground is not None and foreground.shape != depth.shape:
                 raise ValueError(f"foreground mask {foreground.shape} and depth {depth.shape} differ in shape")
+            if context is not None and context.shape != depth.shape:
+                raise ValueError(f"context mask {context.shape} and depth {depth.shape} differ in shape")
+            if context is not None and self.view_aggregation != "max":
+                raise ValueError("context pixels (the occlusion gate) need view_aggregation='max'")
             if not np.isfinite(score_map).all():
-                self._add_view_checked(depth, calib, score_map, foreground, stride)
+                self._add_view_checked(depth, calib, score_map, foreground, stride, context)
                 return
         geo = _ViewGeometry.of(depth, calib)
         tables = _voxel_tables(calib, self.grid, geo)
         flat_scores = None if score_map is None else score_map.reshape(-1)
         flat_fg = None if foreground is None else foreground.reshape(-1)
-        target, target_hit = self._target()
+        flat_ctx = None if context is None else context.reshape(-1)
         for rows in _row_blocks(*depth.shape):
             vox, inside, flat_pix = _voxel_block(depth, calib, self.grid, tables, None, stride, rows, geo)
             self.occupied[vox[inside]] = True
             if flat_scores is None:
                 continue
             sel = self._count_scored(inside, None if flat_fg is None else flat_fg[flat_pix])
-            vox = vox[sel]
-            # numpy ≥ 2's ufunc.at fast path beats reducing runs of equal voxels first (reduceat) here
-            np.maximum.at(target, vox, flat_scores[flat_pix[sel]].astype(np.float32))
-            target_hit[vox] = True
+            pix = flat_pix[sel]
+            self._scatter(vox[sel], flat_scores[pix].astype(np.float32), None if flat_ctx is None else flat_ctx[pix])
         if flat_scores is not None:
             self._end_view()
 
@@ -337,7 +366,7 @@ class VolumeAccumulator:
         return inside & fg
 
     def _add_view_checked(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray,
-                          foreground: np.ndarray | None, stride: int) -> None:
+                          foreground: np.ndarray | None, stride: int, context: np.ndarray | None = None) -> None:
         """The one-pass version, for score maps with non-finite values: raises if one of them falls on
         a scored pixel (after marking the occupancy), before any score is added."""
         vox, inside, flat_pix = voxel_indices(depth, calib, self.grid, None, stride)
@@ -346,24 +375,40 @@ class VolumeAccumulator:
         vals = score_map.reshape(-1)[flat_pix[sel]].astype(np.float32)
         if not np.all(np.isfinite(vals)):
             raise ValueError("anomaly scores contain non-finite values")
-        target, target_hit = self._target()
-        target_hit[scatter_max_runs(target, vox[sel], vals)] = True
+        if context is not None:
+            self._scatter(vox[sel], vals, context.reshape(-1)[flat_pix[sel]])
+        else:
+            target, target_hit = self._target()
+            target_hit[scatter_max_runs(target, vox[sel], vals)] = True
         self._end_view()
 
     # -- results ----------------------------------------------------------------------------------
+    def finish(self) -> None:
+        """Merge the context tier into ``scores``/``hit`` (voxels that no view scores plainly); views added
+        afterwards start a new second tier. Every result accessor calls it."""
+        if self._ctx_hit is None:
+            return
+        only_ctx = self._ctx_hit & ~self.hit
+        self.scores[only_ctx] = self._ctx_scores[only_ctx]  # type: ignore[index]
+        self.hit |= only_ctx
+        self._ctx_scores = self._ctx_hit = None
+
     def volume(self) -> np.ndarray:
+        self.finish()
         return self.scores.reshape(self.grid.shape)
 
     def occupancy(self) -> np.ndarray:
         return self.occupied.reshape(self.grid.shape)
 
     def instance_score(self) -> float:
+        self.finish()
         return float(self.scores.max()) if self.scores.size else 0.0
 
     def save_npz(self, path: str | os.PathLike, **extra) -> Path:
         """Sparse storage (modmap §18): hit voxel indices + scores, occupancy indices, grid."""
         from shared.io import atomic_open
 
+        self.finish()
         hit_flat = np.flatnonzero(self.hit)
         occ_flat = np.flatnonzero(self.occupied)
         payload = {

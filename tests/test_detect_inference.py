@@ -8,6 +8,7 @@ from detect.infer import (
     InferenceSettings,
     combine_maps,
     iter_view_maps,
+    occluded_context,
     predict_instance,
     source_views_for,
     target_token_maps,
@@ -137,14 +138,20 @@ def _scene(n_views=3, h=30, w=40):
     return depths, calibs
 
 
-def test_predict_instance_streams_views_into_the_volume():
-    n, size = 3, 28
+def _instance(n=3, size=28):
+    """A small calibrated instance and a model: what predict_instance takes."""
     depths, calibs = _scene(n)
     model = _trained_like_model(n)
     image, depth = torch.randn(n, 4, 12), torch.randn(n, 4, 8)
     geoms = [ViewGeometry.for_shape(30, 40, size)] * n
     grid = bounding_grid(list(zip(depths, calibs)), 0.004)
     norm = {"mode": "nearness", "eps": 0.1, "pct": [0.5, 99.5]}
+    return depths, calibs, model, image, depth, geoms, grid, norm
+
+
+def test_predict_instance_streams_views_into_the_volume():
+    n, size = 3, 28
+    depths, calibs, model, image, depth, geoms, grid, norm = _instance(n, size)
     seen = []
     pred = predict_instance(model, image, depth, (2, 2), lambda t: (depths[t], calibs[t]), geoms, size, norm,
                             InferenceSettings(), grid, on_view=lambda m, orig: seen.append((m, orig)))
@@ -174,3 +181,67 @@ def test_predict_without_calibration_uses_the_2d_score():
     pred = predict_instance(model, image, depth, (2, 2), lambda t: (depths[t], None), geoms, size, norm,
                             InferenceSettings(), None)
     assert pred.volume is None and pred.pred_score == pred.pred_score_2d > 0
+
+
+def test_occluded_context_marks_what_a_view_sees_through_a_hole():
+    """A front wall at 1.0 m with a hole onto a back wall at 1.3 m: back-wall pixels within the radius of
+    the hole's rim are context; the rim, the back wall far from any nearer surface and invalid pixels are not."""
+    depth = np.full((40, 40), 1.0, np.float32)
+    depth[10:30, 10:30] = 1.3  # seen through the hole
+    depth[0, 0] = np.nan
+    ctx = occluded_context(depth, radius_px=3, tolerance_m=0.05)
+    assert not ctx[0:10].any() and not ctx[:, 0:10].any()  # the front wall, rim included
+    # back wall within the radius of its jump pixels (the first back-wall pixels next to the rim)
+    assert ctx[10:14, 10:30].all() and ctx[26:30, 10:30].all()
+    assert not ctx[14:26, 14:26].any()  # back wall farther than the radius from the rim
+    assert not ctx[0, 0]
+    # a dent shallower than the tolerance is no context, nor is a steep slope without a jump
+    dent = np.full((40, 40), 1.0, np.float32)
+    dent[15:25, 15:25] = 1.006
+    assert not occluded_context(dent, 3, 0.05).any()
+    slope = np.tile(1.0 + 0.04 * np.arange(40, dtype=np.float32), (40, 1))  # 4 cm per pixel, 1.6 m in all
+    assert not occluded_context(slope, 3, 0.05).any()
+
+
+def test_context_pixels_score_only_voxels_no_view_sees_plainly():
+    """The second tier: a voxel scored plainly by one view ignores a higher context score of another;
+    a voxel seen only as context keeps the context maximum."""
+    depths, calibs = _scene(2)
+    grid = bounding_grid(list(zip(depths, calibs)), 0.004)
+    high = np.full(depths[0].shape, 5.0, np.float32)
+    low = np.full(depths[1].shape, 1.0, np.float32)
+    plain = VolumeAccumulator(grid)
+    plain.add_view(depths[0], calibs[0], high, None)
+    plain.add_view(depths[1], calibs[1], low, None)
+    tiered = VolumeAccumulator(grid)
+    tiered.add_view(depths[0], calibs[0], high, None, context=np.ones(high.shape, bool))  # all context
+    tiered.add_view(depths[1], calibs[1], low, None)
+    only0 = VolumeAccumulator(grid)
+    only0.add_view(depths[0], calibs[0], high, None)
+    only1 = VolumeAccumulator(grid)
+    only1.add_view(depths[1], calibs[1], low, None)
+    seen0, seen1 = only0.hit.reshape(grid.shape), only1.hit.reshape(grid.shape)
+    vol = tiered.volume()
+    assert (seen0 & seen1).any() and (seen0 & ~seen1).any()
+    assert np.all(vol[seen0 & seen1] == 1.0)  # view 1 sees these plainly: its score wins
+    assert np.all(vol[seen0 & ~seen1] == 5.0)  # only view 0 sees these: its context score stands
+    assert np.array_equal(tiered.hit, plain.hit) and plain.volume().max() == 5.0
+    with pytest.raises(ValueError, match="context mask"):
+        tiered.add_view(depths[0], calibs[0], high, None, context=np.ones((3, 3), bool))
+
+
+def test_predict_instance_applies_the_occlusion_gate_to_the_volume_only():
+    n, size = 3, 28
+    depths, calibs, model, image, depth, geoms, grid, norm = _instance(n, size)
+    settings = InferenceSettings(occlusion_gate_m=1e-4, occlusion_gate_tokens=1.0)  # a tiny tolerance gates a lot
+    seen = []
+    pred = predict_instance(model, image, depth, (2, 2), lambda t: (depths[t], calibs[t]), geoms, size, norm,
+                            settings, grid, on_view=lambda m, orig: seen.append((m, orig)))
+    ref = VolumeAccumulator(grid)
+    n_context = 0
+    for (m, orig), d, c, g in zip(seen, depths, calibs, geoms):
+        ctx = occluded_context(d * c.depth_scale, 1.0 * g.side / 2, 1e-4)
+        n_context += int(ctx.sum())
+        ref.add_view(d, c, orig, undo_geometry(torch.from_numpy(m.foreground), g, "nearest"), context=ctx)
+    assert n_context > 0
+    assert np.array_equal(pred.volume.volume(), ref.volume())

@@ -67,6 +67,11 @@ def test_patchcore_and_cnn_config_errors():
         parse_config(["--data", "/d", "--method", "patchcore", "--multi-class"])
     with pytest.raises(ConfigError, match="patchcore_coreset"):
         parse_config(["--data", "/d", "--method", "patchcore", "patchcore_coreset=0"])
+    with pytest.raises(ConfigError, match="occlusion_gate_m"):
+        parse_config(["--data", "/d", "occlusion_gate_m=-0.01"])
+    with pytest.raises(ConfigError, match="view_aggregation max"):
+        parse_config(["--data", "/d", "occlusion_gate_m=0.02", "view_aggregation=mean"])
+    assert parse_config(["--data", "/d", "--occlusion-gate-m", "0.02"]).occlusion_gate_m == 0.02
     cfg = parse_config(["--data", "/d", "--image-encoder", "cnn", "--cnn-features", "1,2", "--method", "patchcore"])
     assert cfg.cnn_features == [1, 2] and cfg.method == "patchcore"
     assert parse_config(["--data", "/d", "--image-encoder", "cnn", "cnn_smooth=1"]).cnn_smooth == 1

@@ -60,7 +60,8 @@ TABLE_NAMES = ("view_conditioning", "depth_encoder", "cross_view", "multi_class"
 # Settings that do not change a run's results: they never enter the run key.
 _NON_RESULT_FIELDS = {"out", "cache_dir", "mode", "progress"}
 # Settings used only after training: runs differing only in these share trained models.
-_INFERENCE_FIELDS = {"aggregation", "blur_sigma", "fg_connectivity", "fg_erosion", "view_aggregation", "num_source_views", "num_target_views",
+_INFERENCE_FIELDS = {"aggregation", "blur_sigma", "fg_connectivity", "fg_erosion", "view_aggregation", "occlusion_gate_m",
+                     "occlusion_gate_tokens", "num_source_views", "num_target_views",
                      "source_chunk", "project_stride", "voxel_size", "eval_domain", "pro_limits", "save_maps",
                      "viz", "save_ply", "classes", "setup", "calib_reader", "gt_reader"}
 DET, SEG = "I-AUROC", "V-AUPRO@1%"

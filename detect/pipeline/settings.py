@@ -37,7 +37,8 @@ def inference_settings(cfg: DetectConfig) -> InferenceSettings:
                              fg_connectivity=cfg.fg_connectivity, num_source_views=cfg.num_source_views,
                              num_target_views=cfg.num_target_views, source_chunk=cfg.source_chunk,
                              project_stride=cfg.project_stride, seed=cfg.seed, fg_erosion=cfg.fg_erosion,
-                             view_aggregation=cfg.view_aggregation)
+                             view_aggregation=cfg.view_aggregation, occlusion_gate_m=cfg.occlusion_gate_m,
+                             occlusion_gate_tokens=cfg.occlusion_gate_tokens)
 
 
 def scoring_settings(cfg: DetectConfig) -> ScoringSettings:
