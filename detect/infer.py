@@ -256,19 +256,16 @@ def occluded_context(depth_m: np.ndarray, radius_px: float, tolerance_m: float) 
     d = np.where(valid, d, np.inf).astype(np.float32)
     # depth of the near side of every jump, at its far-side pixel (inf elsewhere)
     near = np.full(d.shape, np.inf, np.float32)
-    for axis in (0, 1):
-        for step in (1, -1):
-            nb = np.roll(d, step, axis=axis)
-            edge = np.zeros(d.shape, bool)
-            sl = [slice(None)] * 2
-            sl[axis] = slice(1, None) if step == 1 else slice(None, -1)
-            edge[tuple(sl)] = True  # np.roll wraps: the wrapped row/column is no neighbour
-            with np.errstate(invalid="ignore"):
-                jump = edge & valid & np.isfinite(nb) & (d - nb > tolerance_m)
-            near = np.where(jump, np.minimum(near, nb), near)
+    with np.errstate(invalid="ignore"):  # inf − inf between two invalid pixels: no jump
+        for axis in (0, 1):
+            lo, hi = [slice(None)] * 2, [slice(None)] * 2
+            lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+            for here, there in ((tuple(lo), tuple(hi)), (tuple(hi), tuple(lo))):  # both neighbours on the axis
+                jump = valid[here] & valid[there] & (d[here] - d[there] > tolerance_m)
+                near[here] = np.where(jump, np.minimum(near[here], d[there]), near[here])
     near_front = minimum_filter(near, size=2 * int(round(radius_px)) + 1, mode="nearest")
-    with np.errstate(invalid="ignore"):  # inf − inf where no jump is near: not context
-        return valid & np.isfinite(near_front) & (d - near_front > tolerance_m)
+    with np.errstate(invalid="ignore"):  # inf − inf at invalid pixels: never context
+        return valid & (d - near_front > tolerance_m)
 
 
 def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Tensor, grid: tuple[int, int],

@@ -123,6 +123,7 @@ def save_overlay(image: np.ndarray, score_map: np.ndarray, path: Path, max_side:
 
 def write_volume_ply(volume, path: Path) -> None:
     """Binary PLY of the hit voxels' centres with a float ``anomaly`` property."""
+    volume.finish()  # the occlusion gate's second tier merged (a no-op once merged)
     hit = np.flatnonzero(volume.hit)
     idx = np.stack(np.unravel_index(hit, volume.grid.shape), axis=1)
     centres = volume.grid.centers(idx).astype(np.float32)
