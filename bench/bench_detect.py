@@ -6,6 +6,7 @@ aggregation throughput, exact V-AUPRO cost and the frozen CNN image encoder's th
     python bench/bench_detect.py --part voxel --height 3000 --width 4096
     python bench/bench_detect.py --part aupro --volumes 8 --shape 240,210,225
     python bench/bench_detect.py --part cnn --cnn-size 448 --cnn-batch 12
+    python bench/bench_detect.py --part geometry --geo-views 12 --geo-height 240 --geo-width 320
 
 Parts:
 
@@ -290,6 +291,65 @@ def bench_voxel(args) -> dict:
             "note": "ours also marks the occupancy of every valid pixel; the baseline does not"}
 
 
+# -- surface deviation (patchcore_geometry_tolerance_m) ---------------------------------------------------
+def bench_geometry(args) -> dict:
+    """Per test instance: fuse its views, register them to the reference (rigid ICP + affine), and the
+    deviation map of every view (detect/geometry.py), on a cylinder with a bottom seen by views around it
+    at the demo's view size; the test instance is the reference moved by 1 mm with a 3 mm bump."""
+    from detect.geometry import GeometrySettings, SurfaceReference, deviation_map, register, view_points
+    from detect.volume import ViewCalibration
+    from shared.geometry import look_at_c2w
+
+    h, w, n_views = args.geo_height, args.geo_width, args.geo_views
+    f = 1.2 * w
+    K = np.array([[f, 0, (w - 1) / 2], [0, f, (h - 1) / 2], [0, 0, 1.0]])
+    v, u = np.mgrid[0:h, 0:w].astype(np.float64)
+    rays = np.stack([(u - K[0, 2]) / f, (v - K[1, 2]) / f, np.ones_like(u)], -1)
+
+    def render(T: np.ndarray, bump: float) -> np.ndarray:
+        """z-depth of a cylinder (r 0.1 m, z 0…0.2 m, with its bottom disc) and an optional bump on its wall."""
+        d, o = rays @ T[:3, :3].T, T[:3, 3]
+        a = d[..., 0] ** 2 + d[..., 1] ** 2
+        b = o[0] * d[..., 0] + o[1] * d[..., 1]
+        c = o[0] ** 2 + o[1] ** 2 - 0.1 ** 2
+        disc = b * b - a * c
+        t = np.where(disc > 0, (-b - np.sqrt(np.maximum(disc, 0))) / np.maximum(a, 1e-12), np.inf)
+        z = o[2] + t * d[..., 2]
+        t = np.where((z >= 0) & (z <= 0.2), t, np.inf)
+        tb = np.where(np.abs(d[..., 2]) > 1e-9, -o[2] / np.where(np.abs(d[..., 2]) > 1e-9, d[..., 2], 1), np.inf)
+        pb = o[:2] + tb[..., None] * d[..., :2]
+        tb = np.where((tb > 0) & ((pb ** 2).sum(-1) < 0.1 ** 2), tb, np.inf)
+        t = np.minimum(t, tb)
+        if bump:
+            p = o + t[..., None] * d
+            s2 = ((np.arctan2(p[..., 1], p[..., 0]) * 0.1) ** 2 + (p[..., 2] - 0.1) ** 2) / 0.03 ** 2
+            t = t - bump * np.clip(1 - s2, 0, None) ** 2
+        return np.where(np.isfinite(t), t, 0.0).astype(np.float32)  # t along rays with r_z = 1: z-depth
+
+    poses = [look_at_c2w(np.array([0.6 * np.cos(a), 0.6 * np.sin(a), 0.35 if k % 2 else 0.05]),
+                         np.array([0.0, 0.0, 0.1])) for k, a in enumerate(np.linspace(0, 2 * np.pi, n_views, False))]
+    calibs = [ViewCalibration(K, T, width=w, height=h) for T in poses]
+    settings = GeometrySettings()
+    t0 = time.perf_counter()
+    reference = SurfaceReference.from_views([(render(T, 0.0), c) for T, c in zip(poses, calibs)], settings.voxel_m)
+    reference_s = time.perf_counter() - t0
+    shifted = [np.array(T) for T in poses]
+    for T in shifted:
+        T[:3, 3] += [0.001, 0.0, 0.0]
+    test = [render(T, 0.003) for T in shifted]
+    best = {"register_s": float("inf"), "deviation_maps_s": float("inf")}
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        transform = register(np.concatenate([view_points(d, c)[0] for d, c in zip(test, calibs)]), reference, settings)
+        t1 = time.perf_counter()
+        maps = [deviation_map(d, c, transform, reference, settings) for d, c in zip(test, calibs)]
+        t2 = time.perf_counter()
+        best = {"register_s": min(best["register_s"], t1 - t0), "deviation_maps_s": min(best["deviation_maps_s"], t2 - t1)}
+    return {"views": n_views, "view_size": [h, w], "reference_points": len(reference.points),
+            "reference_s": reference_s, **best, "max_deviation_mm": float(max(m.max() for m in maps) * 1e3),
+            "timing": "best of --repeats; per test instance (reference built once per class at fit)"}
+
+
 # -- exact V-AUPRO -----------------------------------------------------------------------------------
 def bench_aupro(args) -> dict:
     from scipy import ndimage
@@ -371,12 +431,14 @@ def _settings(quick: bool, device: str) -> argparse.Namespace:
     if quick:
         return argparse.Namespace(views=[2, 3, 4], grid=4, size=32, ci=32, cd=16, chunk=0, device=device,
                                   height=120, width=160, repeats=2, volumes=1, shape=[24, 21, 22],
-                                  sweep_chunks=[0, 1], sweep_views=3, cnn_size=112, cnn_batch=2)
+                                  sweep_chunks=[0, 1], sweep_views=3, cnn_size=112, cnn_batch=2,
+                                  geo_views=6, geo_height=120, geo_width=160)
     # CPU: 16×16 tokens, maps at 224² (minutes); CUDA: the paper's 64×64 tokens and 896² maps.
     grid, size = (64, 896) if device.startswith("cuda") else (16, 224)
     return argparse.Namespace(views=[6, 12, 24, 36], grid=grid, size=size, ci=768, cd=384, chunk=0, device=device,
                               height=1500, width=2048, repeats=5, volumes=4, shape=[120, 105, 112],
-                              sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36, cnn_size=448, cnn_batch=12)
+                              sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36, cnn_size=448, cnn_batch=12,
+                              geo_views=12, geo_height=240, geo_width=320)
 
 
 def run(quick: bool = True) -> dict:
@@ -451,7 +513,7 @@ def _run_worker_cmd(extra: list[str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["all", "mapping", "voxel", "aupro", "cnn"], default="all")
+    p.add_argument("--part", choices=["all", "mapping", "voxel", "aupro", "cnn", "geometry"], default="all")
     p.add_argument("--views", default="6,12,24,36", help="comma-separated N values (mapping)")
     p.add_argument("--grid", type=int, default=16, help="token grid side (64 = the paper's 896 px)")
     p.add_argument("--size", type=int, default=224, help="input size the maps are upsampled to")
@@ -466,6 +528,9 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="120,105,112")
     p.add_argument("--cnn-size", type=int, default=448, help="input size of the CNN encoder part")
     p.add_argument("--cnn-batch", type=int, default=12, help="views per CNN encoder batch")
+    p.add_argument("--geo-views", type=int, default=12, help="views per instance of the geometry part")
+    p.add_argument("--geo-height", type=int, default=240, help="view height of the geometry part")
+    p.add_argument("--geo-width", type=int, default=320, help="view width of the geometry part")
     p.add_argument("--out", default="bench/results_detect.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--sweep", action="store_true", help=argparse.SUPPRESS)
@@ -514,6 +579,13 @@ def main(argv=None) -> int:
         print(f"\nCNN image encoder ({args.cnn_batch} views at {args.cnn_size} px, {args.device}): "
               f"{res['views_per_s']:.1f} views/s as built vs {res['plain_views_per_s']:.1f} plain NCHW → "
               f"{res['speedup']:.2f}× (max |difference| {res['max_abs_diff']:.2g})")
+    if args.part in ("all", "geometry"):
+        res = bench_geometry(args)
+        results["geometry"] = res
+        print(f"\nsurface deviation ({res['views']} views of {res['view_size'][0]}×{res['view_size'][1]}, reference "
+              f"{res['reference_points']:,} points built in {res['reference_s']:.2f} s): per instance "
+              f"registration {res['register_s']:.2f} s + deviation maps {res['deviation_maps_s']:.2f} s "
+              f"(the 3 mm bump reads {res['max_deviation_mm']:.1f} mm)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -116,6 +116,7 @@ class DetectConfig:
     view_aggregation: Literal["max", "mean"] = "max"
     occlusion_gate_m: float = 0.0
     occlusion_gate_tokens: float = 1.5
+    patchcore_geometry_tolerance_m: float = 0.0  # > 0: fuse the surface deviation (detect/geometry.py)
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -150,6 +151,9 @@ class DetectConfig:
                               f"{self.occlusion_gate_m} and {self.occlusion_gate_tokens}")
         if self.occlusion_gate_m > 0 and self.view_aggregation != "max":
             raise ConfigError("occlusion_gate_m needs view_aggregation max (its second tier is a maximum)")
+        if self.patchcore_geometry_tolerance_m < 0:
+            raise ConfigError(f"patchcore_geometry_tolerance_m must be >= 0 metres (0: off), got "
+                              f"{self.patchcore_geometry_tolerance_m}")
         if not 0.0 < self.patchcore_coreset <= 1.0:
             raise ConfigError(f"patchcore_coreset must lie in (0, 1], got {self.patchcore_coreset}")
         if not 0 <= self.patchcore_bank_shift < self.image_size:
@@ -302,6 +306,9 @@ FIELD_HELP: dict[str, str] = {
                         "or past an occluding edge) scores its voxel only if no view sees that voxel plainly "
                         "(0: off, the paper)",
     'occlusion_gate_tokens': 'radius of the --occlusion-gate-m neighbourhood, in tokens',
+    'patchcore_geometry_tolerance_m': "patchcore: also score each pixel by its 3D distance to the training "
+                                      "instance's surface (affine-registered; detect/geometry.py), a deviation of "
+                                      "this many metres weighing as the 99th percentile of nominal scores; 0 = off",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',
 }

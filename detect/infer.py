@@ -272,7 +272,8 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
                      load_view: Callable[[int], tuple[np.ndarray, object | None]], geometries: Sequence[ViewGeometry],
                      size: int, depth_norm: dict, settings: InferenceSettings, voxel_grid=None,
                      on_view: Callable[[ViewMaps, np.ndarray], None] | None = None,
-                     class_id: int | None = None, scorer: ViewScorer | None = None) -> InstancePrediction:
+                     class_id: int | None = None, scorer: ViewScorer | None = None,
+                     refine: Callable[[int, np.ndarray], np.ndarray] | None = None) -> InstancePrediction:
     """Per-view maps → original geometry → voxel volume for one instance, streaming over targets.
 
     ``load_view(t)`` returns the raw depth (H, W) of view t and its :class:`detect.volume.ViewCalibration`
@@ -280,7 +281,9 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
     preprocessing. ``voxel_grid`` (a :class:`shared.geometry.VoxelGrid`) enables the volume;
     ``on_view(maps, combined_original)`` receives every view's maps (e.g. to save them); ``class_id``
     is the class index of a multi-class model (None: class-specific). ``scorer`` replaces ModMap's
-    per-view scoring (e.g. :class:`detect.cmdr.CMDRScorer`).
+    per-view scoring (e.g. :class:`detect.cmdr.CMDRScorer`). ``refine(view, map)`` replaces each view's
+    map at the original pixels before it is saved and projected (e.g. the surface deviation of
+    :mod:`detect.geometry`) on the foreground pixels; elsewhere the map stays as it is.
     """
     from detect.volume import VolumeAccumulator
 
@@ -301,6 +304,10 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
         geom = geometries[maps.view]
         t0 = time.perf_counter()
         combined_orig = undo_geometry(maps.combined, geom, "bilinear")
+        if refine is not None:
+            fg_orig = undo_geometry(torch.from_numpy(maps.foreground), geom, "nearest")
+            combined_orig = np.where(fg_orig, refine(maps.view, combined_orig), combined_orig).astype(np.float32)
+            score_2d = max(score_2d, float(combined_orig.max()))
         if on_view is not None:
             on_view(maps, combined_orig)
         if volume is not None:

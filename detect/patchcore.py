@@ -124,6 +124,29 @@ def nearest_distances(query: torch.Tensor, bank: torch.Tensor, metric: Literal["
     return out
 
 
+def leave_one_view_out_scale(image: torch.Tensor | None, depth: torch.Tensor | None, valid: torch.Tensor,
+                             settings: PatchCoreSettings, quantile: float = 0.99) -> float:
+    """The ``quantile`` of nominal scores, from the training instance alone: each view's object tokens scored
+    against a bank of the other views' tokens (as ``settings`` banks them). A scale for other scores that
+    must weigh against PatchCore's (detect/geometry.py); with per-view banks it overestimates the nominal
+    scores of a test view (its own view index is never banked here)."""
+    feats = patch_features(image, depth, settings.features)
+    n = feats.shape[0]
+    if n < 2:
+        raise ValueError("a leave-one-view-out scale needs at least 2 training views")
+    scores = []
+    for v in range(n):
+        others = [j for j in range(n) if j != v]
+        bank = feats[others].reshape(-1, feats.shape[-1])
+        if settings.bank_tokens == "object":
+            bank = bank[valid[others].reshape(-1)]
+        scores.append(nearest_distances(feats[v][valid[v]], bank, settings.metric, settings.chunk))
+    scores = torch.cat(scores)
+    if scores.numel() == 0:
+        raise ValueError("no valid training tokens for a leave-one-view-out scale")
+    return float(torch.quantile(scores.float(), quantile))
+
+
 class PatchCoreBank:
     """Memory banks keyed by view index (``bank="view"``) or one shared bank (``bank="class"``)."""
 
@@ -215,4 +238,4 @@ class PatchCoreScorer(ViewScorer):
 
 
 __all__ = ["PatchCoreBank", "PatchCoreScorer", "PatchCoreSettings", "build_bank", "greedy_coreset",
-           "nearest_distances", "patch_features"]
+           "leave_one_view_out_scale", "nearest_distances", "patch_features"]

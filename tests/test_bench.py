@@ -203,6 +203,8 @@ def test_detect_parts_tiny():
     assert aupro["ratio"] > 0 and 0 <= aupro["voxel_aupro@0.01"] <= 1
     cnn = bench_detect.bench_cnn_encoder(args)  # NHWC + early stop must give the plain forward's maps
     assert cnn["views_per_s"] > 0 and cnn["max_abs_diff"] < 1e-3
+    geo = bench_detect.bench_geometry(args)  # the cylinder's 3 mm bump must read as ~3 mm after registration
+    assert geo["register_s"] > 0 and 2.0 < geo["max_deviation_mm"] < 4.0
 
 
 # -- Table 8 setting ---------------------------------------------------------------------------------------

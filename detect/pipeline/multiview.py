@@ -46,6 +46,7 @@ from detect.pipeline.settings import (
     decoder_settings,
     depth_encoder,
     feature_settings,
+    geometry_settings,
     image_encoder,
     inference_settings,
     patchcore_settings,
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 
 MULTICLASS_DIR = "_multiclass"  # <out>/<setup>/_multiclass/model.pt: the one model of a multi-class run
 PATCHCORE_FILE = "patchcore.pt"  # <out>/<setup>/<class>/patchcore.pt: --method patchcore's memory banks
+SURFACE_FILE = "surface_reference.npz"  # <out>/<setup>/<class>/: the training surface (--patchcore-geometry-tolerance-m)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -220,12 +222,22 @@ class MultiviewRunner:
             copies = [self.extractor().encode_shifted(sources, shift, with_depth=settings.features != "image")
                       for shift in ((s, 0), (0, s), (s, s))]
         bank = build_bank(image, depth, valid, settings, copies)
+        geometry = {}
+        if self.cfg.patchcore_geometry_tolerance_m > 0:  # nominal–actual comparison (detect/geometry.py)
+            from detect.geometry import SurfaceReference
+            from detect.patchcore import leave_one_view_out_scale
+
+            views = [(v.depth, v.calib) for v in (load_view(ds, record, i) for i in range(ds.n_views))]
+            reference = SurfaceReference.from_views(views, geometry_settings(self.cfg).voxel_m)
+            reference.save(self.class_dir(setup, class_name) / SURFACE_FILE)
+            geometry = {"score_scale": leave_one_view_out_scale(image, depth, valid, settings),
+                        "reference_points": len(reference.points)}
         meta = {
             "format_version": MODEL_FORMAT_VERSION, "method": "patchcore", "n_views": feats.n_views,
             "view_stems": feats.stems, "view_order": ds.view_order, "class_name": class_name, "setup": setup,
             "train_instance": record.name, "bank_tokens": bank.size(), "random_image_encoder": self.random_encoder,
             "build_seconds": round(time.perf_counter() - t0, 3), "encode_seconds": round(encode_s, 3),
-            **self.encoder_record(),
+            **geometry, **self.encoder_record(),
         }
         path = self.class_dir(setup, class_name) / PATCHCORE_FILE
         save_checkpoint({"patchcore": bank.state(), "config": meta}, path)
@@ -250,6 +262,36 @@ class MultiviewRunner:
                            f"{meta['view_stems']} but the test instances have {n_views} views {list(stems)}")
         check_encoders(path, meta, self.encoder_record())
         return bank, meta
+
+    def load_surface(self, setup: str, class_name: str, meta: dict):
+        """(reference surface, score scale) of ``--patchcore-geometry-tolerance-m``, or None when it is off."""
+        from detect.geometry import SurfaceReference
+
+        if self.cfg.patchcore_geometry_tolerance_m <= 0:
+            return None
+        path = self.class_dir(setup, class_name) / SURFACE_FILE
+        if not path.is_file() or "score_scale" not in meta:
+            raise RunError(f"no surface reference {path}: run --mode fit (or all) with --patchcore-geometry-tolerance-m > 0 first")
+        try:
+            return SurfaceReference.load(path), float(meta["score_scale"])
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+
+    def _surface_refine(self, ds, record, surface, current: dict):
+        """The per-view map refinement of ``--patchcore-geometry-tolerance-m``: the instance registered to the
+        reference once, then each view's map fused with its surface deviation (detect/geometry.py)."""
+        from detect.geometry import deviation_map, fuse_scores, register, view_points
+
+        reference, scale = surface
+        s = geometry_settings(self.cfg)
+        views = [load_view(ds, record, i) for i in range(ds.n_views)]
+        transform = register(np.concatenate([view_points(v.depth, v.calib)[0] for v in views]), reference, s)
+
+        def refine(t: int, score_map: np.ndarray) -> np.ndarray:
+            view = current["view"]
+            return fuse_scores(score_map, deviation_map(view.depth, view.calib, transform, reference, s), scale,
+                               s.tolerance_m)
+        return refine
 
     def fit_multiclass(self, setup: str, classes: Sequence[str]) -> Path:
         """One model for ``classes`` (in that order) on their training instances (§15)."""
@@ -396,11 +438,14 @@ class MultiviewRunner:
             from detect.patchcore import PatchCoreScorer
 
             model, class_id = None, None
-            scorer = PatchCoreScorer(inf, self.load_patchcore(setup, class_name, ds.n_views, ds.stems)[0])
+            bank, bank_meta = self.load_patchcore(setup, class_name, ds.n_views, ds.stems)
+            scorer = PatchCoreScorer(inf, bank)
+            surface = self.load_surface(setup, class_name, bank_meta)
         else:
             model, model_meta = self.load_model(setup, class_name, ds.n_views, ds.stems)
             class_id = model_meta.get("class_index")  # multi-class models only
             scorer = self.scorer(out_dir)  # cfm/cmdr scoring (detect/cmdr.py); None = ModMap's own maps
+            surface = None
         rows, timings = [], []
         pixel_acc = SegmentationAccumulator()
         # a new prediction: replicates of an earlier one must not enter the class mean (saved again below)
@@ -442,9 +487,15 @@ class MultiviewRunner:
                     has_pixel_gt = False
                 self._save_maps(out_dir, _rec.name, view, maps, combined_orig, _geoms[maps.view])
 
+            refine, register_s = None, 0.0
+            if cfg.method == "patchcore" and surface is not None:
+                t0 = time.perf_counter()
+                refine = self._surface_refine(ds, record, surface, current)
+                register_s = time.perf_counter() - t0
             pred = predict_instance(model, image, depth, feats.grid, load, feats.geometries, cfg.image_size,
-                                    self.depth_norm, inf, grid, on_view, class_id, scorer)
+                                    self.depth_norm, inf, grid, on_view, class_id, scorer, refine)
             pred.timing.encode_s = encode_s
+            pred.timing.volume_s += register_s
             if pred.volume is not None:
                 vol_dir = out_dir / "volumes"
                 vol_dir.mkdir(parents=True, exist_ok=True)
@@ -465,7 +516,8 @@ class MultiviewRunner:
         atomic_write_json(out_dir / "timing.json", {
             "definition": "per instance; encode = preprocessing + both encoders (0 when cached), map = "
                           "min-ensembled per-view maps incl. upsampling/foreground/combination, volume = "
-                          "undo geometry + back-projection + voxel max (modmap.md §13)",
+                          "undo geometry + back-projection + voxel max (modmap.md §13), plus the surface "
+                          "registration and deviation maps with patchcore_geometry_tolerance_m",
             "device": str(self.device), "mean": mean, "instances": timings})
         extra = {"random_image_encoder": self.random_encoder, "volumes": no_volume_reason is None}
         if no_volume_reason:

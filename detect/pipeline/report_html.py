@@ -24,7 +24,8 @@ METRIC_NAMES = {
     "object_pixel_auroc": "O-P-AUROC (object pixels)", "object_pixel_aupro@0.3": "O-P-AUPRO@30% (object pixels)",
 }
 CONFIG_KEYS = ("image_encoder", "image_encoder_weights", "depth_encoder", "ckpt", "image_size", "epochs",
-               "batch_size", "aggregation", "occlusion_gate_m", "setup", "eval_domain")
+               "batch_size", "aggregation", "occlusion_gate_m", "patchcore_geometry_tolerance_m", "setup",
+               "eval_domain")
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1200px;

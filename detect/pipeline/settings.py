@@ -41,6 +41,14 @@ def inference_settings(cfg: DetectConfig) -> InferenceSettings:
                              occlusion_gate_tokens=cfg.occlusion_gate_tokens)
 
 
+def geometry_settings(cfg: DetectConfig):
+    """``--patchcore-geometry-tolerance-m``'s nominal–actual comparison (detect/geometry.py; other fields its defaults)."""
+    from detect.geometry import GeometrySettings
+
+    tolerance = cfg.patchcore_geometry_tolerance_m
+    return GeometrySettings(tolerance_m=tolerance if tolerance > 0 else GeometrySettings.tolerance_m)
+
+
 def scoring_settings(cfg: DetectConfig) -> ScoringSettings:
     """``--scoring``/``--modality``/``--missing-depth`` and the CMDR smoothing widths (validated)."""
     from detect.cmdr import POST_SIGMA_FRAC, PRE_SIGMA_FRAC, ScoringSettings

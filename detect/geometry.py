@@ -1,0 +1,207 @@
+"""Nominal–actual surface comparison: how far each pixel's 3D point lies from the training instance's surface.
+
+Why (issue 23, docs/results/demo_detection.md step 9): bumps and dents of a few millimetres over several
+centimetres change an image only through faint shading, and the image tokens miss them (0 % of their GT
+voxels above the 1 % FPR threshold on most instances). Their 3D signature is plain: the surface moved.
+This is the metrology check of a factory (align the part to its reference, read the deviation):
+
+1. :meth:`SurfaceReference.from_views` fuses the training instance's calibrated views into one point
+   cloud (world frame, voxel-downsampled) with normals;
+2. :func:`register` aligns a test instance's fused points to it: rigid point-to-plane ICP (open3d), then
+   a trimmed point-to-plane *affine* refinement, which absorbs the smooth global shape tolerances of a
+   part (scale, ovality, lean are affine) but not a local dent (a least-squares fit over the whole part
+   barely moves for a few per cent of its surface);
+3. :func:`deviation_map` gives every valid pixel of a view its distance to the reference surface
+   (point-to-plane, capped by the point-to-point distance), median-filtered, zero within ``edge_px`` of a
+   silhouette or depth jump (mixed pixels there are no surface);
+4. :func:`fuse_scores` brings the deviation onto the detector's score scale: ``max(score, scale ·
+   deviation / tolerance)`` — a deviation of one tolerance weighs as much as the 99th percentile of the
+   detector's scores on nominal training data (``scale``).
+
+Limits, measured: a single reference cannot know the nominal variation of individual features (a knob's
+height, a lid's lip), which the affine fit does not absorb; there the deviation is large on every instance.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from detect.volume import ViewCalibration, voxel_coordinates
+
+
+@dataclass(frozen=True)
+class GeometrySettings:
+    tolerance_m: float = 0.001  # a deviation this large scores as the detector's nominal 99th percentile
+    voxel_m: float = 0.002  # downsampling of the reference cloud
+    register_voxel_m: float = 0.004  # downsampling of a test instance's cloud for the registration
+    max_correspondence_m: float = 0.006  # ICP: pairs farther apart are no correspondence
+    affine: bool = True  # refine the rigid alignment by a trimmed affine fit
+    affine_iterations: int = 15
+    edge_px: int = 3  # pixels next to a silhouette or depth jump get no deviation
+    jump_m: float = 0.01  # 4-neighbours this far apart in depth: a jump
+    median_px: int = 5  # median filter of the deviation map (odd; 1 = none)
+
+    def __post_init__(self) -> None:
+        if min(self.tolerance_m, self.voxel_m, self.register_voxel_m, self.max_correspondence_m) <= 0:
+            raise ValueError("geometry tolerance_m, voxel_m, register_voxel_m and max_correspondence_m must be > 0")
+        if self.edge_px < 0 or self.median_px < 1 or self.median_px % 2 == 0 or self.affine_iterations < 0:
+            raise ValueError(f"geometry edge_px must be >= 0, median_px odd >= 1 and affine_iterations >= 0, got "
+                             f"{self.edge_px}, {self.median_px}, {self.affine_iterations}")
+
+
+def view_points(depth: np.ndarray, calib: ViewCalibration) -> tuple[np.ndarray, np.ndarray]:
+    """World points (M, 3) of a view's valid pixels and their flat pixel indices."""
+    return voxel_coordinates(depth, calib, np.zeros(3), 1.0)
+
+
+def _cloud(points: np.ndarray, voxel_m: float, normals: bool = True):
+    import open3d as o3d  # lazy: only the geometry check needs open3d
+
+    pc = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(points, dtype=np.float64)))
+    pc = pc.voxel_down_sample(voxel_m)
+    if normals:
+        pc.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=4 * voxel_m, max_nn=30))
+    return pc
+
+
+class SurfaceReference:
+    """The nominal surface: points (N, 3) and unit normals (N, 3) in the world frame, with a k-d tree."""
+
+    def __init__(self, points: np.ndarray, normals: np.ndarray) -> None:
+        points, normals = np.asarray(points, np.float64), np.asarray(normals, np.float64)
+        if points.ndim != 2 or points.shape[1] != 3 or normals.shape != points.shape or len(points) < 3:
+            raise ValueError(f"a surface reference needs >= 3 points (N, 3) with normals of the same shape, got "
+                             f"{points.shape} and {normals.shape}")
+        self.points, self.normals = points, normals
+        self._tree = None
+
+    @classmethod
+    def from_views(cls, views: list[tuple[np.ndarray, ViewCalibration]], voxel_m: float) -> SurfaceReference:
+        """Fuse calibrated (depth, calibration) views: every valid pixel, voxel-downsampled, normals by PCA."""
+        pts = [view_points(d, c)[0] for d, c in views]
+        pc = _cloud(np.concatenate(pts) if pts else np.zeros((0, 3)), voxel_m)
+        return cls(np.asarray(pc.points), np.asarray(pc.normals))
+
+    @property
+    def tree(self):
+        if self._tree is None:
+            from scipy.spatial import cKDTree
+
+            self._tree = cKDTree(self.points)
+        return self._tree
+
+    def deviation(self, points: np.ndarray) -> np.ndarray:
+        """Distance (M,) of points to the surface: along the nearest reference point's normal, at most the
+        distance to that point (a point beyond the reference's edge is not infinitely far)."""
+        dist, idx = self.tree.query(points, k=1)
+        along = np.abs(np.sum((points - self.points[idx]) * self.normals[idx], axis=1))
+        return np.minimum(along, dist)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from shared.io import atomic_open
+
+        path = Path(path)
+        with atomic_open(path, "wb") as handle:
+            np.savez_compressed(handle, points=self.points.astype(np.float32), normals=self.normals.astype(np.float32))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SurfaceReference:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return cls(z["points"], z["normals"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise ValueError(f"{path} is not a surface reference (points, normals): {exc}") from None
+
+
+def register(points: np.ndarray, reference: SurfaceReference, settings: GeometrySettings) -> np.ndarray:
+    """4×4 transform taking a test instance's fused world points onto the reference (rigid ICP, then
+    affine); identity start: the views are calibrated and parts sit in a fixture."""
+    import open3d as o3d
+
+    src = _cloud(points, settings.register_voxel_m, normals=False)  # point-to-plane needs the target's only
+    ref = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(reference.points))
+    ref.normals = o3d.utility.Vector3dVector(reference.normals)
+    reg = o3d.pipelines.registration.registration_icp(
+        src, ref, settings.max_correspondence_m, np.eye(4),
+        o3d.pipelines.registration.TransformationEstimationPointToPlane(),
+        o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30))
+    T = np.array(reg.transformation)
+    if not settings.affine:
+        return T
+    sp = np.asarray(src.points)
+    for _ in range(settings.affine_iterations):
+        q = sp @ T[:3, :3].T + T[:3, 3]
+        dist, idx = reference.tree.query(q, k=1)
+        keep = dist < settings.max_correspondence_m
+        if keep.sum() < 12:
+            break
+        keep &= dist <= np.quantile(dist[keep], 0.9)  # trimmed: defects and unseen parts do not pull
+        p, n, r = q[keep], reference.normals[idx[keep]], reference.points[idx[keep]]
+        # point-to-plane residual n·((I + X) p + t − r), linear in the 12 entries of X and t
+        M = np.concatenate([n[:, :1] * p, n[:, 1:2] * p, n[:, 2:3] * p, n], axis=1)
+        b = np.sum(n * (r - p), axis=1)
+        ridge = 1e-3 * len(b) * np.diag([1.0] * 9 + [0.0] * 3)  # keeps X small where the part is degenerate
+        x = np.linalg.solve(M.T @ M + ridge, M.T @ b)
+        U = np.eye(4)
+        U[:3, :3] += x[:9].reshape(3, 3)
+        U[:3, 3] = x[9:]
+        T = U @ T
+    return T
+
+
+def edge_band(depth_m: np.ndarray, jump_m: float, width_px: int) -> np.ndarray:
+    """Pixels within ``width_px`` of invalid depth or of a depth jump (4-neighbours > ``jump_m`` apart)."""
+    import cv2
+
+    valid = np.isfinite(depth_m) & (depth_m > 0)
+    d = np.where(valid, depth_m, 0.0)
+    bad = ~valid
+    for axis in (0, 1):
+        jump = np.abs(np.diff(d, axis=axis)) > jump_m
+        lo, hi = [slice(None)] * 2, [slice(None)] * 2
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        bad[tuple(lo)] |= jump
+        bad[tuple(hi)] |= jump
+    if width_px > 0:
+        k = 2 * width_px + 1
+        bad = cv2.dilate(bad.astype(np.uint8), np.ones((k, k), np.uint8)) > 0
+    return bad
+
+
+def deviation_map(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray, reference: SurfaceReference,
+                  settings: GeometrySettings) -> np.ndarray:
+    """(H, W) float32 metres: each valid pixel's registered distance to the reference surface; 0 at invalid
+    pixels and within ``edge_px`` of silhouettes and depth jumps."""
+    import cv2
+
+    depth = np.asarray(depth)
+    pts, flat = view_points(depth, calib)
+    out = np.zeros(depth.size, np.float32)
+    if len(pts):
+        q = pts @ transform[:3, :3].T + transform[:3, 3]
+        out[flat] = reference.deviation(q)
+    out = out.reshape(depth.shape)
+    if settings.median_px > 1:
+        out = cv2.medianBlur(out, settings.median_px) if settings.median_px <= 5 else \
+            _median(out, settings.median_px)
+    return np.where(edge_band(depth * calib.depth_scale, settings.jump_m, settings.edge_px), 0.0, out).astype(np.float32)
+
+
+def _median(x: np.ndarray, size: int) -> np.ndarray:
+    from scipy.ndimage import median_filter
+
+    return median_filter(x, size=size, mode="nearest")
+
+
+def fuse_scores(score_map: np.ndarray, deviation: np.ndarray, scale: float, tolerance_m: float) -> np.ndarray:
+    """``max(score, scale · deviation / tolerance)``: the detector's map and the surface deviation on one scale."""
+    return np.maximum(score_map, (scale / tolerance_m) * deviation).astype(np.float32)
+
+
+__all__ = ["GeometrySettings", "SurfaceReference", "deviation_map", "edge_band", "fuse_scores", "register",
+           "view_points"]

@@ -1,0 +1,153 @@
+"""Nominal–actual surface comparison (detect/geometry.py): registration, deviation maps, fusion, wiring."""
+
+import numpy as np
+import pytest
+import torch
+
+from detect.config import parse_config
+from detect.geometry import (
+    GeometrySettings,
+    SurfaceReference,
+    deviation_map,
+    edge_band,
+    fuse_scores,
+    register,
+)
+from detect.patchcore import PatchCoreSettings, leave_one_view_out_scale
+from detect.volume import ViewCalibration
+from shared.config import ConfigError
+
+
+def _cup(step: float = 0.0015, bump: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Points and outward normals of a closed-bottom cylinder (r 0.1 m, h 0.2 m); ``bump`` metres of smooth
+    outward relief (radius 3 cm) on the wall at angle 0, height 0.1 m."""
+    n_theta, n_z = int(2 * np.pi * 0.1 / step), int(0.2 / step)
+    th, z = np.meshgrid(np.linspace(0, 2 * np.pi, n_theta, endpoint=False), np.linspace(0, 0.2, n_z))
+    th, z = th.ravel(), z.ravel()
+    s = np.hypot(0.1 * np.angle(np.exp(1j * th)), z - 0.1) / 0.03
+    r = 0.1 + bump * np.clip(1 - s * s, 0, None) ** 2
+    wall = np.stack([r * np.cos(th), r * np.sin(th), z], 1)
+    wall_n = np.stack([np.cos(th), np.sin(th), np.zeros_like(th)], 1)
+    g = np.arange(-0.1, 0.1, step)
+    x, y = np.meshgrid(g, g)
+    keep = np.hypot(x, y) < 0.1
+    bottom = np.stack([x[keep], y[keep], np.zeros(keep.sum())], 1)
+    bottom_n = np.tile([0.0, 0.0, -1.0], (len(bottom), 1))
+    return np.concatenate([wall, bottom]), np.concatenate([wall_n, bottom_n])
+
+
+def test_affine_registration_absorbs_global_tolerances_and_keeps_the_bump():
+    """A part 0.6 % wider in x, leaning 0.4 % and placed 1.5 mm / 0.6° off: after registration its nominal
+    surface lies within the noise of the reference, while a 4 mm bump stands out at its full height.
+    A rigid fit alone leaves the global shape error (larger nominal deviation)."""
+    rng = np.random.default_rng(0)
+    ref_pts, ref_n = _cup()
+    reference = SurfaceReference(ref_pts, ref_n)
+    test, _ = _cup(bump=0.004)
+    test = test + rng.normal(0, 1e-4, test.shape)
+    a = np.deg2rad(0.6)
+    A = np.array([[1.006 * np.cos(a), -np.sin(a), 0.004], [np.sin(a), np.cos(a), 0.0], [0, 0, 1.0]])
+    test = test @ A.T + [0.0015, -0.001, 0.0005]
+    on_bump = np.linalg.norm(test - (A @ [0.104, 0, 0.1] + [0.0015, -0.001, 0.0005]), axis=1) < 0.006
+
+    def deviations(settings):
+        T = register(test, reference, settings)
+        return reference.deviation(test @ T[:3, :3].T + T[:3, 3])
+
+    affine = deviations(GeometrySettings())
+    rigid = deviations(GeometrySettings(affine=False))
+    far = ~on_bump & (np.abs(test[:, 2] - 0.1) > 0.06)
+    assert np.quantile(affine[far], 0.99) < 0.0006
+    assert np.quantile(rigid[far], 0.99) > np.quantile(affine[far], 0.99)
+    assert np.median(affine[on_bump]) > 0.003
+
+
+def _plane_view(bump: float = 0.0, size: int = 64) -> tuple[np.ndarray, ViewCalibration]:
+    """A camera 1 m in front of the plane z = 1 (world = camera frame), an optional bump towards the camera
+    at the centre, and a 4-px border of invalid depth (the silhouette)."""
+    K = np.array([[100.0, 0, size / 2], [0, 100.0, size / 2], [0, 0, 1]])
+    v, u = np.mgrid[0:size, 0:size]
+    r2 = ((u - size / 2) ** 2 + (v - size / 2) ** 2) / 8.0 ** 2
+    depth = (1.0 - bump * np.clip(1 - r2, 0, None) ** 2).astype(np.float32)
+    depth[:4], depth[-4:], depth[:, :4], depth[:, -4:] = 0, 0, 0, 0
+    return depth, ViewCalibration(K, np.eye(4), width=size, height=size)
+
+
+def test_deviation_map_finds_the_bump_and_leaves_edges_unscored():
+    flat, calib = _plane_view()
+    settings = GeometrySettings(voxel_m=0.002)
+    reference = SurfaceReference.from_views([(flat, calib)], settings.voxel_m)
+    bumped, _ = _plane_view(bump=0.01)
+    dev = deviation_map(bumped, calib, np.eye(4), reference, settings)
+    assert dev.shape == bumped.shape and dev.dtype == np.float32
+    assert dev[32, 32] > 0.007  # the bump's top, ~1 cm in front of the plane
+    assert np.abs(dev[12:20, 12:20]).max() < 1e-3  # plain surface
+    assert (dev[:7] == 0).all() and (dev[:, -7:] == 0).all()  # invalid border + edge_px=3 band
+    band = edge_band(bumped, 0.01, 0)
+    assert band[0, 0] and not band[32, 32]
+
+
+def test_fuse_scores_and_reference_round_trip(tmp_path):
+    s = np.array([[0.1, 0.5]], np.float32)
+    d = np.array([[0.002, 0.0005]], np.float32)
+    np.testing.assert_allclose(fuse_scores(s, d, scale=0.1, tolerance_m=0.001), [[0.2, 0.5]])
+    ref = SurfaceReference(np.eye(3), np.eye(3))
+    again = SurfaceReference.load(ref.save(tmp_path / "ref.npz"))
+    np.testing.assert_allclose(again.points, ref.points)
+    np.savez(tmp_path / "bad.npz", points=np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="bad.npz is not a surface reference"):
+        SurfaceReference.load(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match=">= 3 points"):
+        SurfaceReference(np.zeros((2, 3)), np.zeros((2, 3)))
+
+
+def test_leave_one_view_out_scale():
+    """Identical views: every token has its twin in another view (scale 0); distinct random views: > 0."""
+    gen = torch.Generator().manual_seed(0)
+    one = torch.randn(1, 16, 8, generator=gen)
+    valid = torch.ones(3, 16, dtype=torch.bool)
+    settings = PatchCoreSettings(metric="cosine", bank="class", bank_tokens="all")
+    assert leave_one_view_out_scale(one.repeat(3, 1, 1), None, valid, settings) < 1e-5
+    assert leave_one_view_out_scale(torch.randn(3, 16, 8, generator=gen), None, valid, settings) > 0.1
+
+
+def test_geometry_config_errors():
+    with pytest.raises(ConfigError, match="patchcore_geometry_tolerance_m must be >= 0"):
+        parse_config(["--data", "/d", "--method", "patchcore", "patchcore_geometry_tolerance_m=-1"])
+    assert parse_config(["--data", "/d", "--method", "patchcore", "--patchcore-geometry-tolerance-m", "0.001"]
+                        ).patchcore_geometry_tolerance_m == 0.001
+
+
+def test_patchcore_with_the_surface_deviation_end_to_end(tmp_path):
+    """Fit saves the training surface and PatchCore's nominal score scale; predict fuses the deviation into
+    the maps (never below PatchCore's own map) and the volumes."""
+    import timm
+
+    from data_prep.synthetic import SynthConfig, generate_benchmark
+    from detect.run import main
+
+    data = tmp_path / "data"
+    generate_benchmark(data, SynthConfig(classes=("vase",), n_views=3, width=64, height=48, n_test=2,
+                                         setups=("real2real",)), progress=False)
+    torch.manual_seed(0)
+    weights = tmp_path / "lite0.pth"
+    torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), weights)
+    base = ["--data", str(data), "save_maps=orig", "--image-encoder", "cnn", "--image-encoder-weights", str(weights),
+            "--depth-encoder", "cnn_on_depth", "--image-size", "56", "--no-progress", "--method", "patchcore",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base[:3], "patchcore_geometry_tolerance_m=0.001", *base[3:], "--out", str(tmp_path / "geo")]) == 0
+    class_dir = tmp_path / "geo" / "real2real" / "vase"
+    meta = torch.load(class_dir / "patchcore.pt", weights_only=True)["config"]
+    assert meta["score_scale"] > 0 and meta["reference_points"] > 100
+    assert SurfaceReference.load(class_dir / "surface_reference.npz").points.shape[1] == 3
+    plain_maps = sorted((tmp_path / "plain" / "real2real" / "vase" / "maps").rglob("*_combined.npy"))
+    geo_maps = sorted((class_dir / "maps").rglob("*_combined.npy"))
+    assert len(plain_maps) == len(geo_maps) == 2 * 3
+    raised = 0
+    for p, g in zip(plain_maps, geo_maps):
+        a, b = np.load(p).astype(np.float32), np.load(g).astype(np.float32)  # saved as float16
+        assert (b >= a - 1e-3 * np.abs(a)).all()
+        raised += int((b > a * 1.01 + 1e-4).sum())
+    assert raised > 0
+    assert (class_dir / "metrics.json").is_file()
