@@ -117,6 +117,7 @@ class DetectConfig:
     occlusion_gate_m: float = 0.0
     occlusion_gate_tokens: float = 1.5
     patchcore_geometry_tolerance_m: float = 0.0  # > 0: fuse the surface deviation (detect/geometry.py)
+    patchcore_template_tolerance: float = 0.0  # > 0: weight the map by the registered template's residual
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -151,6 +152,11 @@ class DetectConfig:
                               f"{self.occlusion_gate_m} and {self.occlusion_gate_tokens}")
         if self.occlusion_gate_m > 0 and self.view_aggregation != "max":
             raise ConfigError("occlusion_gate_m needs view_aggregation max (its second tier is a maximum)")
+        if self.patchcore_template_tolerance < 0 or (self.patchcore_template_tolerance > 0
+                                                     and self.patchcore_geometry_tolerance_m <= 0):
+            raise ConfigError("patchcore_template_tolerance must be >= 0 (0: off) and needs "
+                              "patchcore_geometry_tolerance_m > 0 (the template is read through its registration), "
+                              f"got {self.patchcore_template_tolerance} with {self.patchcore_geometry_tolerance_m}")
         if self.patchcore_geometry_tolerance_m < 0:
             raise ConfigError(f"patchcore_geometry_tolerance_m must be >= 0 metres (0: off), got "
                               f"{self.patchcore_geometry_tolerance_m}")
@@ -309,6 +315,10 @@ FIELD_HELP: dict[str, str] = {
     'patchcore_geometry_tolerance_m': "patchcore: also score each pixel by its 3D distance to the training "
                                       "instance's surface (affine-registered; detect/geometry.py), a deviation of "
                                       "this many metres weighing as the 99th percentile of nominal scores; 0 = off",
+    'patchcore_template_tolerance': "patchcore (with --patchcore-geometry-tolerance-m): weight each pixel's score "
+                                    "by its grey-level residual against the training instance's view at the same "
+                                    "registered surface point, full weight from this fraction of full scale on "
+                                    "(detect/geometry.py template_support; suppresses the token maps' halo); 0 = off",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',
 }

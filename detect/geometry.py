@@ -18,6 +18,10 @@ This is the metrology check of a factory (align the part to its reference, read 
    deviation / tolerance)`` — a deviation of one tolerance weighs as much as the 99th percentile of the
    detector's scores on nominal training data (``scale``).
 
+5. optionally (:func:`template_support`), the registration also reads the training instance's grey level at
+   each pixel's surface point in the view of the same index; where the pixel matches that *golden template*,
+   the detector's score there is a token's halo around a defect nearby, and it is weighted down.
+
 Limits, measured: a single reference cannot know the nominal variation of individual features (a knob's
 height, a lid's lip), which the affine fit does not absorb; there the deviation is large on every instance.
 """
@@ -198,10 +202,80 @@ def _median(x: np.ndarray, size: int) -> np.ndarray:
     return median_filter(x, size=size, mode="nearest")
 
 
-def fuse_scores(score_map: np.ndarray, deviation: np.ndarray, scale: float, tolerance_m: float) -> np.ndarray:
-    """``max(score, scale · deviation / tolerance)``: the detector's map and the surface deviation on one scale."""
-    return np.maximum(score_map, (scale / tolerance_m) * deviation).astype(np.float32)
+def fuse_scores(score_map: np.ndarray, deviation: np.ndarray, scale: float, tolerance_m: float,
+                support: np.ndarray | None = None) -> np.ndarray:
+    """``max(score · support, scale · deviation / tolerance)``: the detector's map (optionally weighted by a
+    pixel's template support, :func:`template_support`) and the surface deviation on one scale."""
+    score = score_map if support is None else score_map * support
+    return np.maximum(score, (scale / tolerance_m) * deviation).astype(np.float32)
 
 
-__all__ = ["GeometrySettings", "SurfaceReference", "deviation_map", "edge_band", "fuse_scores", "register",
-           "view_points"]
+@dataclass(frozen=True)
+class TemplateView:
+    """One view of the training instance: 8-bit grey image, depth in its file's units, calibration."""
+
+    image: np.ndarray
+    depth: np.ndarray
+    calib: ViewCalibration
+
+
+def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray,
+                     template: TemplateView, tolerance: float, settings: GeometrySettings,
+                     visibility_m: float = 0.005, saturation: int = 245) -> np.ndarray:
+    """(H, W) weights in [0, 1]: how much each pixel differs from the training instance at the same surface point.
+
+    A pixel's registered 3D point is projected into the training instance's view of the same index (same
+    camera and light in a fixture), that view's grey level is read there (bilinear) and fitted to the test
+    view's by one linear photometric map per view; the absolute residual (fraction of full scale, median
+    filtered) over ``tolerance`` gives the weight, 1 from one tolerance on. A token's score describes its
+    whole patch and context, so a defect's score spreads 2–3 tokens around it (issue 23, step 9); where the
+    pixel itself matches the template, that score is the halo's. Where the comparison has no information
+    — the point unseen by the training view (occluded, out of frame, depth off by > ``visibility_m``), a
+    saturated pixel in either image (and its 4-px surroundings), next to a silhouette or depth jump — the
+    weight is 1: the score stands.
+    """
+    import cv2
+
+    h, w = depth.shape
+    weight = np.ones((h, w), np.float32)
+    pts, flat = view_points(depth, calib)
+    if not len(pts):
+        return weight
+    q = pts @ transform[:3, :3].T + transform[:3, 3]
+    w2c = template.calib.T_w2c
+    pc = q @ w2c[:3, :3].T + w2c[:3, 3]
+    front = pc[:, 2] > 1e-6
+    uvw = pc @ template.calib.K.T
+    z = np.where(front, uvw[:, 2], 1.0)
+    u = (uvw[:, 0] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
+    v = (uvw[:, 1] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
+    ref_grey = cv2.remap(template.image.astype(np.float32), u, v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
+                         borderValue=-1.0)[:, 0]
+    t_depth = np.asarray(template.depth, np.float32) * np.float32(template.calib.depth_scale)
+    t_depth = np.where(np.isfinite(t_depth) & (t_depth > 0), t_depth, 0.0).astype(np.float32)
+    ref_z = cv2.remap(t_depth, u, v, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)[:, 0]
+    seen = front & (ref_grey >= 0) & (ref_z > 0) & (np.abs(ref_z - pc[:, 2]) < visibility_m)
+    grey = np.asarray(image, np.float32).reshape(-1)[flat]
+    saturated = (grey >= saturation) | (ref_grey >= saturation)
+    ok = seen & ~saturated
+    if ok.sum() < 16:
+        return weight
+    A = np.stack([ref_grey[ok], np.ones(int(ok.sum()), np.float32)], axis=1)
+    gain, offset = np.linalg.lstsq(A, grey[ok], rcond=None)[0]
+    residual = np.zeros(h * w, np.float32)
+    residual[flat[ok]] = np.abs(grey[ok] - (gain * ref_grey[ok] + offset)) / 255.0
+    residual = cv2.medianBlur(residual.reshape(h, w), 5)
+    available = np.zeros(h * w, np.uint8)
+    available[flat[ok]] = 1
+    sat_map = np.zeros(h * w, np.uint8)
+    sat_map[flat[saturated]] = 1
+    sat_map = cv2.dilate(sat_map.reshape(h, w), np.ones((9, 9), np.uint8))
+    available = available.reshape(h, w) & (1 - sat_map) & \
+        (1 - edge_band(depth * calib.depth_scale, settings.jump_m, settings.edge_px).astype(np.uint8))
+    available = cv2.erode(available, np.ones((5, 5), np.uint8)) > 0  # the median filter's reach
+    weight[available] = np.clip(residual[available] / tolerance, 0.0, 1.0)
+    return weight
+
+
+__all__ = ["GeometrySettings", "SurfaceReference", "TemplateView", "deviation_map", "edge_band", "fuse_scores",
+           "register", "template_support", "view_points"]

@@ -8,10 +8,12 @@ from detect.config import parse_config
 from detect.geometry import (
     GeometrySettings,
     SurfaceReference,
+    TemplateView,
     deviation_map,
     edge_band,
     fuse_scores,
     register,
+    template_support,
 )
 from detect.patchcore import PatchCoreSettings, leave_one_view_out_scale
 from detect.volume import ViewCalibration
@@ -87,6 +89,34 @@ def test_deviation_map_finds_the_bump_and_leaves_edges_unscored():
     assert band[0, 0] and not band[32, 32]
 
 
+def test_template_support_keeps_what_differs_and_where_nothing_compares():
+    """A stain on the test view (same camera, same surface) gets full weight, the plain surface around it a
+    small one (only noise differs), a brighter exposure is absorbed by the photometric fit, and pixels the
+    template cannot compare (saturated, outside its view's depth) keep weight 1."""
+    rng = np.random.default_rng(0)
+    depth, calib = _plane_view()
+    v, u = np.mgrid[0:64, 0:64]
+    texture = (100 + 40 * np.sin(u / 3.0) * np.cos(v / 4.0)).astype(np.float32)
+    template = TemplateView(np.clip(texture + rng.normal(0, 1, texture.shape), 0, 255).astype(np.uint8),
+                            depth, calib)
+    test = 1.1 * texture + 5 + rng.normal(0, 1, texture.shape)  # another exposure
+    test[28:36, 28:36] *= 0.6  # a stain
+    test[10:14, 50:54] = 255  # a saturated highlight
+    test = np.clip(test, 0, 255).astype(np.uint8)
+    settings = GeometrySettings()
+    w = template_support(test, depth, calib, np.eye(4), template, 0.05, settings)
+    assert w.shape == depth.shape and w.dtype == np.float32
+    assert w[30:34, 30:34].min() == 1.0  # the stain differs by far more than 5 % of full scale
+    assert np.median(w[12:24, 12:24]) < 0.3  # plain surface: the fit absorbs the exposure
+    assert (w[10:14, 50:54] == 1.0).all()  # saturated: no comparison, the score stands
+    assert (w[:4] == 1.0).all()  # invalid depth
+    # a template whose depth disagrees (another surface) compares nothing
+    far = TemplateView(template.image, np.where(depth > 0, depth + 0.05, 0).astype(np.float32), calib)
+    assert (template_support(test, depth, calib, np.eye(4), far, 0.05, settings) == 1.0).all()
+    fused = fuse_scores(np.full(depth.shape, 0.2, np.float32), np.zeros(depth.shape, np.float32), 0.1, 0.001, w)
+    assert fused[30, 30] == pytest.approx(0.2) and fused[18, 18] < 0.1
+
+
 def test_fuse_scores_and_reference_round_trip(tmp_path):
     s = np.array([[0.1, 0.5]], np.float32)
     d = np.array([[0.002, 0.0005]], np.float32)
@@ -116,6 +146,10 @@ def test_geometry_config_errors():
         parse_config(["--data", "/d", "--method", "patchcore", "patchcore_geometry_tolerance_m=-1"])
     assert parse_config(["--data", "/d", "--method", "patchcore", "--patchcore-geometry-tolerance-m", "0.001"]
                         ).patchcore_geometry_tolerance_m == 0.001
+    with pytest.raises(ConfigError, match="needs patchcore_geometry_tolerance_m"):
+        parse_config(["--data", "/d", "patchcore_template_tolerance=0.05"])
+    with pytest.raises(ConfigError, match="patchcore_template_tolerance must be >= 0"):
+        parse_config(["--data", "/d", "patchcore_template_tolerance=-1", "patchcore_geometry_tolerance_m=0.001"])
 
 
 def test_patchcore_with_the_surface_deviation_end_to_end(tmp_path):
@@ -151,3 +185,11 @@ def test_patchcore_with_the_surface_deviation_end_to_end(tmp_path):
         raised += int((b > a * 1.01 + 1e-4).sum())
     assert raised > 0
     assert (class_dir / "metrics.json").is_file()
+    # the template support on top: the maps change where the template matches (the halo), and a template from
+    # another training instance than the fit's is refused
+    out = tmp_path / "tmpl"
+    assert main([*base[:3], "patchcore_geometry_tolerance_m=0.001", "patchcore_template_tolerance=0.05", *base[3:],
+                 "--out", str(out)]) == 0
+    tmpl_maps = sorted((out / "real2real" / "vase" / "maps").rglob("*_combined.npy"))
+    assert len(tmpl_maps) == 6
+    assert any(not np.allclose(np.load(a), np.load(b)) for a, b in zip(geo_maps, tmpl_maps))

@@ -264,8 +264,9 @@ class MultiviewRunner:
         return bank, meta
 
     def load_surface(self, setup: str, class_name: str, meta: dict):
-        """(reference surface, score scale) of ``--patchcore-geometry-tolerance-m``, or None when it is off."""
-        from detect.geometry import SurfaceReference
+        """(reference surface, score scale, training views or None) of ``--patchcore-geometry-tolerance-m``
+        (the views: the templates of ``--patchcore-template-tolerance``), or None when it is off."""
+        from detect.geometry import SurfaceReference, TemplateView
 
         if self.cfg.patchcore_geometry_tolerance_m <= 0:
             return None
@@ -273,24 +274,39 @@ class MultiviewRunner:
         if not path.is_file() or "score_scale" not in meta:
             raise RunError(f"no surface reference {path}: run --mode fit (or all) with --patchcore-geometry-tolerance-m > 0 first")
         try:
-            return SurfaceReference.load(path), float(meta["score_scale"])
+            reference = SurfaceReference.load(path)
         except ValueError as exc:
             raise RunError(str(exc)) from None
+        templates = None
+        if self.cfg.patchcore_template_tolerance > 0:
+            ds = class_dataset(self.cfg, class_name)
+            record = self.train_record(ds, setup)
+            if record.name != meta.get("train_instance"):
+                raise RunError(f"{path.parent}: fitted on {meta.get('train_instance')}, but the {setup} training "
+                               f"instance is now {record.name}: run --mode fit again")
+            templates = [TemplateView(v.image, v.depth, v.calib)
+                         for v in (load_view(ds, record, i) for i in range(ds.n_views))]
+        return reference, float(meta["score_scale"]), templates
 
     def _surface_refine(self, ds, record, surface, current: dict):
         """The per-view map refinement of ``--patchcore-geometry-tolerance-m``: the instance registered to the
-        reference once, then each view's map fused with its surface deviation (detect/geometry.py)."""
-        from detect.geometry import deviation_map, fuse_scores, register, view_points
+        reference once, then each view's map weighted by its template support (``--patchcore-template-tolerance``)
+        and fused with its surface deviation (detect/geometry.py)."""
+        from detect.geometry import deviation_map, fuse_scores, register, template_support, view_points
 
-        reference, scale = surface
+        reference, scale, templates = surface
         s = geometry_settings(self.cfg)
         views = [load_view(ds, record, i) for i in range(ds.n_views)]
         transform = register(np.concatenate([view_points(v.depth, v.calib)[0] for v in views]), reference, s)
 
         def refine(t: int, score_map: np.ndarray) -> np.ndarray:
             view = current["view"]
+            support = None
+            if templates is not None:
+                support = template_support(view.image, view.depth, view.calib, transform, templates[t],
+                                           self.cfg.patchcore_template_tolerance, s)
             return fuse_scores(score_map, deviation_map(view.depth, view.calib, transform, reference, s), scale,
-                               s.tolerance_m)
+                               s.tolerance_m, support)
         return refine
 
     def fit_multiclass(self, setup: str, classes: Sequence[str]) -> Path:
