@@ -178,13 +178,14 @@ def edge_band(depth_m: np.ndarray, jump_m: float, width_px: int) -> np.ndarray:
 
 
 def deviation_map(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray, reference: SurfaceReference,
-                  settings: GeometrySettings) -> np.ndarray:
+                  settings: GeometrySettings, points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(H, W) float32 metres: each valid pixel's registered distance to the reference surface; 0 at invalid
-    pixels and within ``edge_px`` of silhouettes and depth jumps."""
+    pixels and within ``edge_px`` of silhouettes and depth jumps. ``points``: the view's
+    :func:`view_points`, when the caller has them already."""
     import cv2
 
     depth = np.asarray(depth)
-    pts, flat = view_points(depth, calib)
+    pts, flat = points if points is not None else view_points(depth, calib)
     out = np.zeros(depth.size, np.float32)
     if len(pts):
         q = pts @ transform[:3, :3].T + transform[:3, 3]
@@ -221,7 +222,8 @@ class TemplateView:
 
 def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray,
                      template: TemplateView, tolerance: float, settings: GeometrySettings,
-                     visibility_m: float = 0.005, saturation: int = 245) -> np.ndarray:
+                     visibility_m: float = 0.005, saturation: int = 245,
+                     points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(H, W) weights in [0, 1]: how much each pixel differs from the training instance at the same surface point.
 
     A pixel's registered 3D point is projected into the training instance's view of the same index (same
@@ -232,13 +234,13 @@ def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibratio
     pixel itself matches the template, that score is the halo's. Where the comparison has no information
     — the point unseen by the training view (occluded, out of frame, depth off by > ``visibility_m``), a
     saturated pixel in either image (and its 4-px surroundings), next to a silhouette or depth jump — the
-    weight is 1: the score stands.
+    weight is 1: the score stands. ``points``: the view's :func:`view_points`, when the caller has them.
     """
     import cv2
 
     h, w = depth.shape
     weight = np.ones((h, w), np.float32)
-    pts, flat = view_points(depth, calib)
+    pts, flat = points if points is not None else view_points(depth, calib)
     if not len(pts):
         return weight
     q = pts @ transform[:3, :3].T + transform[:3, 3]

@@ -304,8 +304,10 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
         geom = geometries[maps.view]
         t0 = time.perf_counter()
         combined_orig = undo_geometry(maps.combined, geom, "bilinear")
-        if refine is not None:
+        fg_orig = None
+        if refine is not None or volume is not None:
             fg_orig = undo_geometry(torch.from_numpy(maps.foreground), geom, "nearest")
+        if refine is not None:
             combined_orig = np.where(fg_orig, refine(maps.view, combined_orig), combined_orig).astype(np.float32)
             score_2d = max(score_2d, float(combined_orig.max()))
         if on_view is not None:
@@ -317,7 +319,6 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
             if raw.shape != (geom.height, geom.width):
                 raise ValueError(f"view {maps.view}: depth {raw.shape} does not match the preprocessed geometry "
                                  f"{(geom.height, geom.width)}")
-            fg_orig = undo_geometry(torch.from_numpy(maps.foreground), geom, "nearest")
             context = None
             if settings.occlusion_gate_m > 0:  # token footprint in original pixels × radius in tokens
                 radius_px = settings.occlusion_gate_tokens * geom.side / grid[0]

@@ -288,25 +288,28 @@ class MultiviewRunner:
                          for v in (load_view(ds, record, i) for i in range(ds.n_views))]
         return reference, float(meta["score_scale"]), templates
 
-    def _surface_refine(self, ds, record, surface, current: dict):
+    def _surface_refine(self, ds, record, surface, current: dict, loaded: dict):
         """The per-view map refinement of ``--patchcore-geometry-tolerance-m``: the instance registered to the
         reference once, then each view's map weighted by its template support (``--patchcore-template-tolerance``)
-        and fused with its surface deviation (detect/geometry.py)."""
+        and fused with its surface deviation (detect/geometry.py). The views read here are left in
+        ``loaded`` (view index → view) for the map loop."""
         from detect.geometry import deviation_map, fuse_scores, register, template_support, view_points
 
         reference, scale, templates = surface
         s = geometry_settings(self.cfg)
-        views = [load_view(ds, record, i) for i in range(ds.n_views)]
-        transform = register(np.concatenate([view_points(v.depth, v.calib)[0] for v in views]), reference, s)
+        loaded.update((i, load_view(ds, record, i)) for i in range(ds.n_views))
+        transform = register(np.concatenate([view_points(v.depth, v.calib)[0] for v in loaded.values()]),
+                             reference, s)
 
         def refine(t: int, score_map: np.ndarray) -> np.ndarray:
             view = current["view"]
+            points = view_points(view.depth, view.calib)  # once for both comparisons
             support = None
             if templates is not None:
                 support = template_support(view.image, view.depth, view.calib, transform, templates[t],
-                                           self.cfg.patchcore_template_tolerance, s)
-            return fuse_scores(score_map, deviation_map(view.depth, view.calib, transform, reference, s), scale,
-                               s.tolerance_m, support)
+                                           self.cfg.patchcore_template_tolerance, s, points=points)
+            deviation = deviation_map(view.depth, view.calib, transform, reference, s, points=points)
+            return fuse_scores(score_map, deviation, scale, s.tolerance_m, support)
         return refine
 
     def fit_multiclass(self, setup: str, classes: Sequence[str]) -> Path:
@@ -486,9 +489,12 @@ class MultiviewRunner:
             else:
                 no_volume_reason = "no calibration reader (--calib-reader none): 2D-only detection"
             current: dict = {}
+            loaded: dict = {}  # views the surface registration read already (read once per instance)
 
-            def load(t: int, _rec=record, _cur=current):
-                v = load_view(ds, _rec, t)
+            def load(t: int, _rec=record, _cur=current, _loaded=loaded):
+                v = _loaded.pop(t, None)
+                if v is None:
+                    v = load_view(ds, _rec, t)
                 _cur["view"] = v
                 return v.depth, v.calib
 
@@ -506,7 +512,7 @@ class MultiviewRunner:
             refine, register_s = None, 0.0
             if cfg.method == "patchcore" and surface is not None:
                 t0 = time.perf_counter()
-                refine = self._surface_refine(ds, record, surface, current)
+                refine = self._surface_refine(ds, record, surface, current, loaded)
                 register_s = time.perf_counter() - t0
             pred = predict_instance(model, image, depth, feats.grid, load, feats.geometries, cfg.image_size,
                                     self.depth_norm, inf, grid, on_view, class_id, scorer, refine)
