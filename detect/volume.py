@@ -325,8 +325,7 @@ class VolumeAccumulator:
             raise ValueError(f"{len(points)} points but {len(scores)} scores")
         if not np.isfinite(scores).all():
             raise ValueError("non-finite scores")
-        idx = np.floor((points - self.grid.origin) / self.grid.voxel_size).astype(np.int64)
-        inside = ((idx >= 0) & (idx < np.asarray(self.grid.shape))).all(axis=1)
+        idx, inside = self.grid.index(points)
         self.dropped += int((~inside).sum())
         self.n_points += int(inside.sum())
         self._scatter(np.ravel_multi_index(idx[inside].T, self.grid.shape), scores[inside], None)
