@@ -118,6 +118,7 @@ class DetectConfig:
     occlusion_gate_tokens: float = 1.5
     patchcore_geometry_tolerance_m: float = 0.0  # > 0: fuse the surface deviation (detect/geometry.py)
     patchcore_template_tolerance: float = 0.0  # > 0: weight the map by the registered template's residual
+    patchcore_see_through_m: float = 0.0  # > 0: move the scores of pixels that look through a hole to its rim
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -157,6 +158,12 @@ class DetectConfig:
             raise ConfigError("patchcore_template_tolerance must be >= 0 (0: off) and needs "
                               "patchcore_geometry_tolerance_m > 0 (the template is read through its registration), "
                               f"got {self.patchcore_template_tolerance} with {self.patchcore_geometry_tolerance_m}")
+        if self.patchcore_see_through_m < 0 or (self.patchcore_see_through_m > 0 and (
+                self.patchcore_geometry_tolerance_m <= 0 or self.view_aggregation != "max")):
+            raise ConfigError("patchcore_see_through_m must be >= 0 (0: off) and needs patchcore_geometry_tolerance_m "
+                              "> 0 (the template is read through its registration) and view_aggregation max (the "
+                              f"moved scores are maxima), got {self.patchcore_see_through_m} with "
+                              f"{self.patchcore_geometry_tolerance_m} and {self.view_aggregation}")
         if self.patchcore_geometry_tolerance_m < 0:
             raise ConfigError(f"patchcore_geometry_tolerance_m must be >= 0 metres (0: off), got "
                               f"{self.patchcore_geometry_tolerance_m}")
@@ -319,6 +326,11 @@ FIELD_HELP: dict[str, str] = {
                                     "by its grey-level residual against the training instance's view at the same "
                                     "registered surface point, full weight from this fraction of full scale on "
                                     "(detect/geometry.py template_support; suppresses the token maps' halo); 0 = off",
+    'patchcore_see_through_m': "patchcore (with --patchcore-geometry-tolerance-m): a pixel whose registered point "
+                               "lies more than this many metres behind the training instance's surface in the view "
+                               "of the same index looks through a hole; the volume puts its score on the hole's "
+                               "rim, unless the point lies within this distance of the missing material "
+                               "(detect/geometry.py see_through); 0 = off",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',
 }

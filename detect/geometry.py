@@ -20,7 +20,9 @@ This is the metrology check of a factory (align the part to its reference, read 
 
 5. optionally (:func:`template_support`), the registration also reads the training instance's grey level at
    each pixel's surface point in the view of the same index; where the pixel matches that *golden template*,
-   the detector's score there is a token's halo around a defect nearby, and it is weighted down.
+   the detector's score there is a token's halo around a defect nearby, and it is weighted down;
+6. optionally (:func:`see_through`), a pixel whose point lies behind the training instance's surface looks
+   through a hole: its score goes to the hole's rim instead of the far surface (:class:`InstanceSurface`).
 
 Limits, measured: a single reference cannot know the nominal variation of individual features (a knob's
 height, a lid's lip), which the affine fit does not absorb; there the deviation is large on every instance.
@@ -48,10 +50,12 @@ class GeometrySettings:
     edge_px: int = 3  # pixels next to a silhouette or depth jump get no deviation
     jump_m: float = 0.01  # 4-neighbours this far apart in depth: a jump
     median_px: int = 5  # median filter of the deviation map (odd; 1 = none)
+    missing_m: float = 0.01  # a reference point with no measured point this near: the material is missing
 
     def __post_init__(self) -> None:
-        if min(self.tolerance_m, self.voxel_m, self.register_voxel_m, self.max_correspondence_m) <= 0:
-            raise ValueError("geometry tolerance_m, voxel_m, register_voxel_m and max_correspondence_m must be > 0")
+        if min(self.tolerance_m, self.voxel_m, self.register_voxel_m, self.max_correspondence_m, self.missing_m) <= 0:
+            raise ValueError("geometry tolerance_m, voxel_m, register_voxel_m, max_correspondence_m and missing_m "
+                             "must be > 0")
         if self.edge_px < 0 or self.median_px < 1 or self.median_px % 2 == 0 or self.affine_iterations < 0:
             raise ValueError(f"geometry edge_px must be >= 0, median_px odd >= 1 and affine_iterations >= 0, got "
                              f"{self.edge_px}, {self.median_px}, {self.affine_iterations}")
@@ -220,6 +224,94 @@ class TemplateView:
     calib: ViewCalibration
 
 
+def _into_template(points: np.ndarray, transform: np.ndarray, template: TemplateView):
+    """Registered world points (M, 3) into the template's camera: pixel coordinates u, v (M, 1) float32 for
+    ``cv2.remap``, camera depth z (M,) in metres and whether the point lies in front of the camera."""
+    q = points @ transform[:3, :3].T + transform[:3, 3]
+    w2c = template.calib.T_w2c
+    pc = q @ w2c[:3, :3].T + w2c[:3, 3]
+    front = pc[:, 2] > 1e-6
+    uvw = pc @ template.calib.K.T
+    z = np.where(front, uvw[:, 2], 1.0)
+    u = (uvw[:, 0] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
+    v = (uvw[:, 1] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
+    return u, v, pc[:, 2], front
+
+
+def _template_depth_at(template: TemplateView, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """The template's depth in metres at pixel coordinates u, v (nearest pixel; 0 where it has none)."""
+    import cv2
+
+    t_depth = np.asarray(template.depth, np.float32) * np.float32(template.calib.depth_scale)
+    t_depth = np.where(np.isfinite(t_depth) & (t_depth > 0), t_depth, 0.0).astype(np.float32)
+    return cv2.remap(t_depth, u, v, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)[:, 0]
+
+
+class InstanceSurface:
+    """A test instance's measured surface (all its views fused, voxel-downsampled, in its own frame) and the
+    nominal material it lacks: the registered reference points with no measured point within
+    ``settings.missing_m`` (a missing chunk; also nominal surface that no view of this instance measured)."""
+
+    def __init__(self, measured: np.ndarray, reference: SurfaceReference, transform: np.ndarray,
+                 settings: GeometrySettings) -> None:
+        from scipy.spatial import cKDTree
+
+        self.measured = cKDTree(np.asarray(_cloud(measured, settings.voxel_m, normals=False).points))
+        back = np.linalg.inv(transform)  # reference frame → the instance's frame
+        nominal = reference.points @ back[:3, :3].T + back[:3, 3]
+        gone = self.measured.query(nominal, distance_upper_bound=settings.missing_m)[0] > settings.missing_m
+        self.missing = nominal[gone]
+        self._missing = cKDTree(self.missing) if len(self.missing) else None
+
+    def near_missing(self, points: np.ndarray, reach_m: float) -> np.ndarray:
+        """(K,) bool: which points lie within ``reach_m`` of missing material."""
+        if self._missing is None or not len(points):
+            return np.zeros(len(points), bool)
+        return self._missing.query(points, distance_upper_bound=reach_m)[0] <= reach_m
+
+    def nearest_measured(self, points: np.ndarray) -> np.ndarray:
+        """(K, 3) the measured surface point nearest to each of ``points``."""
+        if not len(points):
+            return np.zeros((0, 3))
+        return self.measured.data[self.measured.query(points)[1]]
+
+
+def see_through(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray, template: TemplateView,
+                surface: InstanceSurface, margin_m: float,
+                points: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Pixels that look through a hole onto a surface behind it, and where their scores belong.
+
+    A pixel looks *through* where the nominal part has material when its registered 3D point lies more than
+    ``margin_m`` behind the training instance's surface as the view of the same index saw it. Its token sees
+    the hole, but the back-projection puts that score on the far surface, which other views see as nominal
+    (issue 23, step 10: such pixels held most of the false-positive voxels of the instances with a missing
+    chunk). Its score belongs to the hole: it is moved to the measured surface point nearest to where the
+    line of sight crosses the nominal surface, i.e. the hole's rim. A point that itself lies within
+    ``margin_m`` of missing material (the wall right next to the cut, seen through it) keeps its score.
+
+    Returns ``(moved, targets)``: the (H, W) bool mask of the moved pixels and, for them in row-major order,
+    the (K, 3) world points their scores go to. Depth maps of type ``z`` are assumed (as
+    :func:`template_support` does).
+    """
+    h, w = depth.shape
+    moved = np.zeros(h * w, bool)
+    pts, flat = points if points is not None else view_points(depth, calib)
+    if not len(pts):
+        return moved.reshape(h, w), np.zeros((0, 3))
+    u, v, z, front = _into_template(pts, transform, template)
+    ref_z = _template_depth_at(template, u, v)
+    behind = np.flatnonzero(front & (ref_z > 0) & (ref_z < z - margin_m))
+    far = ~surface.near_missing(pts[behind], margin_m)
+    behind = behind[far]
+    moved[flat[behind]] = True
+    c = template.calib.pixel_center
+    rays = np.linalg.inv(template.calib.K) @ np.stack([u[behind, 0] + c, v[behind, 0] + c, np.ones(len(behind))])
+    crossing = (rays * ref_z[behind]).T  # on the nominal surface, in the template camera's frame
+    crossing = crossing @ template.calib.T_c2w[:3, :3].T + template.calib.T_c2w[:3, 3]
+    back = np.linalg.inv(transform)
+    return moved.reshape(h, w), surface.nearest_measured(crossing @ back[:3, :3].T + back[:3, 3])
+
+
 def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray,
                      template: TemplateView, tolerance: float, settings: GeometrySettings,
                      visibility_m: float = 0.005, saturation: int = 245,
@@ -243,20 +335,11 @@ def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibratio
     pts, flat = points if points is not None else view_points(depth, calib)
     if not len(pts):
         return weight
-    q = pts @ transform[:3, :3].T + transform[:3, 3]
-    w2c = template.calib.T_w2c
-    pc = q @ w2c[:3, :3].T + w2c[:3, 3]
-    front = pc[:, 2] > 1e-6
-    uvw = pc @ template.calib.K.T
-    z = np.where(front, uvw[:, 2], 1.0)
-    u = (uvw[:, 0] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
-    v = (uvw[:, 1] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
+    u, v, z, front = _into_template(pts, transform, template)
     ref_grey = cv2.remap(template.image.astype(np.float32), u, v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
                          borderValue=-1.0)[:, 0]
-    t_depth = np.asarray(template.depth, np.float32) * np.float32(template.calib.depth_scale)
-    t_depth = np.where(np.isfinite(t_depth) & (t_depth > 0), t_depth, 0.0).astype(np.float32)
-    ref_z = cv2.remap(t_depth, u, v, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)[:, 0]
-    seen = front & (ref_grey >= 0) & (ref_z > 0) & (np.abs(ref_z - pc[:, 2]) < visibility_m)
+    ref_z = _template_depth_at(template, u, v)
+    seen = front & (ref_grey >= 0) & (ref_z > 0) & (np.abs(ref_z - z) < visibility_m)
     grey = np.asarray(image, np.float32).reshape(-1)[flat]
     saturated = (grey >= saturation) | (ref_grey >= saturation)
     ok = seen & ~saturated
@@ -279,5 +362,5 @@ def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibratio
     return weight
 
 
-__all__ = ["GeometrySettings", "SurfaceReference", "TemplateView", "deviation_map", "edge_band", "fuse_scores",
-           "register", "template_support", "view_points"]
+__all__ = ["GeometrySettings", "InstanceSurface", "SurfaceReference", "TemplateView", "deviation_map", "edge_band", "fuse_scores",
+           "register", "see_through", "template_support", "view_points"]

@@ -222,6 +222,15 @@ def iter_view_maps(model: ModMap | None, image: torch.Tensor, depth: torch.Tenso
 
 
 @dataclass
+class RefinedView:
+    """What a ``refine`` callback of :func:`predict_instance` returns for one view."""
+
+    scores: np.ndarray  # (H, W) the view's map at the original pixels, used on its foreground pixels
+    moved: np.ndarray | None = None  # (H, W) bool: pixels whose scores go to `moved_to`, not to their own points
+    moved_to: np.ndarray | None = None  # (K, 3) world points, one per `moved` pixel in row-major order
+
+
+@dataclass
 class InstancePrediction:
     pred_score: float  # max of the anomaly volume (max of the 2D maps without calibration)
     pred_score_2d: float  # max over the per-view foreground maps (the score without calibration)
@@ -273,7 +282,7 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
                      size: int, depth_norm: dict, settings: InferenceSettings, voxel_grid=None,
                      on_view: Callable[[ViewMaps, np.ndarray], None] | None = None,
                      class_id: int | None = None, scorer: ViewScorer | None = None,
-                     refine: Callable[[int, np.ndarray], np.ndarray] | None = None) -> InstancePrediction:
+                     refine: Callable[[int, np.ndarray], RefinedView] | None = None) -> InstancePrediction:
     """Per-view maps → original geometry → voxel volume for one instance, streaming over targets.
 
     ``load_view(t)`` returns the raw depth (H, W) of view t and its :class:`detect.volume.ViewCalibration`
@@ -281,9 +290,11 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
     preprocessing. ``voxel_grid`` (a :class:`shared.geometry.VoxelGrid`) enables the volume;
     ``on_view(maps, combined_original)`` receives every view's maps (e.g. to save them); ``class_id``
     is the class index of a multi-class model (None: class-specific). ``scorer`` replaces ModMap's
-    per-view scoring (e.g. :class:`detect.cmdr.CMDRScorer`). ``refine(view, map)`` replaces each view's
-    map at the original pixels before it is saved and projected (e.g. the surface deviation of
-    :mod:`detect.geometry`) on the foreground pixels; elsewhere the map stays as it is.
+    per-view scoring (e.g. :class:`detect.cmdr.CMDRScorer`). ``refine(view, map)`` returns a :class:`RefinedView`:
+    a replacement of each view's map at the original pixels, used on the foreground pixels before the map
+    is saved and projected (e.g. the surface deviation of :mod:`detect.geometry`), and optionally pixels
+    whose scores the volume puts on other 3D points than their own (e.g. a hole's rim instead of the
+    surface seen through the hole, :func:`detect.geometry.see_through`).
     """
     from detect.volume import VolumeAccumulator
 
@@ -307,8 +318,10 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
         fg_orig = None
         if refine is not None or volume is not None:
             fg_orig = undo_geometry(torch.from_numpy(maps.foreground), geom, "nearest")
+        refined = None
         if refine is not None:
-            combined_orig = np.where(fg_orig, refine(maps.view, combined_orig), combined_orig).astype(np.float32)
+            refined = refine(maps.view, combined_orig)
+            combined_orig = np.where(fg_orig, refined.scores, combined_orig).astype(np.float32)
             score_2d = max(score_2d, float(combined_orig.max()))
         if on_view is not None:
             on_view(maps, combined_orig)
@@ -323,6 +336,10 @@ def predict_instance(model: ModMap | None, image: torch.Tensor, depth: torch.Ten
             if settings.occlusion_gate_m > 0:  # token footprint in original pixels × radius in tokens
                 radius_px = settings.occlusion_gate_tokens * geom.side / grid[0]
                 context = occluded_context(raw * calib.depth_scale, radius_px, settings.occlusion_gate_m)
+            if refined is not None and refined.moved is not None:
+                moved = refined.moved & fg_orig
+                volume.add_points(refined.moved_to[fg_orig[refined.moved]], combined_orig[moved])
+                fg_orig = fg_orig & ~refined.moved
             volume.add_view(raw, calib, combined_orig, fg_orig, settings.project_stride, context)
         timing.volume_s += time.perf_counter() - t0
     if volume is not None:

@@ -314,6 +314,22 @@ class VolumeAccumulator:
         np.maximum.at(target, vox, vals)
         target_hit[vox] = True
 
+    def add_points(self, points: np.ndarray, scores: np.ndarray) -> None:
+        """Max-scatter ``scores`` (K,) onto the voxels of world ``points`` (K, 3), plain tier; occupancy is
+        left to the views. Points outside the grid are dropped (and counted)."""
+        if self.view_aggregation != "max":
+            raise ValueError("add_points needs view_aggregation='max'")
+        points = np.asarray(points, np.float64).reshape(-1, 3)
+        scores = np.asarray(scores, np.float32).reshape(-1)
+        if len(points) != len(scores):
+            raise ValueError(f"{len(points)} points but {len(scores)} scores")
+        if not np.isfinite(scores).all():
+            raise ValueError("non-finite scores")
+        idx, inside = self.grid.index(points)
+        self.dropped += int((~inside).sum())
+        self.n_points += int(inside.sum())
+        self._scatter(np.ravel_multi_index(idx[inside].T, self.grid.shape), scores[inside], None)
+
     def add_view(self, depth: np.ndarray, calib: ViewCalibration, score_map: np.ndarray | None,
                  foreground: np.ndarray | None, stride: int = 1, context: np.ndarray | None = None) -> None:
         """Mark occupancy with every valid pixel; max-scatter ``score_map`` over foreground pixels

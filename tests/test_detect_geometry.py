@@ -7,13 +7,16 @@ import torch
 from detect.config import parse_config
 from detect.geometry import (
     GeometrySettings,
+    InstanceSurface,
     SurfaceReference,
     TemplateView,
     deviation_map,
     edge_band,
     fuse_scores,
     register,
+    see_through,
     template_support,
+    view_points,
 )
 from detect.patchcore import PatchCoreSettings, leave_one_view_out_scale
 from detect.volume import ViewCalibration
@@ -117,6 +120,41 @@ def test_template_support_keeps_what_differs_and_where_nothing_compares():
     assert fused[30, 30] == pytest.approx(0.2) and fused[18, 18] < 0.1
 
 
+def test_see_through_moves_a_holes_scores_to_its_rim():
+    """A plate (z = 1 m) with a hole of 8 cm radius in the test instance, a wall 20 cm behind it: the pixels
+    that look through the hole are found (none elsewhere), their scores go to the measured rim on the plate,
+    and a point right next to missing material keeps its own."""
+    plate, calib = _plane_view(size=80)
+    v, u = np.mgrid[0:80, 0:80]
+    hole = (np.hypot(u - 40, v - 40) < 8) & (plate > 0)
+    test = np.where(hole, 1.2, plate).astype(np.float32)
+    settings = GeometrySettings()
+    reference = SurfaceReference.from_views([(plate, calib)], settings.voxel_m)
+    template = TemplateView(np.full(plate.shape, 128, np.uint8), plate, calib)
+    measured = view_points(test, calib)[0]
+    surface = InstanceSurface(measured, reference, np.eye(4), settings)
+    assert len(surface.missing) > 0 and np.hypot(*surface.missing[:, :2].T).max() < 0.08  # the hole, not the rim
+    moved, targets = see_through(test, calib, np.eye(4), template, surface, 0.03)
+    assert moved.shape == test.shape and (moved == hole).all()
+    assert targets.shape == (int(hole.sum()), 3)
+    np.testing.assert_allclose(targets[:, 2], 1.0, atol=1e-6)  # on the plate ...
+    radius = np.hypot(targets[:, 0], targets[:, 1])
+    assert radius.min() > 0.07 and radius.max() < 0.095  # ... at the hole's rim
+    # a wall only 2 cm behind: within the margin, nothing moves
+    shallow = np.where(hole, 1.02, plate).astype(np.float32)
+    assert not see_through(shallow, calib, np.eye(4), template, surface, 0.03)[0].any()
+    # missing material right next to the far wall (here: a reference patch there): that wall keeps its scores
+    patch = measured[np.abs(measured[:, 2] - 1.2) < 1e-6] + [0.0, 0.0, -0.02]
+    near_ref = SurfaceReference(np.concatenate([reference.points, patch]),
+                                np.concatenate([reference.normals, np.tile([0.0, 0.0, -1.0], (len(patch), 1))]))
+    near = InstanceSurface(measured, near_ref, np.eye(4), settings)
+    assert near.near_missing(patch, 0.03).all()
+    assert not see_through(test, calib, np.eye(4), template, near, 0.03)[0].any()
+    # no candidate pixels at all
+    empty = see_through(plate, calib, np.eye(4), template, surface, 0.03)
+    assert not empty[0].any() and empty[1].shape == (0, 3)
+
+
 def test_fuse_scores_and_reference_round_trip(tmp_path):
     s = np.array([[0.1, 0.5]], np.float32)
     d = np.array([[0.002, 0.0005]], np.float32)
@@ -150,6 +188,11 @@ def test_geometry_config_errors():
         parse_config(["--data", "/d", "patchcore_template_tolerance=0.05"])
     with pytest.raises(ConfigError, match="patchcore_template_tolerance must be >= 0"):
         parse_config(["--data", "/d", "patchcore_template_tolerance=-1", "patchcore_geometry_tolerance_m=0.001"])
+    with pytest.raises(ConfigError, match="patchcore_see_through_m must be >= 0 .* needs patchcore_geometry"):
+        parse_config(["--data", "/d", "patchcore_see_through_m=0.03"])
+    with pytest.raises(ConfigError, match="patchcore_see_through_m must be >= 0 .* view_aggregation max"):
+        parse_config(["--data", "/d", "patchcore_see_through_m=0.03", "patchcore_geometry_tolerance_m=0.001",
+                      "view_aggregation=mean"])
 
 
 def test_patchcore_with_the_surface_deviation_end_to_end(cnn_bench, tmp_path):
@@ -185,3 +228,10 @@ def test_patchcore_with_the_surface_deviation_end_to_end(cnn_bench, tmp_path):
     tmpl_maps = sorted((out / "real2real" / "vase" / "maps").rglob("*_combined.npy"))
     assert len(tmpl_maps) == 6
     assert any(not np.allclose(np.load(a), np.load(b)) for a, b in zip(geo_maps, tmpl_maps))
+    # the see-through relocation: the same maps (it moves scores in the volume only), volumes written
+    out = tmp_path / "see"
+    assert main([*base[:3], "patchcore_geometry_tolerance_m=0.001", "patchcore_see_through_m=0.03", *base[3:],
+                 "--out", str(out)]) == 0
+    see_maps = sorted((out / "real2real" / "vase" / "maps").rglob("*_combined.npy"))
+    assert all(np.array_equal(np.load(a), np.load(b)) for a, b in zip(geo_maps, see_maps))
+    assert len(list((out / "real2real" / "vase" / "volumes").glob("*.npz"))) == 2

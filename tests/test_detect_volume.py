@@ -171,3 +171,19 @@ def test_synthetic_instance_projects_onto_its_gt_surface(tiny_benchmark):
     if hit.any():
         near_anomaly = ndimage.binary_dilation(gt.labels, np.ones((3, 3, 3), bool), iterations=2)
         assert (hit & near_anomaly).sum() / hit.sum() > 0.9
+
+
+def test_add_points_scatters_into_the_plain_tier():
+    """Scores moved to other 3D points (detect.geometry.see_through: a hole's rim) land in those points' voxels
+    as maxima, points outside the grid are counted as dropped, and occupancy stays the views'."""
+    grid = VoxelGrid(np.zeros(3), 0.01, (4, 4, 4))
+    acc = VolumeAccumulator(grid)
+    acc.add_points(np.array([[0.015, 0.005, 0.035], [0.019, 0.001, 0.031], [0.5, 0.0, 0.0]]),
+                   np.array([0.3, 0.6, 0.9], np.float32))
+    vol = acc.volume()
+    assert vol[1, 0, 3] == np.float32(0.6) and np.count_nonzero(vol) == 1
+    assert acc.dropped == 1 and not acc.occupied.any()
+    with pytest.raises(ValueError, match="2 points but 1 scores"):
+        acc.add_points(np.zeros((2, 3)), np.zeros(1))
+    with pytest.raises(ValueError, match="needs view_aggregation='max'"):
+        VolumeAccumulator(grid, "mean").add_points(np.zeros((1, 3)), np.zeros(1))

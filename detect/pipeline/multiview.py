@@ -278,7 +278,7 @@ class MultiviewRunner:
         except ValueError as exc:
             raise RunError(str(exc)) from None
         templates = None
-        if self.cfg.patchcore_template_tolerance > 0:
+        if self.cfg.patchcore_template_tolerance > 0 or self.cfg.patchcore_see_through_m > 0:
             ds = class_dataset(self.cfg, class_name)
             record = self.train_record(ds, setup)
             if record.name != meta.get("train_instance"):
@@ -291,25 +291,41 @@ class MultiviewRunner:
     def _surface_refine(self, ds, record, surface, current: dict, loaded: dict):
         """The per-view map refinement of ``--patchcore-geometry-tolerance-m``: the instance registered to the
         reference once, then each view's map weighted by its template support (``--patchcore-template-tolerance``)
-        and fused with its surface deviation (detect/geometry.py). The views read here are left in
-        ``loaded`` (view index → view) for the map loop."""
-        from detect.geometry import deviation_map, fuse_scores, register, template_support, view_points
+        and fused with its surface deviation, and the scores of pixels that look through a hole moved to its rim
+        (``--patchcore-see-through-m``; detect/geometry.py). The views read here are left in ``loaded`` (view
+        index → view) for the map loop."""
+        from detect.geometry import (
+            InstanceSurface,
+            deviation_map,
+            fuse_scores,
+            register,
+            see_through,
+            template_support,
+            view_points,
+        )
+        from detect.infer import RefinedView
 
         reference, scale, templates = surface
         s = geometry_settings(self.cfg)
         loaded.update((i, load_view(ds, record, i)) for i in range(ds.n_views))
-        transform = register(np.concatenate([view_points(v.depth, v.calib)[0] for v in loaded.values()]),
-                             reference, s)
+        measured = np.concatenate([view_points(v.depth, v.calib)[0] for v in loaded.values()])
+        transform = register(measured, reference, s)
+        see = self.cfg.patchcore_see_through_m
+        instance_surface = InstanceSurface(measured, reference, transform, s) if see > 0 else None
 
-        def refine(t: int, score_map: np.ndarray) -> np.ndarray:
+        def refine(t: int, score_map: np.ndarray) -> RefinedView:
             view = current["view"]
-            points = view_points(view.depth, view.calib)  # once for both comparisons
+            points = view_points(view.depth, view.calib)  # once for every comparison
             support = None
-            if templates is not None:
+            if self.cfg.patchcore_template_tolerance > 0:
                 support = template_support(view.image, view.depth, view.calib, transform, templates[t],
                                            self.cfg.patchcore_template_tolerance, s, points=points)
             deviation = deviation_map(view.depth, view.calib, transform, reference, s, points=points)
-            return fuse_scores(score_map, deviation, scale, s.tolerance_m, support)
+            refined = RefinedView(fuse_scores(score_map, deviation, scale, s.tolerance_m, support))
+            if instance_surface is not None:
+                refined.moved, refined.moved_to = see_through(view.depth, view.calib, transform, templates[t],
+                                                              instance_surface, see, points=points)
+            return refined
         return refine
 
     def fit_multiclass(self, setup: str, classes: Sequence[str]) -> Path:
