@@ -225,17 +225,34 @@ class TemplateView:
 
 
 def _into_template(points: np.ndarray, transform: np.ndarray, template: TemplateView):
-    """Registered world points (M, 3) into the template's camera: pixel coordinates u, v (M, 1) float32 for
-    ``cv2.remap``, camera depth z (M,) in metres and whether the point lies in front of the camera."""
+    """Registered world points (M, 3) into the template's camera: pixel coordinates u, v (M,) float32 (for
+    :func:`_sample`), camera depth z (M,) in metres and whether the point lies in front of the camera."""
     q = points @ transform[:3, :3].T + transform[:3, 3]
     w2c = template.calib.T_w2c
     pc = q @ w2c[:3, :3].T + w2c[:3, 3]
     front = pc[:, 2] > 1e-6
     uvw = pc @ template.calib.K.T
     z = np.where(front, uvw[:, 2], 1.0)
-    u = (uvw[:, 0] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
-    v = (uvw[:, 1] / z - template.calib.pixel_center).astype(np.float32).reshape(-1, 1)
+    u = (uvw[:, 0] / z - template.calib.pixel_center).astype(np.float32)
+    v = (uvw[:, 1] / z - template.calib.pixel_center).astype(np.float32)
     return u, v, pc[:, 2], front
+
+
+_SAMPLE_COLUMNS = 1024  # cv2.remap takes maps of fewer than 32 767 rows and columns: points go in as a block
+
+
+def _sample(image: np.ndarray, u: np.ndarray, v: np.ndarray, interpolation: int, border_value: float) -> np.ndarray:
+    """``image`` (float32) read at pixel coordinates u, v (M,) with ``cv2.remap``; ``border_value`` outside."""
+    import cv2
+
+    m = len(u)
+    if m == 0:
+        return np.zeros(0, np.float32)
+    rows = -(-m // _SAMPLE_COLUMNS)
+    u, v = (np.pad(x, (0, rows * _SAMPLE_COLUMNS - m), constant_values=-1.0).reshape(rows, _SAMPLE_COLUMNS)
+            for x in (u, v))  # the padding reads outside the image and is cut off again
+    return cv2.remap(image, u, v, interpolation, borderMode=cv2.BORDER_CONSTANT,
+                     borderValue=border_value).reshape(-1)[:m]
 
 
 def _template_depth_at(template: TemplateView, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -244,7 +261,7 @@ def _template_depth_at(template: TemplateView, u: np.ndarray, v: np.ndarray) -> 
 
     t_depth = np.asarray(template.depth, np.float32) * np.float32(template.calib.depth_scale)
     t_depth = np.where(np.isfinite(t_depth) & (t_depth > 0), t_depth, 0.0).astype(np.float32)
-    return cv2.remap(t_depth, u, v, cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)[:, 0]
+    return _sample(t_depth, u, v, cv2.INTER_NEAREST, 0.0)
 
 
 class InstanceSurface:
@@ -305,7 +322,7 @@ def see_through(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray
     behind = behind[far]
     moved[flat[behind]] = True
     c = template.calib.pixel_center
-    rays = np.linalg.inv(template.calib.K) @ np.stack([u[behind, 0] + c, v[behind, 0] + c, np.ones(len(behind))])
+    rays = np.linalg.inv(template.calib.K) @ np.stack([u[behind] + c, v[behind] + c, np.ones(len(behind))])
     crossing = (rays * ref_z[behind]).T  # on the nominal surface, in the template camera's frame
     crossing = crossing @ template.calib.T_c2w[:3, :3].T + template.calib.T_c2w[:3, 3]
     back = np.linalg.inv(transform)
@@ -336,8 +353,7 @@ def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibratio
     if not len(pts):
         return weight
     u, v, z, front = _into_template(pts, transform, template)
-    ref_grey = cv2.remap(template.image.astype(np.float32), u, v, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                         borderValue=-1.0)[:, 0]
+    ref_grey = _sample(template.image.astype(np.float32), u, v, cv2.INTER_LINEAR, -1.0)
     ref_z = _template_depth_at(template, u, v)
     seen = front & (ref_grey >= 0) & (ref_z > 0) & (np.abs(ref_z - z) < visibility_m)
     grey = np.asarray(image, np.float32).reshape(-1)[flat]

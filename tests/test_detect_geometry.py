@@ -155,6 +155,22 @@ def test_see_through_moves_a_holes_scores_to_its_rim():
     assert not empty[0].any() and empty[1].shape == (0, 3)
 
 
+def test_template_comparisons_take_views_larger_than_cv2_remap_maps():
+    """cv2.remap takes maps of fewer than 32 767 rows: a view of 200 × 200 valid pixels (a 1500 × 2048 scan has
+    millions) is read as a block, with the same result as per point."""
+    depth, calib = _plane_view(size=200)
+    assert (depth > 0).sum() > 32767
+    image = np.random.default_rng(0).integers(50, 200, (200, 200)).astype(np.uint8)  # no saturated pixel
+    template = TemplateView(image, depth, calib)
+    w = template_support(image, depth, calib, np.eye(4), template, 0.05, GeometrySettings())
+    assert w.shape == depth.shape and np.median(w[depth > 0]) < 0.05  # the same image: nothing differs
+    moved, targets = see_through(depth, calib, np.eye(4), template,
+                                 InstanceSurface(view_points(depth, calib)[0],
+                                                 SurfaceReference.from_views([(depth, calib)], 0.004),
+                                                 np.eye(4), GeometrySettings()), 0.03)
+    assert not moved.any() and targets.shape == (0, 3)
+
+
 def test_fuse_scores_and_reference_round_trip(tmp_path):
     s = np.array([[0.1, 0.5]], np.float32)
     d = np.array([[0.002, 0.0005]], np.float32)
