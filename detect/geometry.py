@@ -261,6 +261,13 @@ def _template_depth_at(template: TemplateView, u: np.ndarray, v: np.ndarray) -> 
 
     t_depth = np.asarray(template.depth, np.float32) * np.float32(template.calib.depth_scale)
     t_depth = np.where(np.isfinite(t_depth) & (t_depth > 0), t_depth, 0.0).astype(np.float32)
+    if template.calib.depth_type == "range":  # distance along the ray → z: divide by ‖K⁻¹[u + c, v + c, 1]‖
+        h, w = t_depth.shape
+        c = template.calib.pixel_center
+        K_inv = np.linalg.inv(template.calib.K)
+        rows, cols = np.mgrid[0:h, 0:w].astype(np.float64) + c
+        rays = np.stack([cols, rows, np.ones_like(cols)], -1) @ K_inv.T
+        t_depth = (t_depth / np.linalg.norm(rays, axis=-1)).astype(np.float32)
     return _sample(t_depth, u, v, cv2.INTER_NEAREST, 0.0)
 
 
@@ -307,8 +314,7 @@ def see_through(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray
     ``margin_m`` of missing material (the wall right next to the cut, seen through it) keeps its score.
 
     Returns ``(moved, targets)``: the (H, W) bool mask of the moved pixels and, for them in row-major order,
-    the (K, 3) world points their scores go to. Depth maps of type ``z`` are assumed (as
-    :func:`template_support` does).
+    the (K, 3) world points their scores go to.
     """
     h, w = depth.shape
     moved = np.zeros(h * w, bool)

@@ -171,6 +171,26 @@ def test_template_comparisons_take_views_larger_than_cv2_remap_maps():
     assert not moved.any() and targets.shape == (0, 3)
 
 
+def test_template_reads_range_depth():
+    """A template whose depth is the distance along the ray (depth_type "range", e.g. a time-of-flight scan)
+    compares like the same template in z-depth."""
+    from dataclasses import replace
+
+    depth, calib = _plane_view()
+    v, u = np.mgrid[0:64, 0:64]
+    image = (100 + 40 * np.sin(u / 3.0) * np.cos(v / 4.0)).astype(np.uint8)
+    test = image.copy()
+    test[28:36, 28:36] //= 2
+    rays = np.stack([u, v, np.ones_like(u)], -1) @ np.linalg.inv(calib.K).T
+    ranged = TemplateView(image, (depth * np.linalg.norm(rays, axis=-1)).astype(np.float32),
+                          replace(calib, depth_type="range"))
+    settings = GeometrySettings()
+    w_z = template_support(test, depth, calib, np.eye(4), TemplateView(image, depth, calib), 0.05, settings)
+    w_range = template_support(test, depth, calib, np.eye(4), ranged, 0.05, settings)
+    assert w_range[30, 30] == 1.0 and np.median(w_range[10:20, 10:20]) < 0.1
+    np.testing.assert_allclose(w_range, w_z, atol=1e-5)
+
+
 def test_fuse_scores_and_reference_round_trip(tmp_path):
     s = np.array([[0.1, 0.5]], np.float32)
     d = np.array([[0.002, 0.0005]], np.float32)
