@@ -384,5 +384,5 @@ def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibratio
     return weight
 
 
-__all__ = ["GeometrySettings", "InstanceSurface", "SurfaceReference", "TemplateView", "deviation_map", "edge_band", "fuse_scores",
-           "register", "see_through", "template_support", "view_points"]
+__all__ = ["GeometrySettings", "InstanceSurface", "SurfaceReference", "TemplateView", "deviation_map", "edge_band",
+           "fuse_scores", "register", "see_through", "template_support", "view_points"]
