@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,19 @@ class TemplateView:
     depth: np.ndarray
     calib: ViewCalibration
 
+    @cached_property
+    def z_m(self) -> np.ndarray:
+        """(H, W) float32 depth along the optical axis in metres, 0 where there is none; computed once per
+        template, which every test instance's views are compared with."""
+        z = np.asarray(self.depth, np.float32) * np.float32(self.calib.depth_scale)
+        z = np.where(np.isfinite(z) & (z > 0), z, 0.0).astype(np.float32)
+        if self.calib.depth_type == "range":  # distance along the ray → z: divide by ‖K⁻¹[u + c, v + c, 1]‖
+            h, w = z.shape
+            rows, cols = np.mgrid[0:h, 0:w].astype(np.float64) + self.calib.pixel_center
+            rays = np.stack([cols, rows, np.ones_like(cols)], -1) @ np.linalg.inv(self.calib.K).T
+            z = (z / np.linalg.norm(rays, axis=-1)).astype(np.float32)
+        return z
+
 
 def _into_template(points: np.ndarray, transform: np.ndarray, template: TemplateView):
     """Registered world points (M, 3) into the template's camera: pixel coordinates u, v (M,) float32 (for
@@ -256,19 +270,10 @@ def _sample(image: np.ndarray, u: np.ndarray, v: np.ndarray, interpolation: int,
 
 
 def _template_depth_at(template: TemplateView, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """The template's depth in metres at pixel coordinates u, v (nearest pixel; 0 where it has none)."""
+    """The template's z-depth in metres at pixel coordinates u, v (nearest pixel; 0 where it has none)."""
     import cv2
 
-    t_depth = np.asarray(template.depth, np.float32) * np.float32(template.calib.depth_scale)
-    t_depth = np.where(np.isfinite(t_depth) & (t_depth > 0), t_depth, 0.0).astype(np.float32)
-    if template.calib.depth_type == "range":  # distance along the ray → z: divide by ‖K⁻¹[u + c, v + c, 1]‖
-        h, w = t_depth.shape
-        c = template.calib.pixel_center
-        K_inv = np.linalg.inv(template.calib.K)
-        rows, cols = np.mgrid[0:h, 0:w].astype(np.float64) + c
-        rays = np.stack([cols, rows, np.ones_like(cols)], -1) @ K_inv.T
-        t_depth = (t_depth / np.linalg.norm(rays, axis=-1)).astype(np.float32)
-    return _sample(t_depth, u, v, cv2.INTER_NEAREST, 0.0)
+    return _sample(template.z_m, u, v, cv2.INTER_NEAREST, 0.0)
 
 
 class InstanceSurface:
@@ -281,11 +286,15 @@ class InstanceSurface:
         from scipy.spatial import cKDTree
 
         self.measured = cKDTree(np.asarray(_cloud(measured, settings.voxel_m, normals=False).points))
-        back = np.linalg.inv(transform)  # reference frame → the instance's frame
-        nominal = reference.points @ back[:3, :3].T + back[:3, 3]
+        self.from_reference = np.linalg.inv(transform)  # reference frame → the instance's frame
+        nominal = self.to_instance(reference.points)
         gone = self.measured.query(nominal, distance_upper_bound=settings.missing_m)[0] > settings.missing_m
         self.missing = nominal[gone]
         self._missing = cKDTree(self.missing) if len(self.missing) else None
+
+    def to_instance(self, points: np.ndarray) -> np.ndarray:
+        """Points (K, 3) of the reference frame in the instance's frame (the registration undone)."""
+        return points @ self.from_reference[:3, :3].T + self.from_reference[:3, 3]
 
     def near_missing(self, points: np.ndarray, reach_m: float) -> np.ndarray:
         """(K,) bool: which points lie within ``reach_m`` of missing material."""
@@ -331,8 +340,7 @@ def see_through(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray
     rays = np.linalg.inv(template.calib.K) @ np.stack([u[behind] + c, v[behind] + c, np.ones(len(behind))])
     crossing = (rays * ref_z[behind]).T  # on the nominal surface, in the template camera's frame
     crossing = crossing @ template.calib.T_c2w[:3, :3].T + template.calib.T_c2w[:3, 3]
-    back = np.linalg.inv(transform)
-    return moved.reshape(h, w), surface.nearest_measured(crossing @ back[:3, :3].T + back[:3, 3])
+    return moved.reshape(h, w), surface.nearest_measured(surface.to_instance(crossing))
 
 
 def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray,

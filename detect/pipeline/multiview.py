@@ -293,7 +293,8 @@ class MultiviewRunner:
         reference once, then each view's map weighted by its template support (``--patchcore-template-tolerance``)
         and fused with its surface deviation, and the scores of pixels that look through a hole moved to its rim
         (``--patchcore-see-through-m``; detect/geometry.py). The views read here are left in ``loaded`` (view
-        index → view) for the map loop."""
+        index → view) for the map loop; their 3D points, computed once for the registration, serve every
+        comparison."""
         from detect.geometry import (
             InstanceSurface,
             deviation_map,
@@ -308,14 +309,15 @@ class MultiviewRunner:
         reference, scale, templates = surface
         s = geometry_settings(self.cfg)
         loaded.update((i, load_view(ds, record, i)) for i in range(ds.n_views))
-        measured = np.concatenate([view_points(v.depth, v.calib)[0] for v in loaded.values()])
+        view_pts = {i: view_points(v.depth, v.calib) for i, v in loaded.items()}  # once per view and instance
+        measured = np.concatenate([p[0] for p in view_pts.values()])
         transform = register(measured, reference, s)
         see = self.cfg.patchcore_see_through_m
         instance_surface = InstanceSurface(measured, reference, transform, s) if see > 0 else None
 
         def refine(t: int, score_map: np.ndarray) -> RefinedView:
             view = current["view"]
-            points = view_points(view.depth, view.calib)  # once for every comparison
+            points = view_pts.pop(t, None) or view_points(view.depth, view.calib)
             support = None
             if self.cfg.patchcore_template_tolerance > 0:
                 support = template_support(view.image, view.depth, view.calib, transform, templates[t],
@@ -555,7 +557,8 @@ class MultiviewRunner:
             "definition": "per instance; encode = preprocessing + both encoders (0 when cached), map = "
                           "min-ensembled per-view maps incl. upsampling/foreground/combination, volume = "
                           "undo geometry + back-projection + voxel max (modmap.md §13), plus the surface "
-                          "registration and deviation maps with patchcore_geometry_tolerance_m",
+                          "registration, deviation maps, template support and see-through check with "
+                          "patchcore_geometry_tolerance_m",
             "device": str(self.device), "mean": mean, "instances": timings})
         extra = {"random_image_encoder": self.random_encoder, "volumes": no_volume_reason is None}
         if no_volume_reason:
