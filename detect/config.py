@@ -113,12 +113,14 @@ class DetectConfig:
     cnn_smooth: int = 3
     cnn_token_patch: int = 14
     fg_erosion: int = 0
-    view_aggregation: Literal["max", "mean"] = "max"
+    view_aggregation: Literal["max", "mean", "second"] = "max"
     occlusion_gate_m: float = 0.0
     occlusion_gate_tokens: float = 1.5
     patchcore_geometry_tolerance_m: float = 0.0  # > 0: fuse the surface deviation (detect/geometry.py)
     patchcore_template_tolerance: float = 0.0  # > 0: weight the map by the registered template's residual
     patchcore_see_through_m: float = 0.0  # > 0: move the scores of pixels that look through a hole to its rim
+    patchcore_warp_slab_m: float = 0.0  # > 0: the registration's profile warp, a knot every this many metres
+    patchcore_warp_smoothness: float = 0.01  # its neighbouring knots' agreement (detect/geometry.py)
 
     def validate(self) -> None:
         if self.mode != "evaluate" and self.image_size % 14:
@@ -151,19 +153,25 @@ class DetectConfig:
         if self.occlusion_gate_m < 0 or self.occlusion_gate_tokens <= 0:
             raise ConfigError(f"occlusion_gate_m must be >= 0 metres and occlusion_gate_tokens > 0, got "
                               f"{self.occlusion_gate_m} and {self.occlusion_gate_tokens}")
-        if self.occlusion_gate_m > 0 and self.view_aggregation != "max":
-            raise ConfigError("occlusion_gate_m needs view_aggregation max (its second tier is a maximum)")
+        if self.occlusion_gate_m > 0 and self.view_aggregation == "mean":
+            raise ConfigError("occlusion_gate_m needs view_aggregation max or second (its second tier is a maximum)")
         if self.patchcore_template_tolerance < 0 or (self.patchcore_template_tolerance > 0
                                                      and self.patchcore_geometry_tolerance_m <= 0):
             raise ConfigError("patchcore_template_tolerance must be >= 0 (0: off) and needs "
                               "patchcore_geometry_tolerance_m > 0 (the template is read through its registration), "
                               f"got {self.patchcore_template_tolerance} with {self.patchcore_geometry_tolerance_m}")
         if self.patchcore_see_through_m < 0 or (self.patchcore_see_through_m > 0 and (
-                self.patchcore_geometry_tolerance_m <= 0 or self.view_aggregation != "max")):
+                self.patchcore_geometry_tolerance_m <= 0 or self.view_aggregation == "mean")):
             raise ConfigError("patchcore_see_through_m must be >= 0 (0: off) and needs patchcore_geometry_tolerance_m "
-                              "> 0 (the template is read through its registration) and view_aggregation max (the "
+                              "> 0 (the template is read through its registration) and view_aggregation max or second (the "
                               f"moved scores are maxima), got {self.patchcore_see_through_m} with "
                               f"{self.patchcore_geometry_tolerance_m} and {self.view_aggregation}")
+        if self.patchcore_warp_slab_m < 0 or self.patchcore_warp_smoothness < 0 or (
+                self.patchcore_warp_slab_m > 0 and self.patchcore_geometry_tolerance_m <= 0):
+            raise ConfigError("patchcore_warp_slab_m and patchcore_warp_smoothness must be >= 0 (slab 0: off) and the "
+                              "warp needs patchcore_geometry_tolerance_m > 0 (it refines that registration), got "
+                              f"{self.patchcore_warp_slab_m}, {self.patchcore_warp_smoothness} with "
+                              f"{self.patchcore_geometry_tolerance_m}")
         if self.patchcore_geometry_tolerance_m < 0:
             raise ConfigError(f"patchcore_geometry_tolerance_m must be >= 0 metres (0: off), got "
                               f"{self.patchcore_geometry_tolerance_m}")
@@ -313,7 +321,9 @@ FIELD_HELP: dict[str, str] = {
     'cnn_token_patch': '--image-encoder cnn: input pixels per token (14: the patch-14 ViT grid; 7: a 4× finer grid, '
                        'with depth_token_resample=bilinear for a patch-14 depth encoder)',
     'cnn_smooth': '--image-encoder cnn: averaging window of each level before the token grid (3: 3×3; 1: none)',
-    'view_aggregation': "voxel score over the views that see it: max (the paper) or mean of each view's maximum",
+    'view_aggregation': "voxel score over the views that see it: max (the paper), mean of each view's maximum, or "
+                        "second: the second highest view where two or more views score the voxel (what one view "
+                        "alone sees, e.g. a specular highlight, does not set it)",
     'occlusion_gate_m': "volume only: a pixel within --occlusion-gate-tokens tokens of a depth jump whose near "
                         "side lies more than this many metres in front of it (what a view sees through a hole "
                         "or past an occluding edge) scores its voxel only if no view sees that voxel plainly "
@@ -331,6 +341,12 @@ FIELD_HELP: dict[str, str] = {
                                "of the same index looks through a hole; the volume puts its score on the hole's "
                                "rim, unless the point lies within this distance of the missing material "
                                "(detect/geometry.py see_through); 0 = off",
+    'patchcore_warp_slab_m': "patchcore (with --patchcore-geometry-tolerance-m): after the affine registration, a "
+                             "profile warp along the fixture's up axis (z): per knot, every this many metres, a shift "
+                             "along z and a scale across it, for parts whose features vary along their height one by "
+                             "one (detect/geometry.py Registration); 0 = off",
+    'patchcore_warp_smoothness': "the profile warp's penalty on neighbouring knots' difference, relative to the points "
+                                 "per knot (larger: stiffer, follows less of a large bump)",
     'fg_erosion': 'leave a band of this many pixels (input size) next to invalid depth (silhouettes, holes) '
                   'unscored in every view (0: the paper)',
 }

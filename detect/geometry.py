@@ -10,7 +10,9 @@ This is the metrology check of a factory (align the part to its reference, read 
 2. :func:`register` aligns a test instance's fused points to it: rigid point-to-plane ICP (open3d), then
    a trimmed point-to-plane *affine* refinement, which absorbs the smooth global shape tolerances of a
    part (scale, ovality, lean are affine) but not a local dent (a least-squares fit over the whole part
-   barely moves for a few per cent of its surface);
+   barely moves for a few per cent of its surface); optionally (``warp_slab_m``) a *profile warp* follows:
+   per height along the fixture's up axis a shift along it and a scale across it (:class:`Registration`),
+   for features that vary one by one along a part's height (a lid's skirt, a ring on the legs);
 3. :func:`deviation_map` gives every valid pixel of a view its distance to the reference surface
    (point-to-plane, capped by the point-to-point distance), median-filtered, zero within ``edge_px`` of a
    silhouette or depth jump (mixed pixels there are no surface);
@@ -26,6 +28,8 @@ This is the metrology check of a factory (align the part to its reference, read 
 
 Limits, measured: a single reference cannot know the nominal variation of individual features (a knob's
 height, a lid's lip), which the affine fit does not absorb; there the deviation is large on every instance.
+The profile warp absorbs such variation where it runs all round the part, and with it part of a defect that
+covers much of a cross-section (a bump of 8–10 cm radius on a 15 cm seat).
 """
 
 from __future__ import annotations
@@ -52,11 +56,24 @@ class GeometrySettings:
     jump_m: float = 0.01  # 4-neighbours this far apart in depth: a jump
     median_px: int = 5  # median filter of the deviation map (odd; 1 = none)
     missing_m: float = 0.01  # a reference point with no measured point this near: the material is missing
+    # After the affine: a warp along the fixture's up axis (``warp_axis``), one affine correction per knot every
+    # ``warp_slab_m`` blended linearly between knots (0 = off). Parts vary feature by feature along their height
+    # (a lid 6 mm lower on a body, a ring higher on the legs), which one affine cannot follow; each knot's
+    # correction is fitted on the whole cross-section at that height, so a local defect barely pulls it.
+    warp_slab_m: float = 0.0
+    warp_axis: int = 2
+    warp_iterations: int = 10
+    warp_smoothness: float = 1.0  # weight of neighbouring knots' agreement, relative to the data term
 
     def __post_init__(self) -> None:
         if min(self.tolerance_m, self.voxel_m, self.register_voxel_m, self.max_correspondence_m, self.missing_m) <= 0:
             raise ValueError("geometry tolerance_m, voxel_m, register_voxel_m, max_correspondence_m and missing_m "
                              "must be > 0")
+        if self.warp_slab_m < 0 or self.warp_axis not in (0, 1, 2) or self.warp_iterations < 0 or \
+                self.warp_smoothness < 0:
+            raise ValueError(f"geometry warp_slab_m must be >= 0, warp_axis 0, 1 or 2, warp_iterations and "
+                             f"warp_smoothness >= 0, got {self.warp_slab_m}, {self.warp_axis}, "
+                             f"{self.warp_iterations}, {self.warp_smoothness}")
         if self.edge_px < 0 or self.median_px < 1 or self.median_px % 2 == 0 or self.affine_iterations < 0:
             raise ValueError(f"geometry edge_px must be >= 0, median_px odd >= 1 and affine_iterations >= 0, got "
                              f"{self.edge_px}, {self.median_px}, {self.affine_iterations}")
@@ -127,9 +144,115 @@ class SurfaceReference:
             raise ValueError(f"{path} is not a surface reference (points, normals): {exc}") from None
 
 
-def register(points: np.ndarray, reference: SurfaceReference, settings: GeometrySettings) -> np.ndarray:
-    """4×4 transform taking a test instance's fused world points onto the reference (rigid ICP, then
-    affine); identity start: the views are calibrated and parts sit in a fixture."""
+@dataclass(frozen=True)
+class Registration:
+    """A test instance's frame → the reference frame: the 4×4 affine ``matrix``, then optionally a *profile
+    warp* along one axis (the fixture's up axis): at each height ``a`` a shift ``h(a)`` along the axis and a
+    scale ``1 + s(a)`` across it about ``center`` (the axis' position), ``h`` and ``s`` interpolated linearly
+    between equally spaced ``knots`` (reference-frame coordinates along ``axis``; constant beyond the ends),
+    ``corrections`` (K, 2) holding (h, s) per knot."""
+
+    matrix: np.ndarray
+    knots: np.ndarray | None = None
+    corrections: np.ndarray | None = None
+    axis: int = 2
+    center: np.ndarray | None = None  # (2,) the cross-section's centre: the other two coordinates
+
+    @classmethod
+    def of(cls, transform: Registration | np.ndarray) -> Registration:
+        """``transform`` itself, or a plain 4×4 matrix as a registration without warp."""
+        return transform if isinstance(transform, Registration) else cls(np.asarray(transform, np.float64))
+
+    @property
+    def plane(self) -> list[int]:
+        return [i for i in range(3) if i != self.axis]
+
+    def hat(self, coord: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lower knot index (M,) and the weight (M,) of the knot above it for coordinates along the axis."""
+        k = len(self.knots)
+        s = np.clip((coord - self.knots[0]) / (self.knots[1] - self.knots[0]), 0.0, k - 1)
+        low = np.minimum(np.floor(s).astype(np.int64), k - 2)
+        return low, s - low
+
+    def warp(self, q: np.ndarray) -> np.ndarray:
+        """The warp's displacement (M, 3) at affinely registered points ``q``."""
+        low, f = self.hat(q[:, self.axis])
+        c = (1.0 - f)[:, None] * self.corrections[low] + f[:, None] * self.corrections[low + 1]
+        out = np.zeros_like(q)
+        out[:, self.axis] = c[:, 0]
+        out[:, self.plane] = c[:, 1:2] * (q[:, self.plane] - self.center)
+        return out
+
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """Points (M, 3) of the instance's frame in the reference frame."""
+        q = points @ self.matrix[:3, :3].T + self.matrix[:3, 3]
+        return q if self.corrections is None else q + self.warp(q)
+
+    def invert(self, points: np.ndarray, iterations: int = 6) -> np.ndarray:
+        """Points (M, 3) of the reference frame in the instance's frame (the warp undone by fixed-point
+        iteration: it displaces by millimetres and varies over centimetres, so a few steps converge)."""
+        q = np.asarray(points, np.float64)
+        if self.corrections is not None:
+            target, q = q, q.copy()
+            for _ in range(iterations):
+                q = target - self.warp(q)
+        inv = np.linalg.inv(self.matrix)
+        return q @ inv[:3, :3].T + inv[:3, 3]
+
+
+def _fit_warp(source: np.ndarray, matrix: np.ndarray, reference: SurfaceReference,
+              settings: GeometrySettings) -> Registration:
+    """The profile warp of :class:`Registration` on top of the affine ``matrix``: per knot a shift along the
+    axis and a scale across it, fitted by trimmed point-to-plane least squares (linear in the corrections,
+    since the hat weights are read at the affinely registered points), with a penalty on neighbouring knots'
+    difference (``warp_smoothness`` × the points per knot) and a small ridge towards no correction where a knot
+    has no data. Two numbers per height cannot follow a local bump or dent, which covers part of a
+    cross-section only; they follow a feature that moved as a whole (a ledge, a lid, a ring)."""
+    axis = settings.warp_axis
+    plane = [i for i in range(3) if i != axis]
+    lo, hi = reference.points[:, axis].min(), reference.points[:, axis].max()
+    n_knots = max(2, int(np.ceil((hi - lo) / settings.warp_slab_m)) + 1)
+    knots = lo + settings.warp_slab_m * np.arange(n_knots)
+    center = reference.points[:, plane].mean(0)
+    reg = Registration(matrix, knots, np.zeros((n_knots, 2)), axis, center)
+    base = source @ matrix[:3, :3].T + matrix[:3, 3]
+    low, f = reg.hat(base[:, axis])
+    nearest = low + (f >= 0.5)
+    # the scale multiplies in-plane offsets: measured as the displacement it causes at the part's radius
+    radius = float(np.quantile(np.linalg.norm(reference.points[:, plane] - center, axis=1), 0.9))
+    weight = np.array([1.0, radius ** 2])
+    step = np.eye(n_knots, k=1)[:-1] - np.eye(n_knots)[:-1]  # (K-1, K): neighbour differences
+    penalty = settings.warp_smoothness * np.kron(step.T @ step, np.diag(weight)) + \
+        1e-3 * np.kron(np.eye(n_knots), np.diag(weight))
+    for _ in range(settings.warp_iterations):
+        q = reg.apply(source)
+        dist, idx = reference.tree.query(q, k=1)
+        keep = dist < settings.max_correspondence_m
+        if keep.sum() < 24:
+            break
+        # trimmed per knot, not over the part: a feature that moved as a whole is most of its own slab, while it
+        # would be the part's worst tenth and dropped by a global quantile
+        for k in range(n_knots):
+            mine = keep & (nearest == k)
+            if mine.any():
+                keep[mine] = dist[mine] <= np.quantile(dist[mine], 0.9)
+        p, n, r = base[keep], reference.normals[idx[keep]], reference.points[idx[keep]]
+        row = np.stack([n[:, axis], np.sum(n[:, plane] * (p[:, plane] - center), axis=1)], axis=1)
+        M = np.zeros((len(p), n_knots, 2))
+        at = np.arange(len(p))
+        M[at, low[keep]] += (1.0 - f[keep])[:, None] * row
+        M[at, low[keep] + 1] += f[keep][:, None] * row
+        M = M.reshape(len(p), -1)
+        b = np.sum(n * (r - p), axis=1)
+        x = np.linalg.solve(M.T @ M + (len(p) / n_knots) * penalty, M.T @ b)
+        reg = Registration(matrix, knots, x.reshape(n_knots, 2), axis, center)
+    return reg
+
+
+def register(points: np.ndarray, reference: SurfaceReference, settings: GeometrySettings) -> Registration:
+    """The :class:`Registration` taking a test instance's fused world points onto the reference (rigid ICP,
+    then affine, then optionally the warp along ``settings.warp_axis``); identity start: the views are
+    calibrated and parts sit in a fixture."""
     import open3d as o3d
 
     src = _cloud(points, settings.register_voxel_m, normals=False)  # point-to-plane needs the target's only
@@ -141,7 +264,7 @@ def register(points: np.ndarray, reference: SurfaceReference, settings: Geometry
         o3d.pipelines.registration.ICPConvergenceCriteria(max_iteration=30))
     T = np.array(reg.transformation)
     if not settings.affine:
-        return T
+        return Registration(T)
     sp = np.asarray(src.points)
     for _ in range(settings.affine_iterations):
         q = sp @ T[:3, :3].T + T[:3, 3]
@@ -160,7 +283,7 @@ def register(points: np.ndarray, reference: SurfaceReference, settings: Geometry
         U[:3, :3] += x[:9].reshape(3, 3)
         U[:3, 3] = x[9:]
         T = U @ T
-    return T
+    return _fit_warp(sp, T, reference, settings) if settings.warp_slab_m > 0 else Registration(T)
 
 
 def edge_band(depth_m: np.ndarray, jump_m: float, width_px: int) -> np.ndarray:
@@ -182,7 +305,8 @@ def edge_band(depth_m: np.ndarray, jump_m: float, width_px: int) -> np.ndarray:
     return bad
 
 
-def deviation_map(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray, reference: SurfaceReference,
+def deviation_map(depth: np.ndarray, calib: ViewCalibration, transform: Registration | np.ndarray,
+                  reference: SurfaceReference,
                   settings: GeometrySettings, points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """(H, W) float32 metres: each valid pixel's registered distance to the reference surface; 0 at invalid
     pixels and within ``edge_px`` of silhouettes and depth jumps. ``points``: the view's
@@ -193,8 +317,7 @@ def deviation_map(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarr
     pts, flat = points if points is not None else view_points(depth, calib)
     out = np.zeros(depth.size, np.float32)
     if len(pts):
-        q = pts @ transform[:3, :3].T + transform[:3, 3]
-        out[flat] = reference.deviation(q)
+        out[flat] = reference.deviation(Registration.of(transform).apply(pts))
     out = out.reshape(depth.shape)
     if settings.median_px > 1:
         out = cv2.medianBlur(out, settings.median_px) if settings.median_px <= 5 else \
@@ -238,10 +361,10 @@ class TemplateView:
         return z
 
 
-def _into_template(points: np.ndarray, transform: np.ndarray, template: TemplateView):
+def _into_template(points: np.ndarray, transform: Registration | np.ndarray, template: TemplateView):
     """Registered world points (M, 3) into the template's camera: pixel coordinates u, v (M,) float32 (for
     :func:`_sample`), camera depth z (M,) in metres and whether the point lies in front of the camera."""
-    q = points @ transform[:3, :3].T + transform[:3, 3]
+    q = Registration.of(transform).apply(points)
     w2c = template.calib.T_w2c
     pc = q @ w2c[:3, :3].T + w2c[:3, 3]
     front = pc[:, 2] > 1e-6
@@ -281,12 +404,12 @@ class InstanceSurface:
     nominal material it lacks: the registered reference points with no measured point within
     ``settings.missing_m`` (a missing chunk; also nominal surface that no view of this instance measured)."""
 
-    def __init__(self, measured: np.ndarray, reference: SurfaceReference, transform: np.ndarray,
+    def __init__(self, measured: np.ndarray, reference: SurfaceReference, transform: Registration | np.ndarray,
                  settings: GeometrySettings) -> None:
         from scipy.spatial import cKDTree
 
         self.measured = cKDTree(np.asarray(_cloud(measured, settings.voxel_m, normals=False).points))
-        self.from_reference = np.linalg.inv(transform)  # reference frame → the instance's frame
+        self.registration = Registration.of(transform)
         nominal = self.to_instance(reference.points)
         gone = self.measured.query(nominal, distance_upper_bound=settings.missing_m)[0] > settings.missing_m
         self.missing = nominal[gone]
@@ -294,7 +417,7 @@ class InstanceSurface:
 
     def to_instance(self, points: np.ndarray) -> np.ndarray:
         """Points (K, 3) of the reference frame in the instance's frame (the registration undone)."""
-        return points @ self.from_reference[:3, :3].T + self.from_reference[:3, 3]
+        return self.registration.invert(points)
 
     def near_missing(self, points: np.ndarray, reach_m: float) -> np.ndarray:
         """(K,) bool: which points lie within ``reach_m`` of missing material."""
@@ -309,7 +432,7 @@ class InstanceSurface:
         return self.measured.data[self.measured.query(points)[1]]
 
 
-def see_through(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray, template: TemplateView,
+def see_through(depth: np.ndarray, calib: ViewCalibration, transform: Registration | np.ndarray, template: TemplateView,
                 surface: InstanceSurface, margin_m: float,
                 points: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pixels that look through a hole onto a surface behind it, and where their scores belong.
@@ -343,7 +466,8 @@ def see_through(depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray
     return moved.reshape(h, w), surface.nearest_measured(surface.to_instance(crossing))
 
 
-def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibration, transform: np.ndarray,
+def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibration,
+                     transform: Registration | np.ndarray,
                      template: TemplateView, tolerance: float, settings: GeometrySettings,
                      visibility_m: float = 0.005, saturation: int = 245,
                      points: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -392,5 +516,5 @@ def template_support(image: np.ndarray, depth: np.ndarray, calib: ViewCalibratio
     return weight
 
 
-__all__ = ["GeometrySettings", "InstanceSurface", "SurfaceReference", "TemplateView", "deviation_map", "edge_band",
+__all__ = ["GeometrySettings", "InstanceSurface", "Registration", "SurfaceReference", "TemplateView", "deviation_map", "edge_band",
            "fuse_scores", "register", "see_through", "template_support", "view_points"]

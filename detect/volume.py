@@ -272,26 +272,36 @@ class VolumeAccumulator:
         self.occupied = np.zeros(n, dtype=bool)
         self._ctx_scores: np.ndarray | None = None  # second tier, allocated by the first context pixel
         self._ctx_hit: np.ndarray | None = None
-        if self.view_aggregation not in ("max", "mean"):
-            raise ValueError(f"view_aggregation must be 'max' or 'mean', got {self.view_aggregation!r}")
-        if self.view_aggregation == "mean":  # one view's maxima, then running sums over views
+        if self.view_aggregation not in ("max", "mean", "second"):
+            raise ValueError(f"view_aggregation must be 'max', 'mean' or 'second', got {self.view_aggregation!r}")
+        if self.view_aggregation != "max":  # one view's maxima, then folded over views
             self._view = np.zeros(n, dtype=np.float32)
             self._view_hit = np.zeros(n, dtype=bool)
-            self._sum = np.zeros(n, dtype=np.float64)
             self._count = np.zeros(n, dtype=np.int32)
+        if self.view_aggregation == "mean":
+            self._sum = np.zeros(n, dtype=np.float64)
+        if self.view_aggregation == "second":
+            self._top = np.zeros((2, n), dtype=np.float32)
 
     def _target(self) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, hit) arrays a view scatters into: the volume's (max), or the view's own (mean)."""
+        """(scores, hit) arrays a view scatters into: the volume's (max), or the view's own (mean, second)."""
         return (self.scores, self.hit) if self.view_aggregation == "max" else (self._view, self._view_hit)
 
     def _end_view(self) -> None:
-        """Mean mode: fold the view's maxima into the per-voxel means."""
-        if self.view_aggregation != "mean":
+        """Mean mode: fold the view's maxima into the per-voxel means; second mode: into the two highest."""
+        if self.view_aggregation == "max":
             return
         idx = np.flatnonzero(self._view_hit)
-        self._sum[idx] += self._view[idx]
         self._count[idx] += 1
-        self.scores[idx] = (self._sum[idx] / self._count[idx]).astype(np.float32)
+        if self.view_aggregation == "mean":
+            self._sum[idx] += self._view[idx]
+            self.scores[idx] = (self._sum[idx] / self._count[idx]).astype(np.float32)
+        else:
+            v, top = self._view[idx], self._top[:, idx]
+            top[1] = np.maximum(top[1], np.minimum(top[0], v))
+            top[0] = np.maximum(top[0], v)
+            self._top[:, idx] = top
+            self.scores[idx] = np.where(self._count[idx] >= 2, top[1], top[0])
         self.hit[idx] = True
         self._view[idx] = 0.0
         self._view_hit[idx] = False
@@ -317,8 +327,9 @@ class VolumeAccumulator:
     def add_points(self, points: np.ndarray, scores: np.ndarray) -> None:
         """Max-scatter ``scores`` (K,) onto the voxels of world ``points`` (K, 3), plain tier; occupancy is
         left to the views. Points outside the grid are dropped (and counted)."""
-        if self.view_aggregation != "max":
-            raise ValueError("add_points needs view_aggregation='max'")
+        if self.view_aggregation == "mean":
+            raise ValueError("add_points needs view_aggregation 'max' or 'second' (the view's points, added before "
+                             "its add_view)")
         points = np.asarray(points, np.float64).reshape(-1, 3)
         scores = np.asarray(scores, np.float32).reshape(-1)
         if len(points) != len(scores):
@@ -349,8 +360,8 @@ class VolumeAccumulator:
                 raise ValueError(f"foreground mask {foreground.shape} and depth {depth.shape} differ in shape")
             if context is not None and context.shape != depth.shape:
                 raise ValueError(f"context mask {context.shape} and depth {depth.shape} differ in shape")
-            if context is not None and self.view_aggregation != "max":
-                raise ValueError("context pixels (the occlusion gate) need view_aggregation='max'")
+            if context is not None and self.view_aggregation == "mean":
+                raise ValueError("context pixels (the occlusion gate) need view_aggregation 'max' or 'second'")
             if not np.isfinite(score_map).all():
                 self._add_view_checked(depth, calib, score_map, foreground, stride, context)
                 return

@@ -56,8 +56,7 @@ def test_affine_registration_absorbs_global_tolerances_and_keeps_the_bump():
     on_bump = np.linalg.norm(test - (A @ [0.104, 0, 0.1] + [0.0015, -0.001, 0.0005]), axis=1) < 0.006
 
     def deviations(settings):
-        T = register(test, reference, settings)
-        return reference.deviation(test @ T[:3, :3].T + T[:3, 3])
+        return reference.deviation(register(test, reference, settings).apply(test))
 
     affine = deviations(GeometrySettings())
     rigid = deviations(GeometrySettings(affine=False))
@@ -65,6 +64,53 @@ def test_affine_registration_absorbs_global_tolerances_and_keeps_the_bump():
     assert np.quantile(affine[far], 0.99) < 0.0006
     assert np.quantile(rigid[far], 0.99) > np.quantile(affine[far], 0.99)
     assert np.median(affine[on_bump]) > 0.003
+
+
+def _stepped_part(ledge_z: float, bump: float = 0.0, step: float = 0.0015) -> tuple[np.ndarray, np.ndarray]:
+    """Points and outward normals of a lathe part: a body (r 0.1 m) up to ``ledge_z``, a ledge out to r 0.11 m,
+    a lid skirt (r 0.11 m) up to a top disc at 0.25 m; ``bump`` metres of relief (radius 3 cm) on the body at
+    angle 0, height 0.08 m."""
+    def wall(r, z0, z1):
+        th, z = np.meshgrid(np.linspace(0, 2 * np.pi, int(2 * np.pi * r / step), endpoint=False),
+                            np.arange(z0, z1, step))
+        th, z = th.ravel(), z.ravel()
+        s = np.hypot(r * np.angle(np.exp(1j * th)), z - 0.08) / 0.03
+        rr = r + (bump * np.clip(1 - s * s, 0, None) ** 2 if r < 0.105 else 0.0)
+        return np.stack([rr * np.cos(th), rr * np.sin(th), z], 1), np.stack([np.cos(th), np.sin(th), 0 * th], 1)
+
+    def disc(r0, r1, z, up):
+        g = np.arange(-r1, r1, step)
+        x, y = np.meshgrid(g, g)
+        keep = (np.hypot(x, y) < r1) & (np.hypot(x, y) >= r0)
+        return np.stack([x[keep], y[keep], np.full(keep.sum(), z)], 1), np.tile([0.0, 0.0, up], (keep.sum(), 1))
+
+    parts = [wall(0.1, 0.0, ledge_z), disc(0.1, 0.11, ledge_z, 1.0), wall(0.11, ledge_z, 0.25),
+             disc(0.0, 0.11, 0.25, 1.0), disc(0.0, 0.1, 0.0, -1.0)]
+    return np.concatenate([p for p, _ in parts]), np.concatenate([n for _, n in parts])
+
+
+def test_profile_warp_follows_a_feature_that_moved_as_a_whole_and_keeps_the_bump():
+    """The ledge between body and lid sits 5 mm higher on the test part (its body is taller, its top is not):
+    no affine map fits both, and the ledge deviates by millimetres all round. The profile warp (a shift along
+    z and a scale across it per 1 cm knot) follows the ledge; a 4 mm bump on one side of the body stays."""
+    ref_pts, ref_n = _stepped_part(0.2)
+    reference = SurfaceReference(ref_pts, ref_n)
+    test, _ = _stepped_part(0.205, bump=0.004)
+    test = test + np.random.default_rng(0).normal(0, 1e-4, test.shape)
+    near_ledge = np.abs(test[:, 2] - 0.205) < 0.008
+    on_bump = np.linalg.norm(test - [0.104, 0, 0.08], axis=1) < 0.006
+
+    affine_reg = register(test, reference, GeometrySettings())
+    warp_reg = register(test, reference, GeometrySettings(warp_slab_m=0.01, warp_smoothness=0.01))
+    affine, warped = (reference.deviation(r.apply(test)) for r in (affine_reg, warp_reg))
+    assert np.mean(affine[near_ledge] > 0.002) > 0.2
+    assert np.mean(warped[near_ledge] > 0.002) < 0.3 * np.mean(affine[near_ledge] > 0.002)
+    assert np.median(warped[on_bump]) > 0.003
+    # the warp is undone exactly enough for the see-through check's reference → instance mapping
+    back = warp_reg.invert(warp_reg.apply(test))
+    assert np.abs(back - test).max() < 1e-6
+    with pytest.raises(ValueError, match="warp_slab_m must be >= 0"):
+        GeometrySettings(warp_slab_m=-0.01)
 
 
 def _plane_view(bump: float = 0.0, size: int = 64) -> tuple[np.ndarray, ViewCalibration]:
@@ -229,6 +275,11 @@ def test_geometry_config_errors():
     with pytest.raises(ConfigError, match="patchcore_see_through_m must be >= 0 .* view_aggregation max"):
         parse_config(["--data", "/d", "patchcore_see_through_m=0.03", "patchcore_geometry_tolerance_m=0.001",
                       "view_aggregation=mean"])
+    with pytest.raises(ConfigError, match="patchcore_warp_slab_m .* needs patchcore_geometry_tolerance_m"):
+        parse_config(["--data", "/d", "patchcore_warp_slab_m=0.02"])
+    with pytest.raises(ConfigError, match="patchcore_warp_slab_m and patchcore_warp_smoothness must be >= 0"):
+        parse_config(["--data", "/d", "patchcore_warp_slab_m=0.02", "patchcore_geometry_tolerance_m=0.001",
+                      "patchcore_warp_smoothness=-1"])
 
 
 def test_patchcore_with_the_surface_deviation_end_to_end(cnn_bench, tmp_path):
@@ -271,3 +322,10 @@ def test_patchcore_with_the_surface_deviation_end_to_end(cnn_bench, tmp_path):
     see_maps = sorted((out / "real2real" / "vase" / "maps").rglob("*_combined.npy"))
     assert all(np.array_equal(np.load(a), np.load(b)) for a, b in zip(geo_maps, see_maps))
     assert len(list((out / "real2real" / "vase" / "volumes").glob("*.npz"))) == 2
+    # the profile warp refines the registration: the deviation part of the maps changes, the run completes
+    out = tmp_path / "warp"
+    assert main([*base[:3], "patchcore_geometry_tolerance_m=0.001", "patchcore_warp_slab_m=0.02", *base[3:],
+                 "--out", str(out)]) == 0
+    warp_maps = sorted((out / "real2real" / "vase" / "maps").rglob("*_combined.npy"))
+    assert len(warp_maps) == 6 and (out / "real2real" / "vase" / "metrics.json").is_file()
+    assert any(not np.allclose(np.load(a), np.load(b)) for a, b in zip(geo_maps, warp_maps))

@@ -152,6 +152,15 @@ def test_volume_view_aggregation_mean_dilutes_what_one_view_sees():
     vol = acc_mean.volume()
     assert np.isclose(vol[acc_mean.hit.reshape(grid.shape)], 0.2).mean() > 0.9  # elsewhere: 0.2 in both modes
     assert (acc_mean.hit == acc_max.hit).all()
+    # second: the second highest view where two or more views score a voxel: the spike seen by one view of
+    # two does not set it; seen by a second view too, it does
+    acc_second = VolumeAccumulator(grid, "second")
+    acc_second.add_view(depth, calib, spike, fg)
+    acc_second.add_view(depth, calib, base, half)
+    assert acc_second.instance_score() == pytest.approx(0.2)
+    assert (acc_second.hit == acc_max.hit).all()
+    acc_second.add_view(depth, calib, spike, fg)
+    assert acc_second.instance_score() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="view_aggregation"):
         VolumeAccumulator(grid, "median")
 

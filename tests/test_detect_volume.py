@@ -185,5 +185,5 @@ def test_add_points_scatters_into_the_plain_tier():
     assert acc.dropped == 1 and not acc.occupied.any()
     with pytest.raises(ValueError, match="2 points but 1 scores"):
         acc.add_points(np.zeros((2, 3)), np.zeros(1))
-    with pytest.raises(ValueError, match="needs view_aggregation='max'"):
+    with pytest.raises(ValueError, match="needs view_aggregation 'max' or 'second'"):
         VolumeAccumulator(grid, "mean").add_points(np.zeros((1, 3)), np.zeros(1))

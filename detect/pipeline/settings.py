@@ -46,7 +46,8 @@ def geometry_settings(cfg: DetectConfig):
     from detect.geometry import GeometrySettings
 
     tolerance = cfg.patchcore_geometry_tolerance_m
-    return GeometrySettings(tolerance_m=tolerance if tolerance > 0 else GeometrySettings.tolerance_m)
+    return GeometrySettings(tolerance_m=tolerance if tolerance > 0 else GeometrySettings.tolerance_m,
+                            warp_slab_m=cfg.patchcore_warp_slab_m, warp_smoothness=cfg.patchcore_warp_smoothness)
 
 
 def scoring_settings(cfg: DetectConfig) -> ScoringSettings:
