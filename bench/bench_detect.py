@@ -452,13 +452,13 @@ def _settings(quick: bool, device: str) -> argparse.Namespace:
         return argparse.Namespace(views=[2, 3, 4], grid=4, size=32, ci=32, cd=16, chunk=0, device=device,
                                   height=120, width=160, repeats=2, volumes=1, shape=[24, 21, 22],
                                   sweep_chunks=[0, 1], sweep_views=3, cnn_size=112, cnn_batch=2,
-                                  geo_views=6, geo_height=120, geo_width=160)
+                                  geo_views=6, geo_height=120, geo_width=160, geo_warp_slab_m=0.02)
     # CPU: 16×16 tokens, maps at 224² (minutes); CUDA: the paper's 64×64 tokens and 896² maps.
     grid, size = (64, 896) if device.startswith("cuda") else (16, 224)
     return argparse.Namespace(views=[6, 12, 24, 36], grid=grid, size=size, ci=768, cd=384, chunk=0, device=device,
                               height=1500, width=2048, repeats=5, volumes=4, shape=[120, 105, 112],
                               sweep_chunks=[0, 2, 4, 9, 18], sweep_views=36, cnn_size=448, cnn_batch=12,
-                              geo_views=12, geo_height=240, geo_width=320)
+                              geo_views=12, geo_height=240, geo_width=320, geo_warp_slab_m=0.02)
 
 
 def run(quick: bool = True) -> dict:
