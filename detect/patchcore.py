@@ -2,7 +2,7 @@
 
 Nominal tokens of the training instance(s) form a memory bank; a test token's anomaly score is its
 distance to the nearest bank token. As in SiM3D and the ModMap paper, each view is scored on its own
-and the maps enter the same 3D projection, voxel max and metrics as ModMap's.
+and the maps enter the same 3D projection, voxel aggregation and metrics as ModMap's.
 
 Choices (``PatchCoreSettings``):
 

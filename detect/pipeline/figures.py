@@ -424,6 +424,9 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
         if path is not None:
             figures.append(Figure(os.path.relpath(path, out_dir), title, caption, section))
 
+    aggregation_text = {"max": "max per voxel", "mean": "per voxel the mean of each view's maximum",
+                        "second": "per voxel the second highest view where two or more score it"
+                        }.get(str(run_cfg.get("view_aggregation", "max")), "max per voxel")
     for setup, class_name in pairs:
         ds = SiM3DClass(data_root, class_name)
         class_dir = detect_dir / setup / class_name
@@ -436,7 +439,7 @@ def make_figures(data_root: str | os.PathLike, detect_dir: str | os.PathLike, ou
             "median foreground score; green = GT defect contour.", "Per-view anomaly maps")
         add(volume_figure(ds, class_dir, out_dir / f"volume_{tag}.png"),
             f"3D anomaly volume: {class_name} ({setup})",
-            "Left: the per-view maps back-projected into the voxel grid (max per voxel), coloured by score; "
+            f"Left: the per-view maps back-projected into the voxel grid ({aggregation_text}), coloured by score; "
             "right: the GT volume (object surface grey, anomalous voxels red). The PLY point set and the "
             "dense .npz of every instance are listed under 3D outputs.", "3D anomaly volumes")
     add(instance_scores_figure(detect_dir, out_dir / "instance_scores.png"), "Instance scores",

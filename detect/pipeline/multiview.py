@@ -556,7 +556,7 @@ class MultiviewRunner:
         atomic_write_json(out_dir / "timing.json", {
             "definition": "per instance; encode = preprocessing + both encoders (0 when cached), map = "
                           "min-ensembled per-view maps incl. upsampling/foreground/combination, volume = "
-                          "undo geometry + back-projection + voxel max (modmap.md §13), plus the surface "
+                          "undo geometry + back-projection + voxel aggregation (modmap.md §13), plus the surface "
                           "registration, deviation maps, template support and see-through check with "
                           "patchcore_geometry_tolerance_m",
             "device": str(self.device), "mean": mean, "instances": timings})

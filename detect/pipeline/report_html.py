@@ -297,7 +297,7 @@ def build_report(run_dir: str | os.PathLike, out_html: str | os.PathLike, figure
         ref_dir = Path(ref)
         ref_info = json.loads((ref_dir / "results.json").read_text()) if (ref_dir / "results.json").is_file() else {}
         body.append(f"<h3>Reference: {_e(label)}</h3><p>{_e(ref_info.get('title', ''))} — the same encoders, "
-                    "data, projection, voxel max and metrics, a different scorer "
+                    "data, projection, voxel aggregation and metrics, a different scorer "
                     f"(<a href=\"{_href(ref_dir / 'results.md', out_dir)}\">results.md</a>).</p>")
         body.append(results_table(ref_dir))
         body.append(paired_table(run_dir, ref_dir, label))
