@@ -56,14 +56,15 @@ class GeometrySettings:
     jump_m: float = 0.01  # 4-neighbours this far apart in depth: a jump
     median_px: int = 5  # median filter of the deviation map (odd; 1 = none)
     missing_m: float = 0.01  # a reference point with no measured point this near: the material is missing
-    # After the affine: a warp along the fixture's up axis (``warp_axis``), one affine correction per knot every
-    # ``warp_slab_m`` blended linearly between knots (0 = off). Parts vary feature by feature along their height
-    # (a lid 6 mm lower on a body, a ring higher on the legs), which one affine cannot follow; each knot's
-    # correction is fitted on the whole cross-section at that height, so a local defect barely pulls it.
+    # After the affine: the profile warp along the fixture's up axis (``warp_axis``), a shift along it and a scale
+    # across it per knot every ``warp_slab_m``, linear between knots (0 = off; :class:`Registration`). Parts vary
+    # feature by feature along their height (a lid 6 mm lower on a body, a ring higher on the legs), which one
+    # affine cannot follow; each knot is fitted on the whole cross-section at that height, so a local defect
+    # barely pulls it.
     warp_slab_m: float = 0.0
     warp_axis: int = 2
     warp_iterations: int = 10
-    warp_smoothness: float = 1.0  # weight of neighbouring knots' agreement, relative to the data term
+    warp_smoothness: float = 0.01  # neighbouring knots' agreement, relative to the points per knot (the demo's)
 
     def __post_init__(self) -> None:
         if min(self.tolerance_m, self.voxel_m, self.register_voxel_m, self.max_correspondence_m, self.missing_m) <= 0:
